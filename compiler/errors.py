@@ -1,0 +1,49 @@
+"""Errors a user can act on: each says what is wrong and where (op, node, source line)."""
+
+from __future__ import annotations
+
+import traceback
+from pathlib import Path
+
+
+class MemfitError(Exception):
+    """Base of every error the CLI reports as one paragraph (no traceback unless --debug)."""
+
+
+class TraceError(MemfitError):
+    """The model could not be traced into a static graph."""
+
+
+class UnsupportedOpError(TraceError):
+    """The traced graph uses an op outside memfit's closed op set."""
+
+
+class VerifyError(MemfitError):
+    """A graph breaks an IR invariant; names the node (and the pass that produced it)."""
+
+
+def user_frame(exc: BaseException) -> str:
+    """`file:line` of the innermost frame outside torch and memfit: where the user's code broke."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    for frame in reversed(frames):
+        if not is_library(frame.filename):
+            return f"{short_path(frame.filename)}:{frame.lineno}"
+    return ""
+
+
+def short_path(filename: str) -> str:
+    path = Path(filename)
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def is_library(filename: str) -> bool:
+    parts = Path(filename).parts
+    return (
+        "torch" in parts
+        or "site-packages" in parts
+        or any(p in ("compiler", "runtime") for p in parts[-3:-1])
+        or filename.startswith("<")
+    )

@@ -1,0 +1,108 @@
+"""The closed op set of memfit's IR, and what each op costs.
+
+IR op names are ATen overload names written short: `mm` for `aten.mm.default`, `sum.dim_IntList`
+for `aten.sum.dim_IntList`. An op outside this table is rejected at trace time with the user's
+source line: every later pass (fusion, recompute, codegen) knows how to treat every op here.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from functools import cache
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from compiler.ir import Node
+
+
+class Kind(enum.StrEnum):
+    POINTWISE = "pointwise"  # elementwise, broadcasting: cheap to recompute, fusible
+    REDUCTION = "reduction"  # reduces (or normalises) along dims: fusible as a group root
+    MATMUL = "matmul"  # K-loop; never recomputed by default, a fusion boundary
+    VIEW = "view"  # aliases its input: no bytes of its own
+    INDEX = "index"  # gathers / scatters by integer indices
+    CREATION = "creation"  # makes a tensor from literals; needs a device at run time
+    COPY = "copy"  # materialises a new buffer with the same elements
+    WRITE = "write"  # writes in place into a persistent value (parameter update)
+
+
+_POINTWISE = """
+abs add.Tensor add.Scalar sub.Tensor sub.Scalar mul.Tensor mul.Scalar div.Tensor div.Scalar
+div.Tensor_mode neg exp log log1p expm1 sqrt rsqrt reciprocal pow.Tensor_Scalar
+pow.Tensor_Tensor pow.Scalar tanh sigmoid erf sin cos relu gelu gelu_backward silu
+silu_backward sigmoid_backward tanh_backward threshold_backward where.self clamp clamp_min
+clamp_max maximum minimum eq.Scalar eq.Tensor ne.Scalar ne.Tensor lt.Scalar lt.Tensor gt.Scalar
+gt.Tensor le.Scalar le.Tensor ge.Scalar ge.Tensor bitwise_not bitwise_and.Tensor
+bitwise_or.Tensor logical_not logical_and sign lerp.Scalar lerp.Tensor addcmul addcdiv
+masked_fill.Scalar masked_fill.Tensor _to_copy isnan isinf fmod.Scalar remainder.Scalar
+""".split()
+_REDUCTION = """
+sum.default sum.dim_IntList mean.dim mean.default amax amin max.dim min.dim argmax argmin
+prod.dim_int var.correction var_mean.correction _softmax _log_softmax _softmax_backward_data
+_log_softmax_backward_data native_layer_norm any.dim all.dim cumsum
+""".split()
+_MATMUL = "mm bmm addmm".split()
+_VIEW = """
+view _unsafe_view permute expand unsqueeze squeeze.dims squeeze.dim squeeze.default t
+transpose.int slice.Tensor select.int alias split.Tensor split_with_sizes unbind.int diagonal
+as_strided
+""".split()
+_INDEX = """
+embedding embedding_dense_backward gather scatter.value scatter.src scatter_add index_select
+index.Tensor index_put index_add slice_scatter select_scatter
+""".split()
+_CREATION = "full full_like zeros zeros_like ones ones_like scalar_tensor arange.start_step iota empty.memory_format".split()  # noqa: E501
+_COPY = "clone cat constant_pad_nd stack".split()
+_WRITE = ["copy_"]
+
+OP_KINDS: dict[str, Kind] = {
+    name: kind
+    for names, kind in [
+        (_POINTWISE, Kind.POINTWISE),
+        (_REDUCTION, Kind.REDUCTION),
+        (_MATMUL, Kind.MATMUL),
+        (_VIEW, Kind.VIEW),
+        (_INDEX, Kind.INDEX),
+        (_CREATION, Kind.CREATION),
+        (_COPY, Kind.COPY),
+        (_WRITE, Kind.WRITE),
+    ]
+    for name in names
+}
+
+
+def ir_name(overload: torch._ops.OpOverload) -> str:
+    """`aten.sum.dim_IntList` → `sum.dim_IntList`; `aten.mm.default` → `mm`."""
+    packet, _, variant = overload.name().partition("::")[2].partition(".")
+    return packet if variant in ("", "default") else f"{packet}.{variant}"
+
+
+@cache
+def resolve(op: str) -> torch._ops.OpOverload:
+    """The ATen overload an IR op name stands for."""
+    if op not in OP_KINDS:
+        raise KeyError(f"op {op!r} is not in memfit's op set")
+    packet, _, variant = op.partition(".")
+    return getattr(getattr(torch.ops.aten, packet), variant or "default")
+
+
+def kind(op: str) -> Kind:
+    return OP_KINDS[op]
+
+
+def flops(node: Node) -> int:
+    """Floating-point operations of one node: 2·M·N·K for matmuls, ~1 per element otherwise."""
+    k = OP_KINDS[node.op]
+    if k is Kind.MATMUL:
+        a, b = node.args[1:3] if node.op == "addmm" else node.args[:2]
+        batch = math.prod(a.shape[:-2])
+        m, kk = a.shape[-2:]
+        n = b.shape[-1]
+        return 2 * batch * m * n * kk
+    if k in (Kind.VIEW, Kind.CREATION, Kind.WRITE, Kind.INDEX, Kind.COPY):
+        return 0
+    work = max([v.numel for v in node.inputs] + [v.numel for v in node.outputs] + [0])
+    return work * (5 if k is Kind.REDUCTION else 1)

@@ -1,0 +1,289 @@
+"""Trace model + loss + optimizer into ONE IR graph: forward, backward and the AdamW update.
+
+`make_fx` runs the user's forward and `torch.autograd.grad` under fake tensors with the core
+ATen decompositions, so the backward is recorded op by op and no real memory is touched (a
+7B model traces on the meta device). The AdamW math is traced in the same function, and the
+in-place writes of parameters and optimizer states are appended as `copy_` nodes: with the
+whole step in one graph, gradients can die right after their update and the planner sees all.
+"""
+
+from __future__ import annotations
+
+import re
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+from torch._decomp import core_aten_decompositions
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.func import functional_call
+
+from compiler.errors import TraceError, UnsupportedOpError, is_library, short_path, user_frame
+from compiler.ir import Graph, Node, Phase, Role, Value
+from compiler.ops import OP_KINDS, ir_name
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+STATE_PREFIXES = ("exp_avg.", "exp_avg_sq.")
+
+
+@dataclass(frozen=True)
+class AdamW:
+    """AdamW as torch.optim.AdamW computes it; the learning rate is a per-step graph input."""
+
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+
+
+def trace(
+    module: nn.Module,
+    loss_fn: LossFn,
+    batch: tuple[Tensor, Tensor],
+    optimizer: AdamW | None = AdamW(),
+    *,
+    return_grads: bool = False,
+    batch_names: tuple[str, str] = ("tokens", "targets"),
+) -> Graph:
+    """The training step of `module` on a batch shaped like `batch`, as an IR graph.
+
+    Graph inputs, in order: parameters, buffers, optimizer states (`exp_avg.NAME`,
+    `exp_avg_sq.NAME` for each trainable parameter), the batch, then `lr` and `step` (f64
+    scalars) when there is an optimizer. Outputs: the loss, then the gradients if asked.
+    """
+    params = dict(module.named_parameters())
+    buffers = dict(module.named_buffers())
+    trainable = [n for n, p in params.items() if p.requires_grad]
+    if not trainable:
+        raise TraceError("the model has no trainable parameters (every requires_grad is False)")
+    n_p, n_b, n_t = len(params), len(buffers), len(trainable)
+
+    def step(*flat: Tensor) -> list[Tensor]:
+        p_vals, rest = flat[:n_p], flat[n_p:]
+        b_vals, rest = rest[:n_b], rest[n_b:]
+        bound = dict(zip(params, p_vals, strict=True)) | dict(zip(buffers, b_vals, strict=True))
+        n_states = 2 * n_t if optimizer else 0
+        states, (x, y), scalars = rest[:n_states], rest[n_states : n_states + 2], rest[-2:]
+        loss = loss_fn(functional_call(module, bound, (x,)), y)
+        if loss.ndim != 0:
+            raise TraceError(f"the loss must be a scalar, got shape {list(loss.shape)}")
+        leaves = [bound[n] for n in trainable]
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(leaves, grads, strict=True)]
+        outs = [loss, *grads]
+        if optimizer:
+            lr, t = scalars
+            outs += _adamw(optimizer, leaves, grads, states[:n_t], states[n_t:], lr, t)
+        return outs
+
+    example = [p.detach().requires_grad_(p.requires_grad) for p in params.values()]
+    example += [b.detach() for b in buffers.values()]
+    if optimizer:
+        example += [torch.zeros_like(params[n]) for _ in range(2) for n in trainable]
+    example += [t.detach() for t in batch]
+    if optimizer:
+        example += [torch.tensor(1e-3, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)]
+    gm = _make_fx(step, example)
+
+    names = [*params, *buffers]
+    roles = [Role.PARAM] * n_p + [Role.BUFFER] * n_b
+    if optimizer:
+        names += [p + n for p in STATE_PREFIXES for n in trainable]
+        roles += [Role.OPTIMIZER_STATE] * (2 * n_t)
+    names += list(batch_names)
+    roles += [Role.INPUT, Role.INPUT]
+    if optimizer:
+        names += ["lr", "step"]
+        roles += [Role.INPUT, Role.INPUT]
+    writes = [*trainable, *names[n_p + n_b : n_p + n_b + 2 * n_t]] if optimizer else []
+    return _to_ir(gm, names, roles, n_t, writes, return_grads or not optimizer)
+
+
+def _adamw(
+    opt: AdamW,
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    lr: Tensor,
+    step: Tensor,
+) -> list[Tensor]:
+    """New parameters, then new first and second moments — torch.optim.AdamW's arithmetic."""
+    beta1, beta2 = opt.betas
+    step_size = lr / (1 - beta1**step)
+    bias_correction2_sqrt = (1 - beta2**step).sqrt()
+    new_p, new_m, new_v = [], [], []
+    for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs, strict=True):
+        p = p * (1 - lr * opt.weight_decay)
+        m = m.lerp(g, 1 - beta1)
+        v = v * beta2 + g * g * (1 - beta2)
+        denom = v.sqrt() / bias_correction2_sqrt + opt.eps
+        new_p.append(p - step_size * (m / denom))
+        new_m.append(m)
+        new_v.append(v)
+    return [*new_p, *new_m, *new_v]
+
+
+def _make_fx(fn: Callable[..., list[Tensor]], example: list[Tensor]) -> fx.GraphModule:
+    try:
+        return make_fx(
+            fn,
+            decomposition_table=core_aten_decompositions(),
+            tracing_mode="fake",
+            record_stack_traces=True,
+        )(*example)
+    except TraceError:
+        raise
+    except Exception as exc:  # the user's forward or loss failed under tracing
+        where = user_frame(exc)
+        kind = type(exc).__name__
+        hint = ""
+        if "data-dependent" in str(exc).lower() or "DynamicOutputShape" in kind:
+            hint = (
+                " memfit compiles static graphs: an op whose output shape depends on tensor"
+                " values (nonzero, masked_select, boolean indexing, .item()) cannot be traced."
+            )
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else kind
+        raise TraceError(
+            f"tracing the model failed{' at ' + where if where else ''}: {kind}: {first_line}.{hint}"
+        ) from exc
+
+
+_FRAME = re.compile(r'File "([^"]+)", line (\d+)')
+
+
+def _source(node: fx.Node) -> str:
+    """`file:line` of the user code that produced an fx node, from its recorded stack."""
+    stack = node.meta.get("stack_trace") or ""
+    for match in reversed(_FRAME.findall(stack)):
+        if not is_library(match[0]):
+            return f"{short_path(match[0])}:{match[1]}"
+    return ""
+
+
+def _to_ir(
+    gm: fx.GraphModule,
+    names: list[str],
+    roles: list[Role],
+    n_grads: int,
+    writes: list[str],
+    return_grads: bool,
+) -> Graph:
+    graph = Graph()
+    env: dict[fx.Node, object] = {}
+    taken = set(names)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for fx_node, name, role in zip(placeholders, names, roles, strict=True):
+        value = _value(fx_node.meta["val"], name, role)
+        graph.inputs.append(value)
+        env[fx_node] = value
+
+    for fx_node in gm.graph.nodes:
+        if fx_node.op == "call_function" and fx_node.target.__name__ == "getitem":
+            env[fx_node] = env[fx_node.args[0]][fx_node.args[1]]
+        elif fx_node.op == "call_function":
+            graph.nodes.append(_convert(fx_node, env, taken))
+        elif fx_node.op == "output":
+            results = [env[a] for a in fx_node.args[0]]
+
+    loss, grads, updates = results[0], results[1 : 1 + n_grads], results[1 + n_grads :]
+    graph.outputs = [loss, *grads] if return_grads else [loss]
+    by_name = {v.name: v for v in graph.inputs}
+    for target, new in zip(writes, updates, strict=True):
+        graph.nodes.append(Node("copy_", (by_name[target], new), {}, [], Phase.OPTIMIZER))
+    _eliminate_dead_nodes(graph)
+    _assign_phases_and_roles(graph, loss, grads)
+    return graph
+
+
+def _value(meta: object, name: str, role: Role = Role.TEMPORARY) -> Value:
+    if not isinstance(meta, Tensor):
+        raise TraceError(f"%{name} is not a tensor ({type(meta).__name__}); memfit traces tensors")
+    return Value(name, tuple(int(d) for d in meta.shape), meta.dtype, role)
+
+
+_DROPPED_KWARGS = {"device", "layout", "pin_memory"}
+
+
+def _convert(fx_node: fx.Node, env: dict[fx.Node, object], taken: set[str]) -> Node:
+    op = ir_name(fx_node.target)
+    source = _source(fx_node)
+    if op not in OP_KINDS:
+        where = f" at {source}" if source else ""
+        raise UnsupportedOpError(
+            f"op aten.{fx_node.target.name().split('::')[1]} (node {fx_node.name}){where} is not"
+            " in memfit's op set; rewrite the model to avoid it or add it to compiler/ops.py"
+        )
+
+    def arg(a: object) -> object:
+        if isinstance(a, fx.Node):
+            return env[a]
+        if isinstance(a, list | tuple):
+            return type(a)(arg(x) for x in a)
+        if isinstance(a, torch.memory_format) and a == torch.preserve_format:
+            return None
+        return a
+
+    kwargs = {
+        k: arg(v)
+        for k, v in fx_node.kwargs.items()
+        if k not in _DROPPED_KWARGS and arg(v) is not None
+    }
+    meta = fx_node.meta["val"]
+    metas = meta if isinstance(meta, list | tuple) else [meta]
+    outputs = []
+    for i, m in enumerate(metas):
+        name = fx_node.name if len(metas) == 1 else f"{fx_node.name}.{i}"
+        while name in taken:
+            name += "_"
+        taken.add(name)
+        outputs.append(_value(m, name))
+    node = Node(op, tuple(arg(a) for a in fx_node.args), kwargs, outputs, Phase.FORWARD, source)
+    env[fx_node] = outputs if isinstance(meta, list | tuple) else outputs[0]
+    return node
+
+
+def _eliminate_dead_nodes(graph: Graph) -> None:
+    live = {id(v) for v in graph.outputs}
+    kept: list[Node] = []
+    for node in reversed(graph.nodes):
+        if node.op == "copy_" or any(id(v) in live for v in node.outputs):
+            kept.append(node)
+            live.update(id(v) for v in node.inputs)
+    graph.nodes = kept[::-1]
+
+
+def _assign_phases_and_roles(graph: Graph, loss: Value, grads: list[Value]) -> None:
+    """Forward = what the loss needs; backward = what the gradients need; the rest updates."""
+    producers = graph.producers()
+
+    def ancestors(roots: list[Value]) -> set[int]:
+        seen: set[int] = set()
+        stack = [producers[id(v)] for v in roots if id(v) in producers]
+        while stack:
+            node = stack.pop()
+            if id(node) not in seen:
+                seen.add(id(node))
+                stack += [producers[id(v)] for v in node.inputs if id(v) in producers]
+        return seen
+
+    forward = ancestors([loss])
+    backward = ancestors(grads) - forward
+    for node in graph.nodes:
+        if id(node) in forward:
+            node.phase = Phase.FORWARD
+        elif id(node) in backward:
+            node.phase = Phase.BACKWARD
+        else:
+            node.phase = Phase.OPTIMIZER
+    backward_reads = {id(v) for n in graph.nodes if n.phase is Phase.BACKWARD for v in n.inputs}
+    for node in graph.nodes:
+        for v in node.outputs:
+            if node.phase is Phase.FORWARD and id(v) in backward_reads:
+                v.role = Role.ACTIVATION
+    for g in grads:
+        if id(g) in producers:
+            g.role = Role.GRAD
+    loss.role = Role.OUTPUT
