@@ -29,33 +29,148 @@ class Kind(enum.StrEnum):
     WRITE = "write"  # writes in place into a persistent value (parameter update)
 
 
-_POINTWISE = """
-abs add.Tensor add.Scalar sub.Tensor sub.Scalar mul.Tensor mul.Scalar div.Tensor div.Scalar
-div.Tensor_mode neg exp log log1p expm1 sqrt rsqrt reciprocal pow.Tensor_Scalar
-pow.Tensor_Tensor pow.Scalar tanh sigmoid erf sin cos relu gelu gelu_backward silu
-silu_backward sigmoid_backward tanh_backward threshold_backward where.self clamp clamp_min
-clamp_max maximum minimum eq.Scalar eq.Tensor ne.Scalar ne.Tensor lt.Scalar lt.Tensor gt.Scalar
-gt.Tensor le.Scalar le.Tensor ge.Scalar ge.Tensor bitwise_not bitwise_and.Tensor
-bitwise_or.Tensor logical_not logical_and sign lerp.Scalar lerp.Tensor addcmul addcdiv
-masked_fill.Scalar masked_fill.Tensor _to_copy isnan isinf fmod.Scalar remainder.Scalar
-""".split()
-_REDUCTION = """
-sum.default sum.dim_IntList mean.dim mean.default amax amin max.dim min.dim argmax argmin
-prod.dim_int var.correction var_mean.correction _softmax _log_softmax _softmax_backward_data
-_log_softmax_backward_data native_layer_norm any.dim all.dim cumsum
-""".split()
-_MATMUL = "mm bmm addmm".split()
-_VIEW = """
-view _unsafe_view permute expand unsqueeze squeeze.dims squeeze.dim squeeze.default t
-transpose.int slice.Tensor select.int alias split.Tensor split_with_sizes unbind.int diagonal
-as_strided
-""".split()
-_INDEX = """
-embedding embedding_dense_backward gather scatter.value scatter.src scatter_add index_select
-index.Tensor index_put index_add slice_scatter select_scatter
-""".split()
-_CREATION = "full full_like zeros zeros_like ones ones_like scalar_tensor arange.start_step iota empty.memory_format".split()  # noqa: E501
-_COPY = "clone cat constant_pad_nd stack".split()
+_POINTWISE = [
+    "abs",
+    "add.Tensor",
+    "add.Scalar",
+    "sub.Tensor",
+    "sub.Scalar",
+    "mul.Tensor",
+    "mul.Scalar",
+    "div.Tensor",
+    "div.Scalar",
+    "div.Tensor_mode",
+    "neg",
+    "exp",
+    "log",
+    "log1p",
+    "expm1",
+    "sqrt",
+    "rsqrt",
+    "reciprocal",
+    "pow.Tensor_Scalar",
+    "pow.Tensor_Tensor",
+    "pow.Scalar",
+    "tanh",
+    "sigmoid",
+    "erf",
+    "sin",
+    "cos",
+    "relu",
+    "gelu",
+    "gelu_backward",
+    "silu",
+    "silu_backward",
+    "sigmoid_backward",
+    "tanh_backward",
+    "threshold_backward",
+    "where.self",
+    "clamp",
+    "clamp_min",
+    "clamp_max",
+    "maximum",
+    "minimum",
+    "eq.Scalar",
+    "eq.Tensor",
+    "ne.Scalar",
+    "ne.Tensor",
+    "lt.Scalar",
+    "lt.Tensor",
+    "gt.Scalar",
+    "gt.Tensor",
+    "le.Scalar",
+    "le.Tensor",
+    "ge.Scalar",
+    "ge.Tensor",
+    "bitwise_not",
+    "bitwise_and.Tensor",
+    "bitwise_or.Tensor",
+    "logical_not",
+    "logical_and",
+    "sign",
+    "lerp.Scalar",
+    "lerp.Tensor",
+    "addcmul",
+    "addcdiv",
+    "masked_fill.Scalar",
+    "masked_fill.Tensor",
+    "_to_copy",
+    "isnan",
+    "isinf",
+    "fmod.Scalar",
+    "remainder.Scalar",
+]
+_REDUCTION = [
+    "sum.default",
+    "sum.dim_IntList",
+    "mean.dim",
+    "mean.default",
+    "amax",
+    "amin",
+    "max.dim",
+    "min.dim",
+    "argmax",
+    "argmin",
+    "prod.dim_int",
+    "var.correction",
+    "var_mean.correction",
+    "_softmax",
+    "_log_softmax",
+    "_softmax_backward_data",
+    "_log_softmax_backward_data",
+    "native_layer_norm",
+    "any.dim",
+    "all.dim",
+    "cumsum",
+]
+_MATMUL = ["mm", "bmm", "addmm"]
+_VIEW = [
+    "view",
+    "_unsafe_view",
+    "permute",
+    "expand",
+    "unsqueeze",
+    "squeeze.dims",
+    "squeeze.dim",
+    "squeeze.default",
+    "t",
+    "transpose.int",
+    "slice.Tensor",
+    "select.int",
+    "alias",
+    "split.Tensor",
+    "split_with_sizes",
+    "unbind.int",
+    "diagonal",
+    "as_strided",
+]
+_INDEX = [
+    "embedding",
+    "embedding_dense_backward",
+    "gather",
+    "scatter.value",
+    "scatter.src",
+    "scatter_add",
+    "index_select",
+    "index.Tensor",
+    "index_put",
+    "index_add",
+    "slice_scatter",
+    "select_scatter",
+]
+_CREATION = [
+    "full",
+    "full_like",
+    "zeros",
+    "zeros_like",
+    "ones",
+    "ones_like",
+    "scalar_tensor",
+    "arange.start_step",
+    "iota",
+    "empty.memory_format",
+]  # noqa: E501
+_COPY = ["clone", "cat", "constant_pad_nd", "stack"]
 _WRITE = ["copy_"]
 
 OP_KINDS: dict[str, Kind] = {

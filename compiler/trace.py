@@ -10,7 +10,6 @@ whole step in one graph, gradients can die right after their update and the plan
 from __future__ import annotations
 
 import re
-
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -18,8 +17,8 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 from torch._decomp import core_aten_decompositions
-from torch.fx.experimental.proxy_tensor import make_fx
 from torch.func import functional_call
+from torch.fx.experimental.proxy_tensor import make_fx
 
 from compiler.errors import TraceError, UnsupportedOpError, is_library, short_path, user_frame
 from compiler.ir import Graph, Node, Phase, Role, Value
@@ -71,7 +70,9 @@ def trace(
             raise TraceError(f"the loss must be a scalar, got shape {list(loss.shape)}")
         leaves = [bound[n] for n in trainable]
         grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(leaves, grads, strict=True)]
+        grads = [
+            torch.zeros_like(p) if g is None else g for p, g in zip(leaves, grads, strict=True)
+        ]
         outs = [loss, *grads]
         if optimizer:
             lr, t = scalars
@@ -146,9 +147,8 @@ def _make_fx(fn: Callable[..., list[Tensor]], example: list[Tensor]) -> fx.Graph
                 " values (nonzero, masked_select, boolean indexing, .item()) cannot be traced."
             )
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else kind
-        raise TraceError(
-            f"tracing the model failed{' at ' + where if where else ''}: {kind}: {first_line}.{hint}"
-        ) from exc
+        at = f" at {where}" if where else ""
+        raise TraceError(f"tracing the model failed{at}: {kind}: {first_line}.{hint}") from exc
 
 
 _FRAME = re.compile(r'File "([^"]+)", line (\d+)')
@@ -278,12 +278,17 @@ def _assign_phases_and_roles(graph: Graph, loss: Value, grads: list[Value]) -> N
             node.phase = Phase.BACKWARD
         else:
             node.phase = Phase.OPTIMIZER
-    backward_reads = {id(v) for n in graph.nodes if n.phase is Phase.BACKWARD for v in n.inputs}
-    for node in graph.nodes:
-        for v in node.outputs:
-            if node.phase is Phase.FORWARD and id(v) in backward_reads:
-                v.role = Role.ACTIVATION
+    mark_activations(graph)
     for g in grads:
         if id(g) in producers:
             g.role = Role.GRAD
     loss.role = Role.OUTPUT
+
+
+def mark_activations(graph: Graph) -> None:
+    """Forward values read by the backward are activations; other forward values temporaries."""
+    backward_reads = {id(v) for n in graph.nodes if n.phase is Phase.BACKWARD for v in n.inputs}
+    for node in graph.nodes:
+        for v in node.outputs:
+            if node.phase is Phase.FORWARD and v.role in (Role.ACTIVATION, Role.TEMPORARY):
+                v.role = Role.ACTIVATION if id(v) in backward_reads else Role.TEMPORARY

@@ -64,7 +64,9 @@ class Program:
         if self.has_optimizer:
             self.step_count += 1
             feeds["lr"] = torch.tensor(lr, dtype=torch.float64, device=self.device)
-            feeds["step"] = torch.tensor(float(self.step_count), dtype=torch.float64, device=self.device)
+            feeds["step"] = torch.tensor(
+                float(self.step_count), dtype=torch.float64, device=self.device
+            )
         return self.backend(self.graph, feeds, self.device)
 
     def optimizer_state(self) -> dict[str, Tensor]:

@@ -1,0 +1,64 @@
+"""From a model to a compiled step: trace, then the pass pipeline, each pass verified."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from compiler.ir import Graph
+from compiler.passes.manager import PassContext, PassManager
+from compiler.passes.noop_views import eliminate_noop_views
+from compiler.trace import AdamW, LossFn, trace
+from examples import ExampleModel
+
+
+@dataclass
+class CompileOptions:
+    batch_size: int = 8
+    seq_len: int | None = None  # default: the model's block size
+    optimizer: AdamW | None = field(default_factory=AdamW)
+    return_grads: bool = False
+    dump_after: set[str] = field(default_factory=set)
+    dump_dir: Path | None = None
+
+
+@dataclass
+class CompiledStep:
+    graph: Graph
+    context: PassContext
+    batch_size: int
+    seq_len: int
+
+
+def pass_manager() -> PassManager:
+    """The pipeline, in order. Each entry is one file in compiler/passes/."""
+    return PassManager([("noop_views", eliminate_noop_views)])
+
+
+def example_batch(model: ExampleModel, batch_size: int, seq_len: int) -> tuple[Tensor, Tensor]:
+    """Token ids shaped like a training batch, on the model's device (meta when planning)."""
+    device = next(model.module.parameters()).device
+    shape = (batch_size, seq_len)
+    tokens = torch.zeros(shape, dtype=torch.int64, device=device)
+    return tokens, torch.zeros(shape, dtype=torch.int64, device=device)
+
+
+def compile_model(
+    model: ExampleModel, loss_fn: LossFn, options: CompileOptions | None = None
+) -> CompiledStep:
+    options = options or CompileOptions()
+    seq_len = options.seq_len or model.block_size
+    if options.batch_size < 1:
+        raise ValueError(f"batch size must be ≥ 1, got {options.batch_size}")
+    if not 1 <= seq_len <= model.block_size:
+        raise ValueError(f"sequence length must be in 1..{model.block_size}, got {seq_len}")
+    batch = example_batch(model, options.batch_size, seq_len)
+    graph = trace(
+        model.module, loss_fn, batch, options.optimizer, return_grads=options.return_grads
+    )
+    ctx = PassContext(dump_after=set(options.dump_after), dump_dir=options.dump_dir)
+    graph = pass_manager().run(graph, ctx)
+    return CompiledStep(graph, ctx, options.batch_size, seq_len)

@@ -1,0 +1,69 @@
+"""The pass manager: run passes in order, verify after each, time each, dump on request."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from compiler.ir import Graph, dump
+from compiler.passes.verify import verify
+
+
+@dataclass
+class PassContext:
+    """Options every pass may read, and what the manager records while running them."""
+
+    options: dict[str, Any] = field(default_factory=dict)
+    dump_after: set[str] = field(default_factory=set)
+    dump_dir: Path | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    dumps: dict[str, str] = field(default_factory=dict)
+
+
+Pass = Callable[[Graph, PassContext], Graph]
+
+
+class PassManager:
+    """An ordered list of named passes: `run` applies them, each followed by `verify`."""
+
+    def __init__(self, passes: list[tuple[str, Pass]], *, check_shapes: bool = True) -> None:
+        names = [name for name, _ in passes]
+        if len(set(names)) != len(names):
+            raise ValueError(f"pass names must be unique: {names}")
+        self.passes = passes
+        self.check_shapes = check_shapes
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.passes]
+
+    def run(self, graph: Graph, ctx: PassContext | None = None) -> Graph:
+        ctx = ctx or PassContext()
+        unknown = ctx.dump_after - set(self.names) - {"trace"}
+        if unknown:
+            raise ValueError(
+                f"--dump-after names no pass: {', '.join(sorted(unknown))}"
+                f" (passes: trace, {', '.join(self.names)})"
+            )
+        self._emit("trace", graph, ctx)
+        verify(graph, after="trace", check_shapes=self.check_shapes)
+        for name, run_pass in self.passes:
+            start = time.perf_counter()
+            graph = run_pass(graph, ctx)
+            ctx.timings[name] = time.perf_counter() - start
+            verify(graph, after=name, check_shapes=self.check_shapes)
+            self._emit(name, graph, ctx)
+        return graph
+
+    @staticmethod
+    def _emit(name: str, graph: Graph, ctx: PassContext) -> None:
+        if name not in ctx.dump_after:
+            return
+        text = dump(graph)
+        ctx.dumps[name] = text
+        if ctx.dump_dir is not None:
+            ctx.dump_dir.mkdir(parents=True, exist_ok=True)
+            (ctx.dump_dir / f"after-{name}.mlir.txt").write_text(text)

@@ -1,0 +1,90 @@
+"""The verifier: the IR invariants every pass must keep. Runs after every pass.
+
+Checked: each value is defined exactly once and before its first use; every op is in the op
+set; every node's declared output shapes and dtypes are what the op computes (by running it on
+meta tensors, so the check is exact and costs no memory); in-place writes target persistent
+values and come after every read of them; outputs are defined.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from compiler.errors import VerifyError
+from compiler.ir import Graph, Node, Value, format_node
+from compiler.ops import OP_KINDS
+from runtime.eager import run_node
+
+META = torch.device("meta")
+
+
+def verify(graph: Graph, *, after: str = "", check_shapes: bool = True) -> Graph:
+    """Return `graph` unchanged if it is well formed; raise VerifyError naming the node if not."""
+    ctx = f" after pass {after!r}" if after else ""
+    defined: dict[int, str] = {}
+    names: set[str] = set()
+    everywhere = {id(v) for v in graph.values()}
+
+    def define(v: Value, where: str) -> None:
+        if id(v) in defined or v.name in names:
+            raise VerifyError(f"%{v.name} is defined twice{ctx} (again by {where})")
+        defined[id(v)] = where
+        names.add(v.name)
+
+    for v in graph.inputs:
+        define(v, "graph input")
+    written: dict[int, Node] = {}
+    for i, node in enumerate(graph.nodes):
+        here = f"node {i} `{format_node(node)}`"
+        if node.op not in OP_KINDS:
+            raise VerifyError(f"unknown op {node.op!r} at {here}{ctx}")
+        for v in node.inputs:
+            if id(v) not in everywhere:
+                raise VerifyError(f"dangling input %{v.name} (defined nowhere) at {here}{ctx}")
+            if id(v) not in defined:
+                raise VerifyError(f"%{v.name} is used before it is defined at {here}{ctx}")
+            if id(v) in written:
+                raise VerifyError(f"%{v.name} is read after its in-place write at {here}{ctx}")
+        if node.op == "copy_":
+            _check_write(node, graph, here + ctx)
+            written[id(node.args[0])] = node
+        for v in node.outputs:
+            define(v, here)
+        if check_shapes:
+            _check_shapes(node, here + ctx)
+    for v in graph.outputs:
+        if id(v) not in defined:
+            raise VerifyError(f"graph output %{v.name} is never defined{ctx}")
+    return graph
+
+
+def _check_write(node: Node, graph: Graph, here: str) -> None:
+    dst, src = node.args
+    if not (any(dst is v for v in graph.inputs) and dst.role.persistent):
+        raise VerifyError(f"copy_ must write a persistent graph input, not %{dst.name} at {here}")
+    if (dst.shape, dst.dtype) != (src.shape, src.dtype):
+        raise VerifyError(
+            f"shape mismatch: copy_ of {src.type_str} into %{dst.name}: {dst.type_str} at {here}"
+        )
+
+
+def _check_shapes(node: Node, here: str) -> None:
+    if node.op == "copy_":
+        return
+    env = {id(v): torch.empty(v.shape, dtype=v.dtype, device=META) for v in node.inputs}
+    try:
+        computed = run_node(node, env, META)
+    except Exception as exc:  # the op itself rejects its inputs: that is the finding
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise VerifyError(f"op rejects its inputs at {here}: {msg}") from None
+    if len(computed) != len(node.outputs):
+        raise VerifyError(
+            f"{node.op} yields {len(computed)} outputs, node declares {len(node.outputs)} at {here}"
+        )
+    for v, t in zip(node.outputs, computed, strict=True):
+        if tuple(t.shape) != v.shape or t.dtype != v.dtype:
+            got = Value(v.name, tuple(t.shape), t.dtype).type_str
+            raise VerifyError(
+                f"shape mismatch: %{v.name} is declared {v.type_str} but {node.op} computes"
+                f" {got} at {here}"
+            )
