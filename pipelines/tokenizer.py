@@ -1,0 +1,146 @@
+"""Tokenizers: raw bytes for tiny models and tests, byte-level BPE trained on the input otherwise.
+
+A tokenizer's identity (`to_json()`) is written into every manifest, so that a run can refuse data
+prepared with another tokenizer (`manifest.token_mismatch_check`) and rebuild the exact tokenizer
+from a prepared directory (`tokenizer_from_json`).
+"""
+
+import hashlib
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from pipelines.errors import DataError
+
+EOS_TOKEN = "<|endoftext|>"
+
+
+class Tokenizer(Protocol):
+    """What prepare writes with and what a run needs to read the data back."""
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def eos_id(self) -> int: ...
+
+    def encode(self, text: str) -> np.ndarray:
+        """1-D array of unsigned ids, without EOS; ValueError for text it cannot encode."""
+        ...
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str: ...
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-serialisable identity: equal specs mean equal id streams."""
+        ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids, with EOS = 0 (the NUL byte).
+
+    Text has no NUL in practice, so reusing it as EOS keeps vocab_size at 256 for the tiny
+    models; text that does contain NUL is refused rather than silently split in two documents.
+    """
+
+    vocab_size = 256
+    eos_id = 0
+
+    def encode(self, text: str) -> np.ndarray:
+        if "\0" in text:
+            raise ValueError(
+                f"text contains NUL (character {text.index(chr(0))}), the byte tokenizer's EOS"
+            )
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        return np.asarray(ids, dtype=np.uint8).tobytes().decode("utf-8", errors="replace")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": "byte", "vocab_size": self.vocab_size, "eos_id": self.eos_id}
+
+
+class BPETokenizer:
+    """Byte-level BPE (HF `tokenizers`), trained offline on the data it will encode.
+
+    It is held as its JSON text: that text is saved as tokenizer.json beside the data, hashed
+    into the manifest identity, and pickled to prepare's worker processes.
+    """
+
+    file_name = "tokenizer.json"
+
+    def __init__(self, json_text: str) -> None:
+        self._json = json_text
+        self._tok = HFTokenizer.from_str(json_text)
+        # Not serialised by `tokenizers`: without it, "<|endoftext|>" inside a document would
+        # become a real EOS and split it.
+        self._tok.encode_special_tokens = True
+        eos = self._tok.token_to_id(EOS_TOKEN)
+        if eos is None:
+            raise ValueError(f"tokenizer has no {EOS_TOKEN} token")
+        self.eos_id: int = eos
+        self.vocab_size: int = self._tok.get_vocab_size()
+
+    @classmethod
+    def train(
+        cls, texts: Iterable[str], vocab_size: int, show_progress: bool = False
+    ) -> "BPETokenizer":
+        """Learn merges from `texts`; the vocabulary may end smaller on a small corpus."""
+        if vocab_size < 257:
+            raise ValueError(f"vocab_size must be at least 257 (256 bytes + EOS), got {vocab_size}")
+        tok = HFTokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[EOS_TOKEN],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=show_progress,
+        )
+        tok.train_from_iterator(texts, trainer)
+        return cls(tok.to_str())
+
+    @classmethod
+    def load(cls, path: Path) -> "BPETokenizer":
+        return cls(path.read_text(encoding="utf-8"))
+
+    def save(self, path: Path) -> None:
+        path.write_text(self._json, encoding="utf-8")
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self._tok.encode(text).ids, dtype=np.uint32)
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        return self._tok.decode(np.asarray(ids).tolist(), skip_special_tokens=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": "bpe",
+            "vocab_size": self.vocab_size,
+            "eos_id": self.eos_id,
+            "file": self.file_name,
+            "sha256": hashlib.sha256(self._json.encode("utf-8")).hexdigest(),
+        }
+
+    def __reduce__(self) -> tuple[type, tuple[str]]:
+        return BPETokenizer, (self._json,)
+
+
+def tokenizer_from_json(spec: Mapping[str, Any], directory: Path) -> Tokenizer:
+    """Rebuild the tokenizer a manifest names; a BPE file must hash to the recorded identity."""
+    kind = spec.get("kind")
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "bpe":
+        path = Path(directory) / str(spec["file"])
+        try:
+            tok = BPETokenizer.load(path)
+        except (OSError, ValueError) as e:
+            raise DataError(f"{path}: cannot load tokenizer ({e})") from e
+        if tok.to_json() != dict(spec):
+            raise DataError(f"{path}: tokenizer differs from the one recorded in the manifest")
+        return tok
+    raise DataError(f"unknown tokenizer kind {kind!r} in {directory}")
