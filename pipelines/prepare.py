@@ -28,7 +28,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import BinaryIO
 
 import numpy as np
 import pyarrow as pa
@@ -79,7 +79,7 @@ class _Settings:
 def prepare(
     inputs: Sequence[Path | str],
     out_dir: Path | str,
-    tokenizer: Tokenizer | Literal["byte", "bpe"] = "byte",
+    tokenizer: Tokenizer | str = "byte",
     *,
     vocab_size: int = 8192,
     text_column: str = "text",
@@ -90,10 +90,10 @@ def prepare(
 ) -> Manifest:
     """Tokenize `inputs` (files or directories) into `out_dir`; return the written manifest.
 
-    `tokenizer="bpe"` trains a byte-level BPE of `vocab_size` on the inputs first. `workers=None`
-    uses one process for small inputs and all cores otherwise. Raises DataError naming the file
-    (and line or row) for bad input, and when `out_dir` already holds prepared data and not
-    `overwrite`.
+    `tokenizer` is a Tokenizer, "byte", or "bpe", which first trains a byte-level BPE of
+    `vocab_size` on the inputs. `workers=None` uses one process for small inputs and all cores
+    otherwise. Raises DataError naming the file (and line or row) for bad input, and when
+    `out_dir` already holds prepared data and not `overwrite`.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")

@@ -1,0 +1,129 @@
+"""CLI side of the pipelines: `memfit prepare`, and the default dataset a run falls back to.
+
+`memfit/cli.py` registers the command with `cli.add_command(prepare_command, "prepare")`.
+"""
+
+import fcntl
+import hashlib
+import json
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from pipelines.corpus import embedded_corpus
+from pipelines.errors import DataError
+from pipelines.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest
+from pipelines.prepare import prepare
+from pipelines.tokenizer import ByteTokenizer
+
+# The embedded corpus has a few hundred documents: 5% gives a validation split of a dozen.
+DEFAULT_CORPUS_VAL_FRACTION = 0.05
+
+
+class DataErrorExit(click.ClickException):
+    """A DataError shown as one paragraph, exit status 2, no traceback."""
+
+    exit_code = 2
+
+
+@click.command("prepare")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory.")
+@click.option("--tokenizer", type=click.Choice(["byte", "bpe"]), default="byte", show_default=True)
+@click.option(
+    "--vocab-size",
+    type=click.IntRange(min=257),
+    default=8192,
+    show_default=True,
+    help="BPE vocabulary size (with --tokenizer bpe).",
+)
+@click.option(
+    "--text-column",
+    default="text",
+    show_default=True,
+    help="JSONL field / Parquet column holding the text.",
+)
+@click.option(
+    "--val-fraction",
+    type=click.FloatRange(0.0, 1.0, max_open=True),
+    default=0.01,
+    show_default=True,
+    help="Share of documents held out for validation.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Worker processes [default: 1 for small inputs, else all cores].",
+)
+@click.option("--overwrite", is_flag=True, help="Replace prepared data already in --out.")
+def prepare_command(
+    inputs: tuple[Path, ...],
+    out: Path,
+    tokenizer: str,
+    vocab_size: int,
+    text_column: str,
+    val_fraction: float,
+    workers: int | None,
+    overwrite: bool,
+) -> None:
+    """Tokenize text, JSONL or Parquet INPUTS (files or directories) into Arrow files in --out."""
+    try:
+        manifest = prepare(
+            list(inputs),
+            out,
+            tokenizer,
+            vocab_size=vocab_size,
+            text_column=text_column,
+            val_fraction=val_fraction,
+            workers=workers,
+            overwrite=overwrite,
+        )
+    except DataError as e:
+        raise DataErrorExit(str(e)) from e
+    Console().print(_summary(manifest, out))
+
+
+def _summary(manifest: Manifest, out: Path) -> Table:
+    tokenizer = manifest.tokenizer
+    table = Table(title=f"{out} ({tokenizer['kind']} tokenizer, vocab {tokenizer['vocab_size']})")
+    for column in ("split", "documents", "tokens", "file", "MB"):
+        table.add_column(column, justify="left" if column in ("split", "file") else "right")
+    for name, info in manifest.splits.items():
+        table.add_row(
+            name, f"{info.documents:,}", f"{info.tokens:,}", info.file, f"{info.bytes / 1e6:.1f}"
+        )
+    return table
+
+
+def default_dataset(cache_dir: Path, progress: bool = True) -> Path:
+    """Prepare the embedded corpus with the byte tokenizer once, and return its directory.
+
+    The cache key hashes the file list and sizes, so another interpreter gets its own entry; a
+    file lock makes concurrent callers (e.g. every rank of a torchrun job) prepare it once.
+    """
+    files = embedded_corpus()
+    identity = [
+        FORMAT_VERSION,
+        ByteTokenizer().to_json(),
+        DEFAULT_CORPUS_VAL_FRACTION,
+        [[str(path), path.stat().st_size] for path in files],
+    ]
+    key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
+    out = Path(cache_dir) / f"stdlib-{key}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f"{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / MANIFEST_NAME).exists():
+            # Under the lock, output without a manifest is a crashed attempt: replace it.
+            prepare(
+                files,
+                out,
+                "byte",
+                val_fraction=DEFAULT_CORPUS_VAL_FRACTION,
+                overwrite=True,
+                progress=progress,
+            )
+    return out
