@@ -233,6 +233,13 @@ def _convert(fx_node: fx.Node, env: dict[fx.Node, object], taken: set[str]) -> N
     }
     meta = fx_node.meta["val"]
     metas = meta if isinstance(meta, list | tuple) else [meta]
+    if any(isinstance(d, torch.SymInt) for m in metas for d in getattr(m, "shape", ())):
+        where = f" at {source}" if source else ""
+        raise TraceError(
+            f"op aten.{op} (node {fx_node.name}){where} has an output shape that depends on"
+            " tensor values. memfit compiles static graphs: nonzero, masked_select, boolean"
+            " indexing and .item() cannot be traced; use masks of static shape instead"
+        )
     outputs = []
     for i, m in enumerate(metas):
         name = fx_node.name if len(metas) == 1 else f"{fx_node.name}.{i}"
