@@ -267,8 +267,12 @@ def _jsonl_documents(path: Path, field: str) -> Iterator[tuple[str, str]]:
                 record = json.loads(line)
             except ValueError as e:
                 raise DataError(f"{path}, line {number}: not valid JSON ({e})") from e
-            if not isinstance(record, dict) or field not in record:
-                raise DataError(f"{path}, line {number}: no {field!r} field")
+            if not isinstance(record, dict):
+                kind = type(record).__name__
+                raise DataError(f"{path}, line {number}: expected a JSON object, got {kind}")
+            if field not in record:
+                keys = ", ".join(record) or "none"
+                raise DataError(f"{path}, line {number}: no {field!r} field; it has {keys}")
             text = record[field]
             if not isinstance(text, str):
                 kind = type(text).__name__

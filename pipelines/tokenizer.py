@@ -74,7 +74,10 @@ class BPETokenizer:
 
     def __init__(self, json_text: str) -> None:
         self._json = json_text
-        self._tok = HFTokenizer.from_str(json_text)
+        try:
+            self._tok = HFTokenizer.from_str(json_text)
+        except Exception as e:  # `tokenizers` raises a bare Exception for malformed JSON
+            raise ValueError(f"not a tokenizers JSON file ({e})") from e
         # Not serialised by `tokenizers`: without it, "<|endoftext|>" inside a document would
         # become a real EOS and split it.
         self._tok.encode_special_tokens = True
