@@ -44,6 +44,7 @@ def trace(
     optimizer: AdamW | None = AdamW(),
     *,
     return_grads: bool = False,
+    training: bool = True,
     batch_names: tuple[str, str] = ("tokens", "targets"),
 ) -> Graph:
     """The training step of `module` on a batch shaped like `batch`, as an IR graph.
@@ -51,11 +52,14 @@ def trace(
     Graph inputs, in order: parameters, buffers, optimizer states (`exp_avg.NAME`,
     `exp_avg_sq.NAME` for each trainable parameter), the batch, then `lr` and `step` (f64
     scalars) when there is an optimizer. Outputs: the loss, then the gradients if asked.
+    `training=False` traces the forward and loss alone (validation).
     """
+    if not training:
+        optimizer = None
     params = dict(module.named_parameters())
     buffers = dict(module.named_buffers())
-    trainable = [n for n, p in params.items() if p.requires_grad]
-    if not trainable:
+    trainable = [n for n, p in params.items() if p.requires_grad] if training else []
+    if training and not trainable:
         raise TraceError("the model has no trainable parameters (every requires_grad is False)")
     n_p, n_b, n_t = len(params), len(buffers), len(trainable)
 
@@ -68,6 +72,8 @@ def trace(
         loss = loss_fn(functional_call(module, bound, (x,)), y)
         if loss.ndim != 0:
             raise TraceError(f"the loss must be a scalar, got shape {list(loss.shape)}")
+        if not training:
+            return [loss]
         leaves = [bound[n] for n in trainable]
         grads = torch.autograd.grad(loss, leaves, allow_unused=True)
         grads = [
@@ -100,6 +106,31 @@ def trace(
         roles += [Role.INPUT, Role.INPUT]
     writes = [*trainable, *names[n_p + n_b : n_p + n_b + 2 * n_t]] if optimizer else []
     return _to_ir(gm, names, roles, n_t, writes, return_grads or not optimizer)
+
+
+def trace_update(params: dict[str, Tensor], optimizer: AdamW = AdamW()) -> Graph:
+    """The AdamW update alone, for gradients accumulated over several micro-batches.
+
+    Inputs: parameters, `grad.NAME` (already averaged), optimizer states, `lr`, `step`.
+    """
+    names = list(params)
+    n = len(names)
+
+    def update(*flat: Tensor) -> list[Tensor]:
+        p, g, m, v = (flat[i * n : (i + 1) * n] for i in range(4))
+        lr, t = flat[-2:]
+        return _adamw(optimizer, p, g, m, v, lr, t)
+
+    shapes = [torch.empty_like(t, device="meta") for t in params.values()]
+    example = [s.clone() for _ in range(4) for s in shapes]
+    example += [torch.tensor(1e-3, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)]
+    gm = _make_fx(update, example)
+    roles = [Role.PARAM, Role.GRAD, Role.OPTIMIZER_STATE, Role.OPTIMIZER_STATE]
+    all_names = [*names, *(f"grad.{k}" for k in names)]
+    all_names += [p + k for p in STATE_PREFIXES for k in names] + ["lr", "step"]
+    all_roles = [r for r in roles for _ in range(n)] + [Role.INPUT, Role.INPUT]
+    writes = [*names, *all_names[2 * n : 4 * n]]
+    return _to_ir(gm, all_names, all_roles, 0, writes, return_grads=False)
 
 
 def _adamw(
@@ -188,13 +219,15 @@ def _to_ir(
         elif fx_node.op == "output":
             results = [env[a] for a in fx_node.args[0]]
 
-    loss, grads, updates = results[0], results[1 : 1 + n_grads], results[1 + n_grads :]
-    graph.outputs = [loss, *grads] if return_grads else [loss]
+    n_loss = len(results) - n_grads - len(writes)
+    losses, grads = results[:n_loss], results[n_loss : n_loss + n_grads]
+    updates = results[n_loss + n_grads :]
+    graph.outputs = [*losses, *grads] if return_grads else losses
     by_name = {v.name: v for v in graph.inputs}
     for target, new in zip(writes, updates, strict=True):
         graph.nodes.append(Node("copy_", (by_name[target], new), {}, [], Phase.OPTIMIZER))
     _eliminate_dead_nodes(graph)
-    _assign_phases_and_roles(graph, loss, grads)
+    _assign_phases_and_roles(graph, losses, grads)
     return graph
 
 
@@ -262,7 +295,7 @@ def _eliminate_dead_nodes(graph: Graph) -> None:
     graph.nodes = kept[::-1]
 
 
-def _assign_phases_and_roles(graph: Graph, loss: Value, grads: list[Value]) -> None:
+def _assign_phases_and_roles(graph: Graph, losses: list[Value], grads: list[Value]) -> None:
     """Forward = what the loss needs; backward = what the gradients need; the rest updates."""
     producers = graph.producers()
 
@@ -276,7 +309,7 @@ def _assign_phases_and_roles(graph: Graph, loss: Value, grads: list[Value]) -> N
                 stack += [producers[id(v)] for v in node.inputs if id(v) in producers]
         return seen
 
-    forward = ancestors([loss])
+    forward = ancestors(losses)
     backward = ancestors(grads) - forward
     for node in graph.nodes:
         if id(node) in forward:
@@ -289,7 +322,8 @@ def _assign_phases_and_roles(graph: Graph, loss: Value, grads: list[Value]) -> N
     for g in grads:
         if id(g) in producers:
             g.role = Role.GRAD
-    loss.role = Role.OUTPUT
+    for loss in losses:
+        loss.role = Role.OUTPUT
 
 
 def mark_activations(graph: Graph) -> None:

@@ -1,4 +1,4 @@
-"""A compiled training step bound to its persistent state (parameters, buffers, AdamW moments)."""
+"""A compiled graph bound to its persistent state (parameters, buffers, AdamW moments)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,17 @@ import torch
 from torch import Tensor, nn
 
 from compiler.ir import Graph, Role
-from compiler.trace import STATE_PREFIXES
 from runtime.eager import run_graph
 
 Backend = Callable[[Graph, Mapping[str, Tensor], torch.device], list[Tensor]]
 
 
 class Program:
-    """Owns the state tensors and runs one step per call; `step_count` feeds AdamW's bias terms."""
+    """Runs its graph on the shared `state` plus per-call feeds (batch, lr, step).
+
+    Several programs (train step, validation, update) may share one state dict: they then see
+    each other's parameter writes, as one model would.
+    """
 
     def __init__(
         self,
@@ -38,36 +41,43 @@ class Program:
         cls, graph: Graph, module: nn.Module, device: torch.device | str = "cpu", **kw: object
     ) -> Program:
         """Copy the module's parameters and buffers in; AdamW moments start at zero."""
-        device = torch.device(device)
-        tensors = dict(module.named_parameters()) | dict(module.named_buffers())
-        state: dict[str, Tensor] = {}
-        for v in graph.inputs:
-            if v.role in (Role.PARAM, Role.BUFFER):
-                state[v.name] = tensors[v.name].detach().to(device, copy=True)
-            elif v.role is Role.OPTIMIZER_STATE:
-                state[v.name] = torch.zeros(v.shape, dtype=v.dtype, device=device)
-        return cls(graph, state, device, **kw)
+        return cls(graph, initial_state(graph, module, device), device, **kw)
 
     @property
     def parameters(self) -> dict[str, Tensor]:
         return {v.name: self.state[v.name] for v in self.graph.inputs if v.role is Role.PARAM}
 
-    @property
-    def has_optimizer(self) -> bool:
-        return any(v.name == "step" for v in self.graph.inputs)
+    def run(self, **feeds: Tensor) -> list[Tensor]:
+        """Run the graph once; persistent values come from `state`, the rest from `feeds`."""
+        merged = {v.name: self.state[v.name] for v in self.graph.inputs if v.role.persistent}
+        merged |= {k: t.to(self.device) for k, t in feeds.items()}
+        return self.backend(self.graph, merged, self.device)
 
     def step(self, tokens: Tensor, targets: Tensor, lr: float = 1e-3) -> list[Tensor]:
-        """Run one step; returns the graph's outputs (the loss first)."""
-        feeds = dict(self.state)
-        feeds["tokens"] = tokens.to(self.device)
-        feeds["targets"] = targets.to(self.device)
-        if self.has_optimizer:
-            self.step_count += 1
-            feeds["lr"] = torch.tensor(lr, dtype=torch.float64, device=self.device)
-            feeds["step"] = torch.tensor(
-                float(self.step_count), dtype=torch.float64, device=self.device
-            )
-        return self.backend(self.graph, feeds, self.device)
+        """One training step (counting steps for AdamW's bias correction); outputs, loss first."""
+        self.step_count += 1
+        return self.run(tokens=tokens, targets=targets, **self.hyper(lr, self.step_count))
 
-    def optimizer_state(self) -> dict[str, Tensor]:
-        return {k: t for k, t in self.state.items() if k.startswith(STATE_PREFIXES)}
+    def hyper(self, lr: float, step: int) -> dict[str, Tensor]:
+        """The optimizer's per-step scalar inputs, if the graph has them."""
+        names = {v.name for v in self.graph.inputs}
+        scalars = {"lr": lr, "step": float(step)}
+        return {
+            k: torch.tensor(x, dtype=torch.float64, device=self.device)
+            for k, x in scalars.items()
+            if k in names
+        }
+
+
+def initial_state(
+    graph: Graph, module: nn.Module, device: torch.device | str = "cpu"
+) -> dict[str, Tensor]:
+    """Persistent tensors for `graph` from `module`: copies of weights, zeroed AdamW moments."""
+    tensors = dict(module.named_parameters()) | dict(module.named_buffers())
+    state: dict[str, Tensor] = {}
+    for v in graph.inputs:
+        if v.role in (Role.PARAM, Role.BUFFER):
+            state[v.name] = tensors[v.name].detach().to(device, copy=True)
+        elif v.role is Role.OPTIMIZER_STATE:
+            state[v.name] = torch.zeros(v.shape, dtype=v.dtype, device=device)
+    return state
