@@ -1,0 +1,50 @@
+"""memfit's command line: compile, plan, train, prepare data, bench.
+
+Errors a user can act on (bad MODEL, unsupported op, bad data...) print as one paragraph and
+exit with status 2; `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+from rich.console import Console
+
+from compiler.errors import MemfitError
+from memfit.compile_cmd import compile_command
+from memfit.train_cmd import train_command
+from pipelines.commands import prepare_command
+from pipelines.errors import DataError
+
+console = Console(stderr=True)
+
+
+class _Group(click.Group):
+    """Turns MemfitError/DataError into one readable paragraph unless --debug."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (MemfitError, DataError, ValueError, KeyError) as exc:
+            if ctx.params.get("debug"):
+                raise
+            message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+            console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+def main(debug: bool) -> None:
+    """memfit: a training compiler that makes transformer training fit in less memory.
+
+    MODEL is a built-in example (gpt2-tiny, gpt2-mini, gpt2-small, llama-tiny, llama-mini,
+    llama-small, llama-7b, llama-13b, llama-70b) or path/to/file.py:factory.
+    """
+
+
+main.add_command(compile_command, "compile")
+main.add_command(train_command, "train")
+main.add_command(prepare_command, "prepare")

@@ -1,0 +1,99 @@
+"""`memfit train`: train a model with a compiled step on Arrow data, resumable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from runtime.train import TrainConfig, Trainer
+
+console = Console()
+DEFAULT = TrainConfig()
+
+
+@click.command()
+@click.argument("model", metavar="[MODEL]", default=DEFAULT.model)
+@click.option(
+    "--data",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="A `memfit prepare` directory (default: the embedded corpus).",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=DEFAULT.out,
+    show_default=True,
+    help="Run directory: metrics.jsonl and checkpoints/.",
+)
+@click.option("--steps", type=int, default=DEFAULT.steps, show_default=True)
+@click.option("--batch", "batch_size", type=int, default=DEFAULT.batch_size, show_default=True)
+@click.option("--seq", "seq_len", type=int, default=None, help="Default: the model's block size.")
+@click.option(
+    "--grad-accum",
+    type=int,
+    default=DEFAULT.grad_accum,
+    show_default=True,
+    help="Micro-batches per optimizer step.",
+)
+@click.option("--lr", type=float, default=DEFAULT.lr, show_default=True, help="Peak learning rate.")
+@click.option(
+    "--warmup",
+    type=int,
+    default=DEFAULT.warmup,
+    show_default=True,
+    help="Linear warmup steps, then cosine decay to 10% of --lr.",
+)
+@click.option("--weight-decay", type=float, default=DEFAULT.weight_decay, show_default=True)
+@click.option(
+    "--val-every",
+    type=int,
+    default=DEFAULT.val_every,
+    show_default=True,
+    help="Validation loss every N steps (0: only at the end).",
+)
+@click.option(
+    "--checkpoint-every",
+    type=int,
+    default=DEFAULT.checkpoint_every,
+    show_default=True,
+    help="Checkpoint every N steps (and at the end).",
+)
+@click.option("--seed", type=int, default=DEFAULT.seed, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out.")
+def train_command(model: str, **options: object) -> None:
+    """Train MODEL (default: gpt2-tiny on the embedded corpus, CPU) with a compiled step."""
+    cfg = TrainConfig(model=model, **options)  # type: ignore[arg-type]
+    with console.status("preparing data and compiling the step") as status:
+        trainer = Trainer(cfg, progress=status.update)
+    first: float | None = None
+    last = None
+    columns = (
+        TextColumn("[bold]train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TextColumn("{task.fields[tps]:,.0f} tok/s"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("train", total=cfg.steps, completed=trainer.step, loss=0.0, tps=0)
+        for record in trainer.run():
+            first = record.loss if first is None else first
+            last = record
+            progress.update(
+                task,
+                completed=record.step,
+                loss=record.loss,
+                tps=record.tokens / max(record.seconds, 1e-9),
+            )
+            if record.val_loss is not None:
+                progress.console.print(f"step {record.step}: val loss {record.val_loss:.4f}")
+    if last is not None and first is not None:
+        console.print(
+            f"trained {cfg.model} to step {last.step}: loss {first:.4f} → {last.loss:.4f}"
+            f" (validation {'n/a' if last.val_loss is None else f'{last.val_loss:.4f}'});"
+            f" run directory {cfg.out}"
+        )

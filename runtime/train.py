@@ -1,0 +1,282 @@
+"""The training loop: compiled step, Arrow batches, LR schedule, validation, exact resume.
+
+Everything that decides the next step's numbers — parameters, AdamW moments, the step count
+and the loader's position — is in the checkpoint, so a run killed at any instant and resumed
+with `resume=True` logs the same loss at every step as a run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from compiler.compile import CompileOptions, compile_model, example_batch
+from compiler.errors import MemfitError
+from compiler.trace import AdamW, trace, trace_update
+from examples.loss import lm_loss
+from memfit.models import resolve_model
+from pipelines.commands import default_dataset
+from pipelines.loader import TokenDataset, WindowLoader
+from pipelines.manifest import Manifest, token_mismatch_check
+from runtime.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    write_text_atomic,
+)
+from runtime.program import Program, initial_state
+
+CHECKPOINTS = "checkpoints"
+METRICS = "metrics.jsonl"
+
+
+class TrainingError(MemfitError):
+    """Training cannot go on (diverged, or a resume that does not fit the run)."""
+
+
+@dataclass
+class TrainConfig:
+    model: str = "gpt2-tiny"
+    data: Path | None = None  # a `memfit prepare` directory; None: the embedded corpus
+    out: Path = Path("runs/default")
+    steps: int = 300
+    batch_size: int = 16
+    seq_len: int | None = None  # default: the model's block size
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 30
+    weight_decay: float = 0.1
+    val_every: int = 100
+    val_batches: int = 4
+    checkpoint_every: int = 100
+    seed: int = 0
+    resume: bool = False
+    device: str = "cpu"
+    cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "memfit")
+
+    def check(self) -> None:
+        bad = [
+            f"{name} must be ≥ {low}, got {getattr(self, name)}"
+            for name, low in [
+                ("steps", 1),
+                ("batch_size", 1),
+                ("grad_accum", 1),
+                ("warmup", 0),
+                ("val_every", 0),
+                ("checkpoint_every", 0),
+            ]
+            if getattr(self, name) < low
+        ]
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            bad.append(f"lr must be a positive number, got {self.lr}")
+        if bad:
+            raise TrainingError("bad training options: " + "; ".join(bad))
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """Linear warmup to `lr`, then cosine decay to `min_lr_ratio · lr` at the last step."""
+    if step <= cfg.warmup:
+        return cfg.lr * step / max(cfg.warmup, 1)
+    progress = (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+@dataclass
+class StepRecord:
+    step: int
+    loss: float
+    lr: float
+    tokens: int
+    seconds: float
+    val_loss: float | None = None
+
+
+class Trainer:
+    """Compiles the model's step (and a validation forward) and runs them on Arrow batches."""
+
+    def __init__(self, cfg: TrainConfig, progress: Callable[[str], Any] | None = None) -> None:
+        cfg.check()
+        self.cfg = cfg
+        say = progress or (lambda _msg: None)
+        torch.manual_seed(cfg.seed)
+        example = resolve_model(cfg.model)
+        self.seq_len = cfg.seq_len or example.block_size
+        data_dir = cfg.data or default_dataset(cfg.cache_dir)
+        self.manifest = Manifest.load(Path(data_dir))
+        vocab = int(self.manifest.tokenizer.get("vocab_size", 0))
+        if vocab > example.vocab_size:
+            raise TrainingError(
+                f"the data in {data_dir} has a vocabulary of {vocab} tokens but {cfg.model}"
+                f" embeds only {example.vocab_size}"
+            )
+        self.loader = WindowLoader(
+            TokenDataset.open(data_dir, "train"), cfg.batch_size, self.seq_len, seed=cfg.seed
+        )
+        window_tokens = cfg.batch_size * self.seq_len
+        self.val_dataset = _optional_split(data_dir, "val", window_tokens)
+        optimizer = AdamW(weight_decay=cfg.weight_decay)
+        accumulate = cfg.grad_accum > 1
+        say(f"tracing {cfg.model} (batch {cfg.batch_size} × {self.seq_len})")
+        options = CompileOptions(
+            batch_size=cfg.batch_size,
+            seq_len=self.seq_len,
+            optimizer=None if accumulate else optimizer,
+        )
+        compiled = compile_model(example, lm_loss, options)
+        self.state = initial_state(compiled.graph, example.module, cfg.device)
+        self.train_program = Program(compiled.graph, self.state, cfg.device)
+        self.update_program: Program | None = None
+        if accumulate:
+            params = dict(example.module.named_parameters())
+            update = trace_update({n: p for n, p in params.items() if p.requires_grad}, optimizer)
+            for v in update.inputs:
+                if v.role.persistent and v.name not in self.state:
+                    self.state[v.name] = torch.zeros(v.shape, dtype=v.dtype, device=cfg.device)
+            self.update_program = Program(update, self.state, cfg.device)
+        say("tracing the validation forward")
+        batch = example_batch(example, cfg.batch_size, self.seq_len)
+        self.eval_program = Program(
+            trace(example.module, lm_loss, batch, training=False), self.state, cfg.device
+        )
+        self.step = 0
+        self.checkpoints = cfg.out / CHECKPOINTS
+        if cfg.resume:
+            self._resume()
+
+    # --- one step -------------------------------------------------------------------------
+
+    def train_step(self) -> float:
+        self.step += 1
+        lr = learning_rate(self.cfg, self.step)
+        hyper = self.train_program.hyper(lr, self.step)
+        if self.update_program is None:
+            tokens, targets = next(self.loader)
+            (loss, *_) = self.train_program.run(tokens=tokens, targets=targets, **hyper)
+            return float(loss)
+        total = 0.0
+        grads: list[Tensor] = []
+        for _ in range(self.cfg.grad_accum):
+            tokens, targets = next(self.loader)
+            loss, *micro = self.train_program.run(tokens=tokens, targets=targets)
+            grads = micro if not grads else [g.add_(m) for g, m in zip(grads, micro, strict=True)]
+            total += float(loss)
+        names = [v.name for v in self.update_program.graph.inputs if v.name.startswith("grad.")]
+        feeds = {n: g.div_(self.cfg.grad_accum) for n, g in zip(names, grads, strict=True)}
+        self.update_program.run(**feeds, **self.update_program.hyper(lr, self.step))
+        return total / self.cfg.grad_accum
+
+    def validate(self) -> float | None:
+        if self.val_dataset is None:
+            return None
+        loader = WindowLoader(
+            self.val_dataset, self.cfg.batch_size, self.seq_len, seed=0, prefetch=0
+        )
+        n = min(self.cfg.val_batches, loader.batches_per_epoch)
+        losses = [float(self.eval_program.run(tokens=x, targets=y)[0]) for x, y in _take(loader, n)]
+        return sum(losses) / len(losses)
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> Iterator[StepRecord]:
+        """Train to `cfg.steps`, yielding a record per step; checkpoints as configured."""
+        cfg = self.cfg
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        metrics = open(cfg.out / METRICS, "a")  # noqa: SIM115 - closed in finally
+        tokens_per_step = cfg.batch_size * self.seq_len * cfg.grad_accum
+        try:
+            while self.step < cfg.steps:
+                start = time.perf_counter()
+                loss = self.train_step()
+                if not math.isfinite(loss):
+                    last = latest_checkpoint(self.checkpoints)
+                    kept = f"the last good checkpoint is {last}" if last else "no checkpoint"
+                    raise TrainingError(
+                        f"the loss is {loss} at step {self.step}; training stopped ({kept}"
+                        " was kept). Lower --lr or check the data."
+                    )
+                record = StepRecord(
+                    self.step,
+                    loss,
+                    learning_rate(cfg, self.step),
+                    tokens_per_step,
+                    time.perf_counter() - start,
+                )
+                if cfg.val_every and self.step % cfg.val_every == 0 or self.step == cfg.steps:
+                    record.val_loss = self.validate()
+                metrics.write(json.dumps(asdict(record)) + "\n")
+                metrics.flush()
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                    self.save()
+                yield record
+            if not cfg.checkpoint_every or self.step % cfg.checkpoint_every:
+                self.save()
+        finally:
+            metrics.close()
+            self.loader.close()
+
+    # --- checkpoints ----------------------------------------------------------------------
+
+    def save(self) -> Path:
+        state = {
+            "step": self.step,
+            "loader": self.loader.state_dict(),
+            "tokenizer": self.manifest.tokenizer,
+            "config": _jsonable(asdict(self.cfg)),
+        }
+        return save_checkpoint(self.checkpoints, self.step, self.state, state)
+
+    def _resume(self) -> None:
+        path = latest_checkpoint(self.checkpoints)
+        if path is None:
+            raise TrainingError(f"--resume: no checkpoint in {self.checkpoints}")
+        tensors, state = load_checkpoint(path)
+        token_mismatch_check(self.manifest, state["tokenizer"])
+        missing = self.state.keys() - tensors.keys()
+        if missing:
+            raise TrainingError(f"--resume: {path} lacks {sorted(missing)[:5]} for this model")
+        for name, t in self.state.items():
+            if t.shape != tensors[name].shape:
+                raise TrainingError(
+                    f"--resume: {path}: {name} has shape {list(tensors[name].shape)}, the model"
+                    f" needs {list(t.shape)}"
+                )
+            t.copy_(tensors[name])
+        self.loader.load_state_dict(state["loader"])
+        self.step = state["step"]
+        _truncate_metrics(self.cfg.out / METRICS, self.step)
+
+
+def _optional_split(directory: Path, split: str, window_tokens: int) -> TokenDataset | None:
+    """The split, if it holds at least one batch of windows; validation is skipped otherwise."""
+    info = Manifest.load(Path(directory)).splits.get(split)
+    enough = info is not None and info.tokens > window_tokens
+    return TokenDataset.open(directory, split) if enough else None
+
+
+def _take(loader: WindowLoader, n: int) -> Iterator[tuple[Tensor, Tensor]]:
+    for _, batch in zip(range(n), loader, strict=False):
+        yield batch
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records after `step`: they are recomputed, identically, after a resume."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    return str(obj) if isinstance(obj, Path) else obj
