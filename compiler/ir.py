@@ -99,6 +99,7 @@ class Node:
     outputs: list[Value]
     phase: Phase = Phase.FORWARD
     source: str = ""
+    group: int | None = None  # fused group id (passes/fusion.py); members run as one kernel
 
     @property
     def inputs(self) -> list[Value]:
@@ -151,7 +152,7 @@ class Graph:
     def copy(self) -> Graph:
         """A structural copy sharing Value objects (passes that reorder or add nodes use it)."""
         nodes = [
-            Node(n.op, n.args, dict(n.kwargs), list(n.outputs), n.phase, n.source)
+            Node(n.op, n.args, dict(n.kwargs), list(n.outputs), n.phase, n.source, n.group)
             for n in self.nodes
         ]
         return Graph(list(self.inputs), nodes, list(self.outputs))
@@ -205,7 +206,8 @@ def format_node(node: Node) -> str:
     call = f"{node.op}({', '.join(args)})"
     lhs = f"{outs} = " if outs else ""
     where = f" @ {node.source}" if node.source else ""
-    return f"{lhs}{call}  # {node.phase}{where}"
+    group = f" group={node.group}" if node.group is not None else ""
+    return f"{lhs}{call}  # {node.phase}{group}{where}"
 
 
 def dump(graph: Graph) -> str:
@@ -254,6 +256,7 @@ def parse(text: str) -> Graph:
 def _parse_node(line: str, lineno: int, env: dict[str, Value], declare: Any) -> Node:
     body, _, comment = line.partition("  # ")
     phase_text, _, source = comment.partition(" @ ")
+    phase_text, _, group_text = phase_text.strip().partition(" group=")
     lhs, eq, call = body.partition(" = ")
     if not eq:
         lhs, call = "", body
@@ -267,7 +270,8 @@ def _parse_node(line: str, lineno: int, env: dict[str, Value], declare: Any) -> 
     args = tuple(_literal(a, env, lineno) for a in tree.args)
     kwargs = {k.arg: _literal(k.value, env, lineno) for k in tree.keywords if k.arg}
     outputs = [declare(d, lineno) for d in _split_decls(lhs)] if eq else []
-    return Node(op.strip(), args, kwargs, outputs, Phase(phase_text.strip()), source.strip())
+    group = int(group_text) if group_text else None
+    return Node(op.strip(), args, kwargs, outputs, Phase(phase_text), source.strip(), group)
 
 
 def _split_decls(lhs: str) -> list[str]:
