@@ -66,4 +66,4 @@ class PassManager:
         ctx.dumps[name] = text
         if ctx.dump_dir is not None:
             ctx.dump_dir.mkdir(parents=True, exist_ok=True)
-            (ctx.dump_dir / f"after-{name}.mlir.txt").write_text(text)
+            (ctx.dump_dir / f"after-{name}.txt").write_text(text)
