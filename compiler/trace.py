@@ -226,7 +226,7 @@ def _to_ir(
     by_name = {v.name: v for v in graph.inputs}
     for target, new in zip(writes, updates, strict=True):
         graph.nodes.append(Node("copy_", (by_name[target], new), {}, [], Phase.OPTIMIZER))
-    _eliminate_dead_nodes(graph)
+    eliminate_dead_nodes(graph)
     _assign_phases_and_roles(graph, losses, grads)
     return graph
 
@@ -285,7 +285,8 @@ def _convert(fx_node: fx.Node, env: dict[fx.Node, object], taken: set[str]) -> N
     return node
 
 
-def _eliminate_dead_nodes(graph: Graph) -> None:
+def eliminate_dead_nodes(graph: Graph) -> None:
+    """Drop nodes whose outputs nothing reads (in-place writes always stay)."""
     live = {id(v) for v in graph.outputs}
     kept: list[Node] = []
     for node in reversed(graph.nodes):
