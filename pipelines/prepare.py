@@ -21,6 +21,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import sys
 import tempfile
 from collections import Counter, deque
 from collections.abc import Iterator, Sequence
@@ -301,20 +302,16 @@ def _tokenize(
     Returns document counts by (file, split).
     """
     documents: Counter[tuple[Path, str]] = Counter()
-    columns = (
-        TextColumn("prepare"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, disable=not progress) as bar, ExitStack() as files:
-        task = bar.add_task("prepare", total=total_bytes)
-        raw = {s: files.enter_context(_raw_path(settings, s).open("wb")) for s in SPLITS}
+    with ExitStack() as stack:
+        raw = {s: stack.enter_context(_raw_path(settings, s).open("wb")) for s in SPLITS}
         if workers <= 1 or len(jobs) <= 1:
             results = ((job, _tokenize_job(job, settings, raw)) for job in jobs)
         else:
-            results = _run_pool(jobs, settings, workers, raw)
+            results = _run_pool(stack, jobs, settings, workers, raw)
+        # Only now, with the workers forked, may the progress bar start its refresh thread.
+        columns = (TextColumn("prepare"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+        bar = stack.enter_context(Progress(*columns, TimeRemainingColumn(), disable=not progress))
+        task = bar.add_task("prepare", total=total_bytes)
         for job, counts in results:
             for split in SPLITS:
                 documents[job.path, split] += counts[split]
@@ -323,39 +320,49 @@ def _tokenize(
 
 
 def _run_pool(
-    jobs: list[_Job], settings: _Settings, workers: int, raw: dict[str, BinaryIO]
+    stack: ExitStack, jobs: list[_Job], settings: _Settings, workers: int, raw: dict[str, BinaryIO]
 ) -> Iterator[tuple[_Job, dict[str, int]]]:
-    """Tokenize jobs in worker processes into shard files, appended to `raw` in job order.
+    """Start worker processes (owned by `stack`) on the first jobs; iterate results in order.
 
-    At most 2×workers jobs are in flight, so finished shards wait on disk for a bounded time.
+    Fork on Linux: workers start in milliseconds and the caller's main module (which may import
+    torch) is not re-imported in each one, as spawn would. They only tokenize, so threads of the
+    parent (BPE training, torch) are never needed in a worker.
     """
-    # spawn, not fork: the parent may hold threads (BPE training, progress bar).
+    method = "fork" if sys.platform == "linux" else "spawn"
     pool = ProcessPoolExecutor(
         workers,
-        mp_context=multiprocessing.get_context("spawn"),
+        mp_context=multiprocessing.get_context(method),
         initializer=_init_worker,
         initargs=(settings,),
     )
-    try:
-        todo = iter(jobs)
-        pending: deque[tuple[_Job, Future[dict[str, int]]]] = deque(
-            (job, pool.submit(_tokenize_to_shards, job))
-            for job in itertools.islice(todo, 2 * workers)
-        )
-        while pending:
-            job, future = pending.popleft()
-            counts = future.result()
-            follow = next(todo, None)
-            if follow is not None:
-                pending.append((follow, pool.submit(_tokenize_to_shards, follow)))
-            for split in SPLITS:
-                shard = _shard_path(settings, job, split)
-                with shard.open("rb") as src:
-                    shutil.copyfileobj(src, raw[split], 2**22)
-                shard.unlink()
-            yield job, counts
-    finally:
-        pool.shutdown(cancel_futures=True)
+    stack.callback(pool.shutdown, cancel_futures=True)
+    todo = iter(jobs)
+    pending = deque(
+        (job, pool.submit(_tokenize_to_shards, job)) for job in itertools.islice(todo, 2 * workers)
+    )
+    return _in_order(pool, todo, pending, settings, raw)
+
+
+def _in_order(
+    pool: ProcessPoolExecutor,
+    todo: Iterator[_Job],
+    pending: deque[tuple[_Job, Future[dict[str, int]]]],
+    settings: _Settings,
+    raw: dict[str, BinaryIO],
+) -> Iterator[tuple[_Job, dict[str, int]]]:
+    """Append finished shards to `raw` in job order, keeping at most 2×workers jobs in flight."""
+    while pending:
+        job, future = pending.popleft()
+        counts = future.result()
+        follow = next(todo, None)
+        if follow is not None:
+            pending.append((follow, pool.submit(_tokenize_to_shards, follow)))
+        for split in SPLITS:
+            shard = _shard_path(settings, job, split)
+            with shard.open("rb") as src:
+                shutil.copyfileobj(src, raw[split], 2**22)
+            shard.unlink()
+        yield job, counts
 
 
 # A pool worker's settings, set once per process: a BPE tokenizer is costly to unpickle per job.
