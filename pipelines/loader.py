@@ -197,9 +197,10 @@ class WindowLoader:
             else:
                 self._next = batches.__next__
         epoch, batch, item = self._next()
-        if batch + 1 == self.batches_per_epoch:
-            epoch, batch = epoch + 1, -1
-        self._epoch, self._batch = epoch, batch + 1
+        batch += 1
+        if batch == self.batches_per_epoch:
+            epoch, batch = epoch + 1, 0
+        self._epoch, self._batch = epoch, batch
         return item
 
     def state_dict(self) -> dict[str, Any]:

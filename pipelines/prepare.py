@@ -74,7 +74,7 @@ class _Settings:
     dtype: str
     text_column: str
     val_threshold: int  # documents whose 64-bit text hash is below this go to val
-    shard_dir: Path
+    work_dir: Path  # the temporary directory inside out_dir
 
 
 def prepare(
@@ -126,7 +126,7 @@ def prepare(
             dtype=dtype,
             splits=splits,
             sources=[
-                SourceInfo(str(p), p.stat().st_size, sum(documents[p, s] for s in SPLITS))
+                SourceInfo(str(p.resolve()), p.stat().st_size, sum(documents[p, s] for s in SPLITS))
                 for p in files
             ],
             text_column=text_column,
@@ -384,11 +384,11 @@ def _tokenize_to_shards(job: _Job) -> dict[str, int]:
 
 
 def _raw_path(settings: _Settings, split: str) -> Path:
-    return settings.shard_dir / f"{split}.bin"
+    return settings.work_dir / f"{split}.bin"
 
 
 def _shard_path(settings: _Settings, job: _Job, split: str) -> Path:
-    return settings.shard_dir / f"{job.index}.{split}.bin"
+    return settings.work_dir / f"{job.index}.{split}.bin"
 
 
 def _tokenize_job(job: _Job, settings: _Settings, out: dict[str, BinaryIO]) -> dict[str, int]:
@@ -419,10 +419,10 @@ def _write_split(settings: _Settings, split: str, documents: int) -> SplitInfo:
     values = np.memmap(raw, dtype=dtype, mode="r") if count else np.empty(0, dtype=dtype)
     tokens = pa.Array.from_buffers(pa.from_numpy_dtype(dtype), count, [None, pa.py_buffer(values)])
     batch = pa.record_batch([tokens], names=["tokens"])
-    dest = settings.shard_dir / ARROW_FILES[split]
+    dest = settings.work_dir / ARROW_FILES[split]
     with pa.OSFile(str(dest), "wb") as sink, pa.ipc.new_file(sink, batch.schema) as writer:
         writer.write_batch(batch)
-    del tokens, batch, values
+    del tokens, batch, values  # unmap the raw file, so that unlinking it frees its space now
     raw.unlink()
     with dest.open("rb") as fh:
         sha256 = hashlib.file_digest(fh, "sha256").hexdigest()

@@ -1,6 +1,9 @@
 """loader: exact coverage across ranks, exact resume, zero-copy mapping, clear file errors."""
 
+import gc
 import json
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -118,6 +121,22 @@ def test_prefetch_delivers_the_same_stream() -> None:
         for (x, y), (px, py) in zip(take(plain, 250), take(ahead, 250), strict=True):
             assert torch.equal(x, px) and torch.equal(y, py)
         assert plain.state_dict() == ahead.state_dict()
+
+
+def test_prefetch_threads_end_on_close_and_on_garbage_collection() -> None:
+    before = threading.active_count()
+    with WindowLoader(positions(1_000), 2, 8, prefetch=2) as loader:
+        next(loader)
+        assert threading.active_count() == before + 1
+    assert threading.active_count() == before
+    abandoned = WindowLoader(positions(1_000), 2, 8, prefetch=2)
+    next(abandoned)
+    del abandoned
+    gc.collect()
+    deadline = time.monotonic() + 5
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert threading.active_count() == before
 
 
 def test_bad_arguments_and_foreign_state() -> None:

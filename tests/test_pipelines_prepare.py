@@ -205,6 +205,14 @@ def test_bad_inputs_name_file_and_place(tmp_path: Path) -> None:
         assert not out.exists(), f"{case}: a failed prepare must leave no output directory"
 
 
+def test_bad_input_in_a_worker_process(tmp_path: Path) -> None:
+    good, _ = write_inputs(tmp_path / "in")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"txt": "typo"}\n')
+    with pytest.raises(DataError, match=f"{bad}, line 2: no 'text' field"):
+        prepare([*good, bad], tmp_path / "out", workers=2, progress=False)
+
+
 def test_existing_output_is_never_lost(tmp_path: Path) -> None:
     inputs, _ = write_inputs(tmp_path / "in")
     out = tmp_path / "out"
