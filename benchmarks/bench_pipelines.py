@@ -1,6 +1,6 @@
 """Pipelines throughput: prepare (MB/s of input) and WindowLoader (tokens/s), embedded corpus.
 
-    python benchmarks/bench_pipelines.py [--batch-size 8] [--seq-len 1024] [--batches 2000]
+    PYTHONPATH=. python benchmarks/bench_pipelines.py [--batch-size B] [--seq-len T] [--batches N]
 
 The loader goal is ≥ 20M tokens/s on one core from a warm memory map. If HF `datasets` is
 importable, the same two jobs are timed with it side by side: byte tokenization into an Arrow
