@@ -1,0 +1,108 @@
+"""Training: loss falls, a kill -9 loses nothing (exact resume), divergence and bad resumes
+are clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from memfit.cli import main
+from pipelines.prepare import prepare
+from runtime.checkpoint import latest_checkpoint
+
+ARGS = ["gpt2-tiny", "--batch", "4", "--seq", "32", "--steps", "40", "--warmup", "5"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small byte-level corpus: this repository's own Python sources."""
+    root = Path(__file__).resolve().parents[1]
+    files = sorted(p for p in (root / "compiler").rglob("*.py") if p.stat().st_size)
+    out = tmp_path_factory.mktemp("data") / "prepared"
+    prepare(files, out, "byte", val_fraction=0.2, progress=False)
+    return out
+
+
+def _train(out: Path, data: Path, *extra: str) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "memfit", "train", *ARGS, "--data", str(data)]
+    cmd += ["--out", str(out), "--val-every", "10", *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _losses(out: Path) -> dict[int, float]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines)}
+
+
+def _final_tensors(out: Path) -> dict:
+    path = latest_checkpoint(out / "checkpoints")
+    assert path is not None
+    return load_file(path / "tensors.safetensors")
+
+
+def test_kill_minus_nine_then_resume_is_exact(data: Path, tmp_path: Path) -> None:
+    straight = tmp_path / "straight"
+    proc = _train(straight, data)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()  # type: ignore[union-attr]
+
+    crashed = tmp_path / "crashed"
+    proc = _train(crashed, data, "--checkpoint-every", "5")
+    metrics = crashed / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 20:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    assert proc.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed"
+    killed_at = max(_losses(crashed))
+    assert killed_at < 40
+
+    resumed = _train(crashed, data, "--checkpoint-every", "5", "--resume")
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()  # type: ignore[union-attr]
+
+    assert _losses(crashed) == _losses(straight)
+    a, b = _final_tensors(straight), _final_tensors(crashed)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].equal(b[name]), name
+    first, last = _losses(crashed)[1], _losses(crashed)[40]
+    assert last < first - 1.0
+
+
+def test_divergence_stops_with_the_step_and_keeps_the_last_checkpoint(
+    data: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    args = [*ARGS[:-4], "--steps", "30", "--warmup", "0", "--data", str(data), "--out", str(out)]
+    result = CliRunner().invoke(main, ["train", *args, "--lr", "1e6", "--checkpoint-every", "1"])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "the loss is nan at step" in text or "the loss is inf at step" in text
+    assert "last good checkpoint is" in text
+    last = latest_checkpoint(out / "checkpoints")
+    assert last is not None
+    tensors = load_file(last / "tensors.safetensors")
+    assert all(t.isfinite().all() for t in tensors.values())
+
+
+def test_resume_with_other_tokenizer_is_refused(data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = ["train", *ARGS[:-4], "--steps", "2", "--data", str(data), "--out", str(out)]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    state_file = latest_checkpoint(out / "checkpoints") / "state.json"  # type: ignore[operator]
+    state = json.loads(state_file.read_text())
+    state["tokenizer"] = {"kind": "bpe", "vocab_size": 256}
+    state_file.write_text(json.dumps(state))
+    result = CliRunner().invoke(main, [*args, "--resume"])
+    assert result.exit_code == 2
+    assert "tokenizer" in result.output or "data" in result.output
