@@ -1,0 +1,33 @@
+"""noop_views removes identity views and keeps results and the verifier."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+
+from compiler.ir import Graph, Node, Role, Value
+from compiler.passes.manager import PassContext
+from compiler.passes.noop_views import eliminate_noop_views
+from compiler.passes.verify import verify
+from runtime.eager import run_graph
+from tests.strategies import graphs, random_inputs
+
+
+@given(graphs())
+@settings(max_examples=60, deadline=None)
+def test_preserves_results(graph: Graph) -> None:
+    inputs = random_inputs(graph)
+    before = run_graph(graph, inputs)
+    after_graph = verify(eliminate_noop_views(graph, PassContext()))
+    for a, b in zip(before, run_graph(after_graph, inputs), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_removes_identity_view_and_rewires() -> None:
+    x = Value("x", (2, 3), torch.float32, Role.INPUT)
+    v = Value("v", (2, 3), torch.float32)
+    y = Value("y", (2, 3), torch.float32, Role.OUTPUT)
+    graph = Graph([x], [Node("view", (x, [2, 3]), {}, [v]), Node("neg", (v,), {}, [y])], [y])
+    out = eliminate_noop_views(graph, PassContext())
+    assert [n.op for n in out.nodes] == ["neg"] and out.nodes[0].args == (x,)
+    assert [n.op for n in graph.nodes] == ["view", "neg"], "the input graph is left alone"
