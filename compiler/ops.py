@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from compiler import custom_ops
+
 if TYPE_CHECKING:
     from compiler.ir import Node
 
@@ -184,6 +186,7 @@ OP_KINDS: dict[str, Kind] = {
         (_CREATION, Kind.CREATION),
         (_COPY, Kind.COPY),
         (_WRITE, Kind.WRITE),
+        (list(custom_ops.OPS), Kind.MATMUL),  # memfit's fused linear + cross-entropy
     ]
     for name in names
 }
@@ -200,6 +203,8 @@ def resolve(op: str) -> torch._ops.OpOverload:
     """The ATen overload an IR op name stands for."""
     if op not in OP_KINDS:
         raise KeyError(f"op {op!r} is not in memfit's op set")
+    if op in custom_ops.OPS:
+        return custom_ops.OPS[op]
     packet, _, variant = op.partition(".")
     return getattr(getattr(torch.ops.aten, packet), variant or "default")
 
@@ -211,6 +216,8 @@ def kind(op: str) -> Kind:
 def flops(node: Node) -> int:
     """Floating-point operations of one node: 2·M·N·K for matmuls, ~1 per element otherwise."""
     k = OP_KINDS[node.op]
+    if node.op in custom_ops.OPS:
+        return custom_ops.flops(node)
     if k is Kind.MATMUL:
         a, b = node.args[1:3] if node.op == "addmm" else node.args[:2]
         batch = math.prod(a.shape[:-2])

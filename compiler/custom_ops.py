@@ -1,0 +1,110 @@
+"""memfit's own ops: the fused linear + cross-entropy head, registered with torch.library.
+
+The LM head of a 50k-vocabulary model materialises logits [tokens, vocab] in fp32 — 1.6 GB at
+8×1024 tokens — plus as many bytes again for log_softmax and for each backward temporary. These
+ops never hold more than one chunk of rows of logits: the forward returns the log-probability
+picked at each row's target and the row's logsumexp; the backward recomputes each chunk's
+logits from the saved logsumexp and turns them into the gradient chunk in place. The torch
+implementation below is what the eager backend runs and the reference for the Triton kernels in
+`compiler/codegen/cross_entropy.py`; the fake (meta) implementations let the verifier check
+shapes. `passes/fusion.py` rewrites the traced loss head into these ops.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from compiler.ir import Node
+
+FORWARD = "memfit::linear_cross_entropy"
+BACKWARD = "memfit::linear_cross_entropy_backward"
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for fp32 and narrower inputs (logits of bf16 models are summed in fp32), else fp64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def chunk_rows(rows: int, vocab: int, hidden: int) -> int:
+    """Rows per chunk so one chunk of logits is about as big as the hidden states (Liger's rule)."""
+    per_chunk = math.ceil(rows / math.ceil(vocab / hidden))
+    return min(rows, 1 << max(per_chunk - 1, 0).bit_length())
+
+
+@torch.library.custom_op(FORWARD, mutates_args=())
+def linear_cross_entropy(
+    hidden: Tensor, weight: Tensor, index: Tensor, chunk: int
+) -> tuple[Tensor, Tensor]:
+    """log_softmax(hidden @ weight.T)[r, index[r]] as [M, 1], and each row's logsumexp [M].
+
+    hidden [M, K], weight [V, K] (nn.Linear layout), index int64 [M, 1].
+    """
+    rows, acc = hidden.shape[0], accumulation_dtype(hidden.dtype)
+    picked = hidden.new_empty(rows, 1)
+    lse = hidden.new_empty(rows, dtype=acc)
+    for start in range(0, rows, chunk):
+        end = min(start + chunk, rows)
+        logits = (hidden[start:end] @ weight.T).to(acc)
+        lse[start:end] = torch.logsumexp(logits, dim=1)
+        picked[start:end] = logits.gather(1, index[start:end]) - lse[start:end, None]
+    return picked, lse
+
+
+@linear_cross_entropy.register_fake
+def _(hidden: Tensor, weight: Tensor, index: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
+    rows = hidden.shape[0]
+    return hidden.new_empty(rows, 1), hidden.new_empty(rows, dtype=accumulation_dtype(hidden.dtype))
+
+
+@torch.library.custom_op(BACKWARD, mutates_args=())
+def linear_cross_entropy_backward(
+    hidden: Tensor, weight: Tensor, index: Tensor, grad: Tensor, lse: Tensor, chunk: int
+) -> tuple[Tensor, Tensor]:
+    """Gradients of hidden and weight given `grad` [M, 1] = d loss / d picked log-probability.
+
+    d logits = grad · (onehot(index) − softmax(logits)), built chunk by chunk in place.
+    """
+    acc = accumulation_dtype(hidden.dtype)
+    grad_hidden = torch.empty_like(hidden)
+    grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+    for start in range(0, hidden.shape[0], chunk):
+        end = min(start + chunk, hidden.shape[0])
+        rows = hidden[start:end]
+        probs = (rows @ weight.T).to(acc).sub_(lse[start:end, None]).exp_()
+        probs.scatter_add_(1, index[start:end], probs.new_full((end - start, 1), -1.0))
+        dlogits = probs.mul_(-grad[start:end].to(acc)).to(hidden.dtype)
+        grad_hidden[start:end] = dlogits @ weight
+        grad_weight.addmm_(dlogits.T.to(acc), rows.to(acc))
+    return grad_hidden, grad_weight.to(weight.dtype)
+
+
+@linear_cross_entropy_backward.register_fake
+def _(
+    hidden: Tensor, weight: Tensor, index: Tensor, grad: Tensor, lse: Tensor, chunk: int
+) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(hidden), torch.empty_like(weight)
+
+
+OPS: dict[str, torch._ops.OpOverload] = {
+    FORWARD: torch.ops.memfit.linear_cross_entropy.default,
+    BACKWARD: torch.ops.memfit.linear_cross_entropy_backward.default,
+}
+
+
+def flops(node: Node) -> int:
+    """The forward is one logits matmul; the backward recomputes it and adds two more."""
+    hidden, weight = node.args[:2]
+    matmul = 2 * hidden.shape[0] * weight.shape[0] * hidden.shape[1]
+    return matmul if node.op == FORWARD else 3 * matmul
+
+
+def workspace_bytes(node: Node) -> int:
+    """Scratch a call holds besides its inputs and outputs: one fp32 chunk of logits and its
+    exp/gather temporary (forward) or its in-place softmax and low-precision copy (backward)."""
+    hidden, weight, chunk = node.args[0], node.args[1], node.args[-1]
+    return 2 * chunk * weight.shape[0] * accumulation_dtype(hidden.dtype).itemsize

@@ -1,0 +1,187 @@
+"""The triton backend: fused groups run as generated Triton kernels, every other node as ATen.
+
+A `Backend` like `runtime.eager.run_graph`. For each fused group (`Node.group`, set by
+`passes/fusion.py`) it launches the kernel `compiler/codegen/triton.py` wrote; values internal
+to a group are never allocated. Matmuls, views and index ops run as eager ATen nodes (cuBLAS on
+a GPU), the fused linear + cross-entropy ops as `compiler/codegen/cross_entropy.py`. A group
+whose members are not contiguous in the schedule (a later pass reordered them) runs node by
+node instead: slower, never wrong.
+
+Kernels are compiled from their source file, cached on disk by content hash under
+$MEMFIT_KERNEL_CACHE (default ~/.cache/memfit/kernels), so the same block in every layer and
+every later run share one compilation. On a CPU device the kernels run in the Triton
+interpreter (TRITON_INTERPRET=1 is set for them if the caller has not chosen).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from compiler import custom_ops
+from compiler.codegen.triton import Kernel, group_kernels
+from compiler.ir import Graph, Node, Value
+from runtime.eager import run_node
+
+CACHE_ENV = "MEMFIT_KERNEL_CACHE"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV, "~/.cache/memfit/kernels")).expanduser()
+
+
+_LOADED: dict[str, Callable[..., Any]] = {}
+
+
+def require_interpreter() -> None:
+    """Make sure kernels on CPU tensors will run in the Triton interpreter.
+
+    Triton decides at import time: its own library (tl.sum, tl.max...) is interpreted only if
+    TRITON_INTERPRET=1 was set before `triton` was first imported — and torch imports triton
+    while tracing. Set it here if nothing imported triton yet, otherwise insist it was set.
+    """
+    if "triton" not in sys.modules:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(tl.standard.sum, InterpretedFunction):
+        raise RuntimeError(
+            "the triton backend on a CPU device runs in the Triton interpreter: export"
+            " TRITON_INTERPRET=1 before starting Python (triton was imported without it)"
+        )
+
+
+def load_kernel(kernel: Kernel, device: torch.device) -> Callable[..., Any]:
+    """The compiled (or, on CPU, interpreted) Triton function for `kernel`, cached by hash."""
+    mode = "interpret" if device.type == "cpu" else "native"
+    key = f"{kernel.key}-{mode}"
+    if key in _LOADED:
+        return _LOADED[key]
+    path = cache_dir() / f"{kernel.name}_{kernel.key}.py"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(kernel.source)
+        tmp.replace(path)  # atomic: concurrent runs never read half a file
+    module_name = f"memfit_kernel_{key.replace('-', '_')}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # triton resolves the kernel's globals through it
+    spec.loader.exec_module(module)
+    _LOADED[key] = getattr(module, kernel.name)
+    return _LOADED[key]
+
+
+@dataclass(frozen=True)
+class _Launch:
+    kernel: Kernel
+
+    @property
+    def reads(self) -> list[Value]:
+        return list(self.kernel.inputs)
+
+    @property
+    def writes(self) -> tuple[Value, ...]:
+        return self.kernel.outputs
+
+
+@dataclass(frozen=True)
+class _Eager:
+    node: Node
+
+    @property
+    def reads(self) -> list[Value]:
+        return self.node.inputs
+
+    @property
+    def writes(self) -> list[Value]:
+        return self.node.outputs
+
+
+Step = _Launch | _Eager
+_PLANS: weakref.WeakKeyDictionary[Graph, list[Step]] = weakref.WeakKeyDictionary()
+
+
+def steps(graph: Graph) -> list[Step]:
+    """The graph as launches and eager nodes, in schedule order (cached per graph object)."""
+    if graph in _PLANS:
+        return _PLANS[graph]
+    kernels = {k.group: k for k in group_kernels(graph)}
+    positions: dict[int, list[int]] = {}
+    for i, node in enumerate(graph.nodes):
+        if node.group is not None:
+            positions.setdefault(node.group, []).append(i)
+    contiguous = {g for g, p in positions.items() if p[-1] - p[0] == len(p) - 1}
+    plan: list[Step] = []
+    for node in graph.nodes:
+        if node.group not in contiguous:
+            plan.append(_Eager(node))
+        elif not plan or not isinstance(plan[-1], _Launch) or plan[-1].kernel.group != node.group:
+            plan.append(_Launch(kernels[node.group]))
+    _PLANS[graph] = plan
+    return plan
+
+
+def _run_custom(node: Node, args: list[Any]) -> list[Tensor]:
+    from compiler.codegen import cross_entropy
+
+    fn = {
+        custom_ops.FORWARD: cross_entropy.linear_cross_entropy,
+        custom_ops.BACKWARD: cross_entropy.linear_cross_entropy_backward,
+    }[node.op]
+    return list(fn(*args))
+
+
+def run_graph(
+    graph: Graph, inputs: Mapping[str, Tensor], device: torch.device | str = "cpu"
+) -> list[Tensor]:
+    """Run `graph` on named inputs like `runtime.eager.run_graph`, fused groups as kernels."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        require_interpreter()
+    missing = [v.name for v in graph.inputs if v.name not in inputs]
+    if missing:
+        raise KeyError(f"missing graph inputs: {', '.join('%' + n for n in missing)}")
+    plan = steps(graph)
+    last: dict[int, int] = {}
+    for i, step in enumerate(plan):
+        for v in step.reads:
+            last[id(v)] = i
+    for v in graph.outputs:
+        last[id(v)] = len(plan)
+    env: dict[int, Tensor] = {id(v): inputs[v.name] for v in graph.inputs}
+    for i, step in enumerate(plan):
+        if isinstance(step, _Launch):
+            results = _launch(step.kernel, env, device)
+        elif step.node.op in custom_ops.OPS:
+            args = [env[id(a)] if isinstance(a, Value) else a for a in step.node.args]
+            results = _run_custom(step.node, args)
+        else:
+            results = run_node(step.node, env, device)
+        for v, t in zip(step.writes, results, strict=True):
+            if id(v) in last:
+                env[id(v)] = t
+        for v in step.reads:
+            if last.get(id(v)) == i:
+                del env[id(v)]
+    return [env[id(v)] for v in graph.outputs]
+
+
+def _launch(kernel: Kernel, env: Mapping[int, Tensor], device: torch.device) -> list[Tensor]:
+    args = [env[id(v)].contiguous() for v in kernel.inputs]
+    outs = [torch.empty(v.shape, dtype=v.dtype, device=device) for v in kernel.outputs]
+    load_kernel(kernel, device)[(kernel.grid,)](
+        *args, *outs, BLOCK=kernel.block, num_warps=kernel.num_warps
+    )
+    return outs
