@@ -91,15 +91,21 @@ def graphs(draw: st.DrawFn, min_nodes: int = 1, max_nodes: int = 24) -> Graph:
         graph.inputs.append(Value(f"in{i}", shape, torch.float32, Role.INPUT))
     values = list(graph.inputs)
     meta = torch.device("meta")
+    # Meta tensors carry real strides, so a view that would fail at run time is never drawn.
+    env = {id(v): torch.empty(v.shape, dtype=v.dtype, device=meta) for v in values}
     for i in range(draw(st.integers(min_nodes, max_nodes))):
-        spec = None
-        while spec is None:
+        outs = None
+        while outs is None:
             spec = draw(st.sampled_from(TEMPLATES))(draw, values)
-        op, args, kwargs = spec
-        node = Node(op, args, kwargs, [], Phase.FORWARD)
-        env = {id(v): torch.empty(v.shape, dtype=v.dtype, device=meta) for v in node.inputs}
-        outs = run_node(node, env, meta)
+            if spec is None:
+                continue
+            node = Node(*spec, [], Phase.FORWARD)
+            try:
+                outs = run_node(node, env, meta)
+            except RuntimeError:
+                continue
         node.outputs = [Value(f"v{i}_{j}", tuple(t.shape), t.dtype) for j, t in enumerate(outs)]
+        env.update({id(v): t for v, t in zip(node.outputs, outs, strict=True)})
         graph.nodes.append(node)
         values += node.outputs
     produced = [v for n in graph.nodes for v in n.outputs]
