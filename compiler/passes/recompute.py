@@ -164,11 +164,12 @@ def budget_floor(boundary: Boundary, recomputable: set[Kind] = ANY_FORWARD) -> l
 def layer_checkpoint_saved(boundary: Boundary, tokens: Value, n_layers: int) -> list[Value]:
     """What per-layer full checkpointing (torch.utils.checkpoint on each block) keeps.
 
-    Block boundaries are found in the dataflow, not by name: the residual stream is the chain
-    of forward values every path from the tokens to the loss must cross (dominators) with the
-    residual shape, counted back from the last block's output; a block spans
-    (chain length − 1) // n_layers links (two residual adds per pre-norm block). Kept: each block's input, and what the head after the last
-    block saves as usual; everything inside a block is recomputed, matmuls included.
+    Block boundaries are found in the dataflow, not by name: the residual stream is the
+    embedding followed by the residual adds that every path from the tokens to the loss must
+    cross (dominators), counted back from the last block's output; a block spans
+    (stream length − 1) // n_layers links (two residual adds per pre-norm block). Kept: each
+    block's input, and what the head after the last block saves as usual; everything inside a
+    block is recomputed, matmuls included.
     """
     flow = nx.DiGraph()
     for node in boundary.forward:
