@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from compiler.ir import Graph
+from compiler.passes.fusion import fuse, linear_cross_entropy
 from compiler.passes.manager import PassContext, PassManager
 from compiler.passes.noop_views import eliminate_noop_views
 from compiler.trace import AdamW, LossFn, trace
@@ -21,6 +22,8 @@ class CompileOptions:
     seq_len: int | None = None  # default: the model's block size
     optimizer: AdamW | None = field(default_factory=AdamW)
     return_grads: bool = False
+    backend: str = "eager"  # eager | triton: triton groups fusible nodes into generated kernels
+    fused_cross_entropy: bool = True  # the LM head as chunked linear+cross-entropy ops
     dump_after: set[str] = field(default_factory=set)
     dump_dir: Path | None = None
 
@@ -35,7 +38,13 @@ class CompiledStep:
 
 def pass_manager() -> PassManager:
     """The pipeline, in order. Each entry is one file in compiler/passes/."""
-    return PassManager([("noop_views", eliminate_noop_views)])
+    return PassManager(
+        [
+            ("noop_views", eliminate_noop_views),
+            ("linear_cross_entropy", linear_cross_entropy),
+            ("fusion", fuse),
+        ]
+    )
 
 
 def example_batch(model: ExampleModel, batch_size: int, seq_len: int) -> tuple[Tensor, Tensor]:
@@ -59,6 +68,10 @@ def compile_model(
     graph = trace(
         model.module, loss_fn, batch, options.optimizer, return_grads=options.return_grads
     )
-    ctx = PassContext(dump_after=set(options.dump_after), dump_dir=options.dump_dir)
+    ctx = PassContext(
+        options={"backend": options.backend, "fused_cross_entropy": options.fused_cross_entropy},
+        dump_after=set(options.dump_after),
+        dump_dir=options.dump_dir,
+    )
     graph = pass_manager().run(graph, ctx)
     return CompiledStep(graph, ctx, options.batch_size, seq_len)

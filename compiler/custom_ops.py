@@ -3,8 +3,9 @@
 The LM head of a 50k-vocabulary model materialises logits [tokens, vocab] in fp32 — 1.6 GB at
 8×1024 tokens — plus as many bytes again for log_softmax and for each backward temporary. These
 ops never hold more than one chunk of rows of logits: the forward returns the log-probability
-picked at each row's target and the row's logsumexp; the backward recomputes each chunk's
-logits from the saved logsumexp and turns them into the gradient chunk in place. The torch
+picked at each row's target; the backward recomputes each chunk's logits (and their
+logsumexp: one more pass over the chunk, no saved activation that a low-precision pass could
+round) and turns them into the gradient chunk in place. The torch
 implementation below is what the eager backend runs and the reference for the Triton kernels in
 `compiler/codegen/cross_entropy.py`; the fake (meta) implementations let the verifier check
 shapes. `passes/fusion.py` rewrites the traced loss head into these ops.
@@ -37,33 +38,29 @@ def chunk_rows(rows: int, vocab: int, hidden: int) -> int:
 
 
 @torch.library.custom_op(FORWARD, mutates_args=())
-def linear_cross_entropy(
-    hidden: Tensor, weight: Tensor, index: Tensor, chunk: int
-) -> tuple[Tensor, Tensor]:
-    """log_softmax(hidden @ weight.T)[r, index[r]] as [M, 1], and each row's logsumexp [M].
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, index: Tensor, chunk: int) -> Tensor:
+    """log_softmax(hidden @ weight.T)[r, index[r]], as [M, 1].
 
     hidden [M, K], weight [V, K] (nn.Linear layout), index int64 [M, 1].
     """
     rows, acc = hidden.shape[0], accumulation_dtype(hidden.dtype)
     picked = hidden.new_empty(rows, 1)
-    lse = hidden.new_empty(rows, dtype=acc)
     for start in range(0, rows, chunk):
         end = min(start + chunk, rows)
         logits = (hidden[start:end] @ weight.T).to(acc)
-        lse[start:end] = torch.logsumexp(logits, dim=1)
-        picked[start:end] = logits.gather(1, index[start:end]) - lse[start:end, None]
-    return picked, lse
+        lse = torch.logsumexp(logits, dim=1, keepdim=True)
+        picked[start:end] = logits.gather(1, index[start:end]) - lse
+    return picked
 
 
 @linear_cross_entropy.register_fake
-def _(hidden: Tensor, weight: Tensor, index: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
-    rows = hidden.shape[0]
-    return hidden.new_empty(rows, 1), hidden.new_empty(rows, dtype=accumulation_dtype(hidden.dtype))
+def _(hidden: Tensor, weight: Tensor, index: Tensor, chunk: int) -> Tensor:
+    return hidden.new_empty(hidden.shape[0], 1)
 
 
 @torch.library.custom_op(BACKWARD, mutates_args=())
 def linear_cross_entropy_backward(
-    hidden: Tensor, weight: Tensor, index: Tensor, grad: Tensor, lse: Tensor, chunk: int
+    hidden: Tensor, weight: Tensor, index: Tensor, grad: Tensor, chunk: int
 ) -> tuple[Tensor, Tensor]:
     """Gradients of hidden and weight given `grad` [M, 1] = d loss / d picked log-probability.
 
@@ -75,7 +72,8 @@ def linear_cross_entropy_backward(
     for start in range(0, hidden.shape[0], chunk):
         end = min(start + chunk, hidden.shape[0])
         rows = hidden[start:end]
-        probs = (rows @ weight.T).to(acc).sub_(lse[start:end, None]).exp_()
+        logits = (rows @ weight.T).to(acc)
+        probs = logits.sub_(torch.logsumexp(logits, dim=1, keepdim=True)).exp_()
         probs.scatter_add_(1, index[start:end], probs.new_full((end - start, 1), -1.0))
         dlogits = probs.mul_(-grad[start:end].to(acc)).to(hidden.dtype)
         grad_hidden[start:end] = dlogits @ weight
@@ -85,7 +83,7 @@ def linear_cross_entropy_backward(
 
 @linear_cross_entropy_backward.register_fake
 def _(
-    hidden: Tensor, weight: Tensor, index: Tensor, grad: Tensor, lse: Tensor, chunk: int
+    hidden: Tensor, weight: Tensor, index: Tensor, grad: Tensor, chunk: int
 ) -> tuple[Tensor, Tensor]:
     return torch.empty_like(hidden), torch.empty_like(weight)
 
@@ -104,7 +102,7 @@ def flops(node: Node) -> int:
 
 
 def workspace_bytes(node: Node) -> int:
-    """Scratch a call holds besides its inputs and outputs: one fp32 chunk of logits and its
-    exp/gather temporary (forward) or its in-place softmax and low-precision copy (backward)."""
+    """Scratch a call holds besides its inputs and outputs: one fp32 chunk of logits and the
+    temporary of its logsumexp."""
     hidden, weight, chunk = node.args[0], node.args[1], node.args[-1]
     return 2 * chunk * weight.shape[0] * accumulation_dtype(hidden.dtype).itemsize

@@ -2,10 +2,11 @@
 
 The logits of one chunk of rows are the only vocabulary-sized buffer. Per chunk, the forward
 kernel streams each row once (online max and sum of exponentials) for its logsumexp and picks
-the target's log-probability; the backward kernel turns the recomputed logits into
-d logits = grad · (onehot(target) − softmax) in place, which two matmuls turn into the hidden
-and weight gradients. Rows of any length work: the kernels loop over the vocabulary in blocks.
-The torch reference is `compiler.custom_ops` (the same chunking, in ATen); tests compare both.
+the target's log-probability; the backward kernel streams the recomputed logits twice, for
+the logsumexp and then to turn them into d logits = grad · (onehot(target) − softmax) in
+place, which two matmuls turn into the hidden and weight gradients. Rows of any length work:
+the kernels loop over the vocabulary in blocks. The torch reference is `compiler.custom_ops`
+(the same chunking, in ATen); tests compare both.
 """
 
 from __future__ import annotations
@@ -21,10 +22,8 @@ BLOCK = 1024
 
 
 @triton.jit
-def cross_entropy_forward_kernel(logits, index, picked, lse, n_cols, BLOCK: tl.constexpr):
-    """One program per row: logsumexp of the row, and the target's log-probability."""
-    row = tl.program_id(0).to(tl.int64)
-    base = logits + row * n_cols
+def _row_logsumexp(base, n_cols, BLOCK: tl.constexpr):
+    """logsumexp of one row in one pass: a running max and a rescaled running sum."""
     cols = tl.arange(0, BLOCK)
     running_max = tl.full([], float("-inf"), tl.float32)
     running_sum = tl.full([], 0.0, tl.float32)
@@ -35,21 +34,28 @@ def cross_entropy_forward_kernel(logits, index, picked, lse, n_cols, BLOCK: tl.c
             tl.exp(x - new_max), axis=0
         )
         running_max = new_max
-    row_lse = running_max + tl.log(running_sum)
+    return running_max + tl.log(running_sum)
+
+
+@triton.jit
+def cross_entropy_forward_kernel(logits, index, picked, n_cols, BLOCK: tl.constexpr):
+    """One program per row: the target's log-probability."""
+    row = tl.program_id(0).to(tl.int64)
+    base = logits + row * n_cols
+    row_lse = _row_logsumexp(base, n_cols, BLOCK)
     target = tl.load(index + row)
-    tl.store(lse + row, row_lse)
     tl.store(picked + row, tl.load(base + target).to(tl.float32) - row_lse)
 
 
 @triton.jit
-def cross_entropy_backward_kernel(logits, index, grad, lse, n_cols, BLOCK: tl.constexpr):
+def cross_entropy_backward_kernel(logits, index, grad, n_cols, BLOCK: tl.constexpr):
     """One program per row, in place: logits → grad · (onehot(target) − softmax)."""
     row = tl.program_id(0).to(tl.int64)
     base = logits + row * n_cols
     cols = tl.arange(0, BLOCK)
     target = tl.load(index + row)
     scale = tl.load(grad + row).to(tl.float32)
-    row_lse = tl.load(lse + row)
+    row_lse = _row_logsumexp(base, n_cols, BLOCK)
     for start in range(0, n_cols, BLOCK):
         mask = start + cols < n_cols
         probs = tl.exp(tl.load(base + start + cols, mask, other=0.0).to(tl.float32) - row_lse)
@@ -57,24 +63,20 @@ def cross_entropy_backward_kernel(logits, index, grad, lse, n_cols, BLOCK: tl.co
         tl.store(base + start + cols, scale * (onehot - probs), mask)
 
 
-def linear_cross_entropy(
-    hidden: Tensor, weight: Tensor, index: Tensor, chunk: int
-) -> tuple[Tensor, Tensor]:
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, index: Tensor, chunk: int) -> Tensor:
     """Same contract as `memfit::linear_cross_entropy` (compiler/custom_ops.py)."""
-    rows, acc = hidden.shape[0], accumulation_dtype(hidden.dtype)
-    picked = hidden.new_empty(rows, 1)
-    lse = hidden.new_empty(rows, dtype=acc)
-    for start in range(0, rows, chunk):
-        end = min(start + chunk, rows)
+    picked = hidden.new_empty(hidden.shape[0], 1)
+    for start in range(0, hidden.shape[0], chunk):
+        end = min(start + chunk, hidden.shape[0])
         logits = hidden[start:end] @ weight.T
         cross_entropy_forward_kernel[(end - start,)](
-            logits, index[start:end], picked[start:end], lse[start:end], weight.shape[0], BLOCK
+            logits, index[start:end], picked[start:end], weight.shape[0], BLOCK
         )
-    return picked, lse
+    return picked
 
 
 def linear_cross_entropy_backward(
-    hidden: Tensor, weight: Tensor, index: Tensor, grad: Tensor, lse: Tensor, chunk: int
+    hidden: Tensor, weight: Tensor, index: Tensor, grad: Tensor, chunk: int
 ) -> tuple[Tensor, Tensor]:
     """Same contract as `memfit::linear_cross_entropy_backward`."""
     acc = accumulation_dtype(hidden.dtype)
@@ -85,7 +87,7 @@ def linear_cross_entropy_backward(
         rows = hidden[start:end]
         dlogits = rows @ weight.T
         cross_entropy_backward_kernel[(end - start,)](
-            dlogits, index[start:end], grad[start:end], lse[start:end], weight.shape[0], BLOCK
+            dlogits, index[start:end], grad[start:end], weight.shape[0], BLOCK
         )
         grad_hidden[start:end] = dlogits @ weight
         grad_weight.addmm_(dlogits.T.to(acc), rows.to(acc))

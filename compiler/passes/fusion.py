@@ -28,10 +28,10 @@ from dataclasses import dataclass
 
 from compiler import custom_ops
 from compiler.codegen.triton import Fit, fusible, group_domain, row_shape
-from compiler.ir import Graph, Node, Phase, Role, Value
+from compiler.ir import Graph, Node, Phase, Value
 from compiler.ops import Kind, kind
 from compiler.passes.manager import PassContext
-from compiler.trace import mark_activations
+from compiler.trace import eliminate_dead_nodes, mark_activations
 
 # --- linear + cross-entropy -------------------------------------------------------------------
 
@@ -197,12 +197,16 @@ def _grad_mms(
 
 
 def linear_cross_entropy(graph: Graph, ctx: PassContext) -> Graph:
-    """Replace each matched LM head by the chunked fused ops; the rest of the graph is kept."""
+    """Replace each matched LM head by the chunked fused ops; the rest of the graph is kept.
+
+    Off when `ctx.options["fused_cross_entropy"]` is False."""
+    if not ctx.options.get("fused_cross_entropy", True):
+        return graph
     out = graph.copy()
     names = {v.name for v in out.values()}
     for head in match_loss_heads(out):
         _rewrite(out, head, names)
-    _eliminate_dead_nodes(out)
+    eliminate_dead_nodes(out)
     mark_activations(out)
     return out
 
@@ -217,13 +221,11 @@ def _fresh(names: set[str], name: str) -> str:
 def _rewrite(graph: Graph, head: LossHead, names: set[str]) -> None:
     rows, vocab = head.gather.outputs[0].shape[0], head.weight.shape[0]
     chunk = custom_ops.chunk_rows(rows, vocab, head.hidden.shape[1])
-    acc = custom_ops.accumulation_dtype(head.hidden.dtype)
-    lse = Value(_fresh(names, "linear_cross_entropy_lse"), (rows,), acc, Role.ACTIVATION)
     forward = Node(
         custom_ops.FORWARD,
         (head.hidden, head.weight, head.index, chunk),
         {},
-        [head.gather.outputs[0], lse],
+        [head.gather.outputs[0]],
         Phase.FORWARD,
         head.logits_mm.source,
     )
@@ -232,7 +234,7 @@ def _rewrite(graph: Graph, head: LossHead, names: set[str]) -> None:
     scale = Node("mul.Tensor", (coef, head.scatter_value), {}, [grad], Phase.BACKWARD)
     backward = Node(
         custom_ops.BACKWARD,
-        (head.hidden, head.weight, head.grad_index, grad, lse, chunk),
+        (head.hidden, head.weight, head.grad_index, grad, chunk),
         {},
         [head.grad_hidden_mm.outputs[0], head.grad_weight_mm.outputs[0]],
         Phase.BACKWARD,
@@ -248,16 +250,6 @@ def _rewrite(graph: Graph, head: LossHead, names: set[str]) -> None:
         else:
             nodes.append(node)
     graph.nodes = nodes
-
-
-def _eliminate_dead_nodes(graph: Graph) -> None:
-    live = {id(v) for v in graph.outputs}
-    kept: list[Node] = []
-    for node in reversed(graph.nodes):
-        if node.op == "copy_" or any(id(v) in live for v in node.outputs):
-            kept.append(node)
-            live.update(id(v) for v in node.inputs)
-    graph.nodes = kept[::-1]
 
 
 def loss_head_peak(graph: Graph) -> int:
@@ -481,7 +473,12 @@ def _contiguous_order(graph: Graph, groups: list[list[Node]]) -> list[Node]:
 
 
 def fuse(graph: Graph, ctx: PassContext) -> Graph:
-    """Tag every fused group's nodes with one group id and make each group contiguous."""
+    """Tag every fused group's nodes with one group id and make each group contiguous.
+
+    Only for `ctx.options["backend"] == "triton"`: the eager backend materialises every value,
+    so grouping would only mislead the memory plan (see `internal_values`)."""
+    if ctx.options.get("backend", "eager") != "triton":
+        return graph
     out = graph.copy()
     for node in out.nodes:
         node.group = None
