@@ -260,6 +260,9 @@ def recompute_pass(graph: Graph, ctx: PassContext) -> Graph:
             "recompute.saved_bytes_before": boundary.saved_bytes(boundary.needed),
             "recompute.saved_bytes_after": boundary.saved_bytes(saved),
             "recompute.extra_flops": extra,
+            "recompute.extra_matmul_flops": sum(
+                flops(n) for n in clones if kind(n.op) is Kind.MATMUL
+            ),
             "recompute.step_flops": step_flops,
             "recompute.recomputed": sorted(v.name for n in clones for v in n.outputs),
         }
