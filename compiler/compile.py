@@ -9,9 +9,11 @@ import torch
 from torch import Tensor
 
 from compiler.ir import Graph
+from compiler.mesh import Mesh, MeshError
 from compiler.passes.fusion import fuse, linear_cross_entropy
 from compiler.passes.manager import PassContext, PassManager
 from compiler.passes.noop_views import eliminate_noop_views
+from compiler.passes.shard import DEFAULT_BUCKET_BYTES, shard_pass, tensor_parallel
 from compiler.trace import AdamW, LossFn, trace
 from examples import ExampleModel
 
@@ -22,6 +24,9 @@ class CompileOptions:
     seq_len: int | None = None  # default: the model's block size
     optimizer: AdamW | None = field(default_factory=AdamW)
     return_grads: bool = False
+    mesh: Mesh | None = None  # data/tensor parallel: compile rank `rank`'s step (per-rank batch)
+    rank: int = 0
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES  # gradient bucket size of the data-parallel reduction
     backend: str = "eager"  # eager | triton: triton groups fusible nodes into generated kernels
     fused_cross_entropy: bool = True  # the LM head as chunked linear+cross-entropy ops
     dump_after: set[str] = field(default_factory=set)
@@ -41,6 +46,7 @@ def pass_manager() -> PassManager:
     return PassManager(
         [
             ("noop_views", eliminate_noop_views),
+            ("shard", shard_pass),
             ("linear_cross_entropy", linear_cross_entropy),
             ("fusion", fuse),
         ]
@@ -64,12 +70,25 @@ def compile_model(
         raise ValueError(f"batch size must be ≥ 1, got {options.batch_size}")
     if not 1 <= seq_len <= model.block_size:
         raise ValueError(f"sequence length must be in 1..{model.block_size}, got {seq_len}")
+    optimizer, sharding = options.optimizer, {}
+    if options.mesh is not None:  # the shard pass rebuilds the update on each rank's shapes
+        if options.optimizer is None or options.return_grads:
+            raise MeshError(
+                "a --dp/--tp mesh compiles whole training steps (an optimizer, no grads)"
+            )
+        loss_fn = tensor_parallel(model.module, loss_fn, options.mesh, options.rank)
+        trainable = [n for n, p in model.module.named_parameters() if p.requires_grad]
+        sharding = {"mesh": options.mesh, "trainable": trainable, "optimizer": optimizer}
+        sharding["bucket_bytes"] = options.bucket_bytes
+        optimizer = None
     batch = example_batch(model, options.batch_size, seq_len)
-    graph = trace(
-        model.module, loss_fn, batch, options.optimizer, return_grads=options.return_grads
-    )
+    graph = trace(model.module, loss_fn, batch, optimizer, return_grads=options.return_grads)
     ctx = PassContext(
-        options={"backend": options.backend, "fused_cross_entropy": options.fused_cross_entropy},
+        options={
+            "backend": options.backend,
+            "fused_cross_entropy": options.fused_cross_entropy,
+            **sharding,
+        },
         dump_after=set(options.dump_after),
         dump_dir=options.dump_dir,
     )

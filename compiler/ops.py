@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from compiler import custom_ops
+from compiler import collectives, custom_ops
 
 if TYPE_CHECKING:
     from compiler.ir import Node
@@ -29,6 +29,7 @@ class Kind(enum.StrEnum):
     CREATION = "creation"  # makes a tensor from literals; needs a device at run time
     COPY = "copy"  # materialises a new buffer with the same elements
     WRITE = "write"  # writes in place into a persistent value (parameter update)
+    COLLECTIVE = "collective"  # torch.distributed across ranks (compiler/collectives.py)
 
 
 _POINTWISE = [
@@ -187,6 +188,8 @@ OP_KINDS: dict[str, Kind] = {
         (_COPY, Kind.COPY),
         (_WRITE, Kind.WRITE),
         (list(custom_ops.OPS), Kind.MATMUL),  # memfit's fused linear + cross-entropy
+        ([op for op in collectives.OPS if op != collectives.WAIT], Kind.COLLECTIVE),
+        ([collectives.WAIT], Kind.VIEW),  # returns its input once the data has arrived
     ]
     for name in names
 }
@@ -194,6 +197,8 @@ OP_KINDS: dict[str, Kind] = {
 
 def ir_name(overload: torch._ops.OpOverload) -> str:
     """`aten.sum.dim_IntList` → `sum.dim_IntList`; `aten.mm.default` → `mm`."""
+    if overload.namespace == "memfit":  # memfit's own ops keep their namespace
+        return overload.name()
     packet, _, variant = overload.name().partition("::")[2].partition(".")
     return packet if variant in ("", "default") else f"{packet}.{variant}"
 
@@ -205,6 +210,8 @@ def resolve(op: str) -> torch._ops.OpOverload:
         raise KeyError(f"op {op!r} is not in memfit's op set")
     if op in custom_ops.OPS:
         return custom_ops.OPS[op]
+    if op in collectives.OPS:
+        return collectives.OPS[op]
     packet, _, variant = op.partition(".")
     return getattr(getattr(torch.ops.aten, packet), variant or "default")
 
@@ -224,7 +231,7 @@ def flops(node: Node) -> int:
         m, kk = a.shape[-2:]
         n = b.shape[-1]
         return 2 * batch * m * n * kk
-    if k in (Kind.VIEW, Kind.CREATION, Kind.WRITE, Kind.INDEX, Kind.COPY):
+    if k in (Kind.VIEW, Kind.CREATION, Kind.WRITE, Kind.INDEX, Kind.COPY, Kind.COLLECTIVE):
         return 0
     work = max([v.numel for v in node.inputs] + [v.numel for v in node.outputs] + [0])
     return work * (5 if k is Kind.REDUCTION else 1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -20,6 +21,8 @@ from torch import Tensor
 
 from compiler.compile import CompileOptions, compile_model, example_batch
 from compiler.errors import MemfitError
+from compiler.mesh import Mesh
+from compiler.passes.shard import parallel_loss
 from compiler.trace import AdamW, trace, trace_update
 from examples.loss import lm_loss
 from memfit.models import resolve_model
@@ -32,6 +35,7 @@ from runtime.checkpoint import (
     save_checkpoint,
     write_text_atomic,
 )
+from runtime.distributed import Parallel, launched_world
 from runtime.program import Program, initial_state
 
 CHECKPOINTS = "checkpoints"
@@ -61,6 +65,9 @@ class TrainConfig:
     seed: int = 0
     resume: bool = False
     device: str = "cpu"
+    dp: int | None = None  # data-parallel ranks; None: every launched rank not used by tp
+    tp: int = 1  # tensor-parallel ranks
+    zero: int = 0  # ZeRO stage over the data-parallel ranks
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "memfit")
 
     def check(self) -> None:
@@ -80,6 +87,17 @@ class TrainConfig:
             bad.append(f"lr must be a positive number, got {self.lr}")
         if bad:
             raise TrainingError("bad training options: " + "; ".join(bad))
+
+    def mesh(self) -> Mesh | None:
+        """The mesh to run on; None for one process. Checked against the batch."""
+        dp = launched_world() // max(self.tp, 1) if self.dp is None else self.dp
+        mesh = Mesh(dp, self.tp, self.zero)
+        if mesh.world == 1 and launched_world() == 1:
+            return None
+        mesh.check_batch(self.batch_size)
+        if self.grad_accum > 1:
+            raise TrainingError("--grad-accum with --dp/--tp is not supported yet")
+        return mesh
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -109,6 +127,8 @@ class Trainer:
         self.cfg = cfg
         say = progress or (lambda _msg: None)
         torch.manual_seed(cfg.seed)
+        mesh = cfg.mesh()
+        self.parallel = Parallel.from_env(mesh, cfg.device) if mesh else None
         example = resolve_model(cfg.model)
         self.seq_len = cfg.seq_len or example.block_size
         data_dir = cfg.data or default_dataset(cfg.cache_dir)
@@ -128,13 +148,21 @@ class Trainer:
         accumulate = cfg.grad_accum > 1
         say(f"tracing {cfg.model} (batch {cfg.batch_size} × {self.seq_len})")
         options = CompileOptions(
-            batch_size=cfg.batch_size,
+            batch_size=cfg.batch_size // (mesh.dp if mesh else 1),
             seq_len=self.seq_len,
             optimizer=None if accumulate else optimizer,
+            mesh=mesh,
+            rank=self.parallel.rank if self.parallel else 0,
         )
         compiled = compile_model(example, lm_loss, options)
-        self.state = initial_state(compiled.graph, example.module, cfg.device)
-        self.train_program = Program(compiled.graph, self.state, cfg.device)
+        if self.parallel is None:
+            self.state = initial_state(compiled.graph, example.module, cfg.device)
+            self.train_program = Program(compiled.graph, self.state, cfg.device)
+        else:
+            self.parallel.bind(compiled.context.stats["shard.layout"], example.module)
+            self.state = self.parallel.initial_state(compiled.graph, example.module, cfg.device)
+            backend = self.parallel.backend
+            self.train_program = Program(compiled.graph, self.state, cfg.device, backend)
         self.update_program: Program | None = None
         if accumulate:
             params = dict(example.module.named_parameters())
@@ -146,7 +174,10 @@ class Trainer:
         say("tracing the validation forward")
         batch = example_batch(example, cfg.batch_size, self.seq_len)
         self.eval_program = Program(
-            trace(example.module, lm_loss, batch, training=False), self.state, cfg.device
+            trace(example.module, parallel_loss(example.module, lm_loss), batch, training=False),
+            self.state,
+            cfg.device,
+            self.train_program.backend,
         )
         self.step = 0
         self.checkpoints = cfg.out / CHECKPOINTS
@@ -161,8 +192,10 @@ class Trainer:
         hyper = self.train_program.hyper(lr, self.step)
         if self.update_program is None:
             tokens, targets = next(self.loader)
+            if self.parallel is not None:
+                tokens, targets = self.parallel.rows(tokens), self.parallel.rows(targets)
             (loss, *_) = self.train_program.run(tokens=tokens, targets=targets, **hyper)
-            return float(loss)
+            return self.parallel.mean_loss(loss) if self.parallel else float(loss)
         total = 0.0
         grads: list[Tensor] = []
         for _ in range(self.cfg.grad_accum):
@@ -191,7 +224,8 @@ class Trainer:
         """Train to `cfg.steps`, yielding a record per step; checkpoints as configured."""
         cfg = self.cfg
         cfg.out.mkdir(parents=True, exist_ok=True)
-        metrics = open(cfg.out / METRICS, "a")  # noqa: SIM115 - closed in finally
+        writer = self.parallel is None or self.parallel.is_writer
+        metrics = open(cfg.out / METRICS if writer else os.devnull, "a")  # noqa: SIM115
         tokens_per_step = cfg.batch_size * self.seq_len * cfg.grad_accum
         try:
             while self.step < cfg.steps:
@@ -233,7 +267,14 @@ class Trainer:
             "tokenizer": self.manifest.tokenizer,
             "config": _jsonable(asdict(self.cfg)),
         }
-        return save_checkpoint(self.checkpoints, self.step, self.state, state)
+        if self.parallel is None:
+            return save_checkpoint(self.checkpoints, self.step, self.state, state)
+        full = self.parallel.to_full(self.state)  # every rank takes part; rank 0 writes
+        path = self.checkpoints / f"step-{self.step:08d}"
+        if self.parallel.is_writer:
+            path = save_checkpoint(self.checkpoints, self.step, full, state)
+        self.parallel.barrier()
+        return path
 
     def _resume(self) -> None:
         path = latest_checkpoint(self.checkpoints)
@@ -241,6 +282,8 @@ class Trainer:
             raise TrainingError(f"--resume: no checkpoint in {self.checkpoints}")
         tensors, state = load_checkpoint(path)
         token_mismatch_check(self.manifest, state["tokenizer"])
+        if self.parallel is not None:  # the checkpoint is full: take this rank's pieces
+            tensors = self.parallel.to_local(tensors, self.state)
         missing = self.state.keys() - tensors.keys()
         if missing:
             raise TrainingError(f"--resume: {path} lacks {sorted(missing)[:5]} for this model")
@@ -253,7 +296,8 @@ class Trainer:
             t.copy_(tensors[name])
         self.loader.load_state_dict(state["loader"])
         self.step = state["step"]
-        _truncate_metrics(self.cfg.out / METRICS, self.step)
+        if self.parallel is None or self.parallel.is_writer:
+            _truncate_metrics(self.cfg.out / METRICS, self.step)
 
 
 def _optional_split(directory: Path, split: str, window_tokens: int) -> TokenDataset | None:

@@ -1,0 +1,551 @@
+"""shard: data parallelism and ZeRO as collectives in the training step's own graph.
+
+Input: a step traced WITHOUT an optimizer (outputs: the loss, then one gradient per trainable
+parameter, in `ctx.options["trainable"]` order). Output: the same forward and backward on this
+rank's slice of the batch, gradient buckets reduced across the data-parallel group, and the
+AdamW update rebuilt on the shapes each rank really holds — so the verifier checks the shards
+and the planner counts exactly the bytes one rank needs.
+
+- Buckets: trainable parameters in the order the backward completes their gradients, filled up
+  to `bucket_bytes`. Each bucket's collective starts right after its last gradient is made
+  (`memfit::all_reduce` / `reduce_scatter` run asynchronously) and is waited for just before
+  the update reads it: the reduction of one bucket overlaps the backward of the next.
+- zero=0: all-reduce each bucket, divide by dp, update every parameter (the states keep their
+  per-parameter names, `exp_avg.NAME`, as in a one-process step).
+- zero=1: the same all-reduce, but each rank updates only its shard of the bucket (the padded
+  flat concatenation, split in dp equal parts): AdamW moments are `exp_avg.bucketK` of 1/dp of
+  the bucket; the new shard is all-gathered and written back into every parameter.
+- zero=2: a reduce-scatter instead, so only the gradient shard outlives the bucket.
+- ZeRO with bf16/fp16 (`ctx.options["precision"]`): parameters are held in the low dtype and the
+  fp32 master copy becomes a sharded state `master.bucketK` (mixed-precision ZeRO); the forward
+  reads the parameters through a widening cast the precision pass then folds away.
+
+The AdamW arithmetic is `trace.trace_update` traced once on a stand-in tensor and stamped out
+for each parameter or shard, its scalar part (bias corrections, decay factor) shared.
+Tensor parallelism changes the model's math (which columns a rank owns, the vocabulary-parallel
+loss), so it is a module rewrite before tracing: `tensor_parallel` below.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import cache, partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from compiler import collectives
+from compiler.errors import VerifyError
+from compiler.ir import Graph, Node, Phase, Role, Value
+from compiler.mesh import Mesh, MeshError
+from compiler.passes.manager import PassContext
+from compiler.trace import STATE_PREFIXES, AdamW, LossFn, mark_activations, trace_update
+from examples.gpt2 import GPT2
+from examples.llama import Llama
+from examples.loss import lm_loss
+from runtime.eager import run_node
+
+DEFAULT_BUCKET_BYTES = 25 * 2**20  # DDP's default
+LOW_PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16}
+MASTER = "master."
+DP = "dp"
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """Parameters whose gradients are reduced together; flattened and padded to dp shards."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    world: int
+
+    @property
+    def numels(self) -> list[int]:
+        return [math.prod(s) for s in self.shapes]
+
+    @property
+    def numel(self) -> int:
+        return sum(self.numels)
+
+    @property
+    def shard(self) -> int:
+        """Elements each rank holds of the padded bucket."""
+        return collectives.shard_size(self.numel, self.world)
+
+    def offsets(self) -> list[int]:
+        out, at = [], 0
+        for n in self.numels:
+            out.append(at)
+            at += n
+        return out
+
+    def flatten(self, tensors: Mapping[str, Tensor]) -> Tensor:
+        """The padded flat bucket [world · shard] from per-parameter tensors."""
+        flat = torch.cat([tensors[n].reshape(-1) for n in self.names])
+        return torch.nn.functional.pad(flat, (0, self.world * self.shard - self.numel))
+
+    def split(self, flat: Tensor) -> dict[str, Tensor]:
+        """Per-parameter tensors from the flat bucket (padded or not)."""
+        return {
+            n: flat[o : o + k].view(s)
+            for n, s, o, k in zip(self.names, self.shapes, self.offsets(), self.numels, strict=True)
+        }
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """What the runtime needs to map a sharded rank's state to and from a full checkpoint."""
+
+    mesh: Mesh
+    buckets: tuple[Bucket, ...]
+    master: bool  # the fp32 parameters live as sharded `master.bucketK` states
+
+    @property
+    def sharded_states(self) -> bool:
+        return self.mesh.zero >= 1 and self.mesh.dp > 1
+
+    @staticmethod
+    def state_name(prefix: str, k: int) -> str:
+        return f"{prefix}bucket{k}"
+
+
+def buckets(
+    order: Sequence[str], shapes: Mapping[str, tuple[int, ...]], itemsize: int, cap: int, world: int
+) -> list[Bucket]:
+    """Consecutive parameters of `order`, each bucket closed once it holds `cap` bytes."""
+    out: list[Bucket] = []
+    names: list[str] = []
+    size = 0
+    for name in order:
+        names.append(name)
+        size += math.prod(shapes[name]) * itemsize
+        if size >= cap:
+            out.append(Bucket(tuple(names), tuple(shapes[n] for n in names), world))
+            names, size = [], 0
+    if names:
+        out.append(Bucket(tuple(names), tuple(shapes[n] for n in names), world))
+    return out
+
+
+def shard_pass(graph: Graph, ctx: PassContext) -> Graph:
+    """The pass entry: a no-op without `ctx.options["mesh"]`; records the layout in ctx.stats."""
+    mesh: Mesh | None = ctx.options.get("mesh")
+    if mesh is None:
+        return graph
+    low = LOW_PRECISIONS.get(ctx.options.get("precision", "fp32"))
+    rewrite = _Rewrite(
+        graph,
+        mesh,
+        list(ctx.options["trainable"]),
+        ctx.options.get("optimizer") or AdamW(),
+        ctx.options.get("bucket_bytes", DEFAULT_BUCKET_BYTES),
+        low if mesh.zero >= 1 and mesh.dp > 1 else None,
+    )
+    out = rewrite.run()
+    ctx.stats["shard.layout"] = rewrite.layout
+    ctx.stats["shard.collectives"] = sum(n.op in collectives.COMMUNICATING for n in out.nodes)
+    return out
+
+
+class _Rewrite:
+    """One walk over the traced step, emitting the sharded step."""
+
+    def __init__(
+        self,
+        graph: Graph,
+        mesh: Mesh,
+        trainable: list[str],
+        optimizer: AdamW,
+        bucket_bytes: int,
+        low: torch.dtype | None,
+    ) -> None:
+        loss, *grads = graph.outputs
+        if len(grads) != len(trainable):
+            raise VerifyError(
+                "shard expects a step traced without an optimizer (outputs: the loss, then one"
+                f" gradient per trainable parameter); got {len(grads)} gradients for"
+                f" {len(trainable)} trainable parameters"
+            )
+        self.src, self.mesh, self.optimizer, self.low = graph, mesh, optimizer, low
+        self.loss = loss
+        self.grad_of = dict(zip(trainable, grads, strict=True))
+        self.params = {v.name: v for v in graph.inputs if v.role is Role.PARAM}
+        ready = {id(v): i for i, n in enumerate(graph.nodes) for v in n.outputs}
+        order = sorted(trainable, key=lambda n: ready.get(id(self.grad_of[n]), -1))
+        shapes = {n: self.params[n].shape for n in trainable}
+        itemsize = max(g.dtype.itemsize for g in grads)
+        self.buckets = buckets(order, shapes, itemsize, bucket_bytes, mesh.dp)
+        self.ready = [
+            max(ready.get(id(self.grad_of[n]), -1) for n in b.names) for b in self.buckets
+        ]
+        self.layout = ShardLayout(mesh, tuple(self.buckets), master=low is not None)
+        self.taken = {v.name for v in graph.values()}
+        self.inputs: list[Value] = []
+        self.nodes: list[Node] = []
+        self.phase = Phase.FORWARD
+        self.scalars: dict[int, Value] = {}  # the update's shared scalar values, by template id
+
+    # --- emitting ---------------------------------------------------------------------------
+
+    def fresh(self, name: str) -> str:
+        while name in self.taken:
+            name += "_"
+        self.taken.add(name)
+        return name
+
+    def emit(
+        self,
+        op: str,
+        args: tuple,
+        kwargs: dict | None = None,
+        name: str = "t",
+        role: Role = Role.TEMPORARY,
+    ) -> Value:
+        """Append `op`; its one output's type comes from running it on meta tensors."""
+        node = Node(op, args, dict(kwargs or {}), [], self.phase, "shard")
+        metas = {id(v): torch.empty(v.shape, dtype=v.dtype, device="meta") for v in node.inputs}
+        (t,) = run_node(node, metas, torch.device("meta"))
+        node.outputs = [Value(self.fresh(name), tuple(t.shape), t.dtype, role)]
+        self.nodes.append(node)
+        return node.outputs[0]
+
+    def input(
+        self,
+        name: str,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        role: Role = Role.OPTIMIZER_STATE,
+    ) -> Value:
+        value = Value(name, shape, dtype, role)
+        self.inputs.append(value)
+        self.taken.add(name)
+        return value
+
+    def write(self, dst: Value, src: Value) -> None:
+        self.nodes.append(Node("copy_", (dst, src), {}, [], Phase.OPTIMIZER, "shard"))
+
+    def piece(self, flat: Value, offset: int, shape: tuple[int, ...], name: str) -> Value:
+        """`flat[offset : offset + numel]` viewed as `shape` (no bytes of its own)."""
+        numel = math.prod(shape)
+        if offset or numel != flat.shape[0]:
+            flat = self.emit(
+                "slice.Tensor", (flat, 0, offset, offset + numel), name=name, role=flat.role
+            )
+        return self.emit("view", (flat, list(shape)), name=name, role=flat.role)
+
+    # --- the rewrite ------------------------------------------------------------------------
+
+    def run(self) -> Graph:
+        params = self.params
+        if self.low is not None:  # mixed-precision ZeRO: low-precision parameters
+            params = {n: Value(n, v.shape, self.low, Role.PARAM) for n, v in params.items()}
+        self.inputs = [params.get(v.name, v) for v in self.src.inputs]
+        env: dict[int, Value] = {}
+        if self.low is not None:
+            for name, v in self.params.items():
+                env[id(v)] = self.emit("_to_copy", (params[name],), {"dtype": v.dtype}, name)
+        started: dict[int, Value] = {}
+        for i, node in enumerate(self.src.nodes):
+            self.nodes.append(
+                Node(node.op, node.args, dict(node.kwargs), node.outputs, node.phase, node.source)
+            )
+            self.nodes[-1].map_args(lambda v: env.get(id(v), v))
+            for k in range(len(self.buckets)):
+                if self.ready[k] == i and self.mesh.dp > 1:
+                    started[k] = self.start(k)
+        for k in range(len(self.buckets)):
+            if k not in started and self.mesh.dp > 1:  # gradients made by no node
+                started[k] = self.start(k)
+        self.phase = Phase.OPTIMIZER
+        lr = self.input("lr", (), torch.float64, Role.INPUT)
+        step = self.input("step", (), torch.float64, Role.INPUT)
+        for k, bucket in enumerate(self.buckets):
+            grad = self.finish(k, started[k]) if self.mesh.dp > 1 else None
+            self.update(k, bucket, grad, params, lr, step)
+        graph = Graph(self.inputs, self.nodes, [self.loss])
+        mark_activations(graph)
+        return graph
+
+    def start(self, k: int) -> Value:
+        """Launch bucket k's reduction (backward phase, right after its last gradient)."""
+        bucket, dp = self.buckets[k], self.mesh.dp
+        self.phase = Phase.BACKWARD
+        grads = [self.grad_of[n] for n in bucket.names]
+        op = collectives.REDUCE_SCATTER if self.mesh.zero == 2 else collectives.ALL_REDUCE
+        return self.emit(op, (grads, DP, dp), name=f"grad.bucket{k}", role=Role.GRAD)
+
+    def finish(self, k: int, started: Value) -> Value:
+        """Bucket k's averaged gradient: flat (zero 0), or this rank's shard (zero 1, 2)."""
+        dp, grad = self.mesh.dp, Role.GRAD
+        reduced = self.emit(collectives.WAIT, (started,), name=f"grad.bucket{k}.done", role=grad)
+        if self.mesh.zero == 1:
+            reduced = self.emit(
+                collectives.SHARD, ([reduced], DP, dp), name=f"grad.shard{k}", role=grad
+            )
+        return self.emit("mul.Scalar", (reduced, 1.0 / dp), name=f"grad.mean{k}", role=grad)
+
+    def update(
+        self,
+        k: int,
+        bucket: Bucket,
+        grad: Value | None,
+        params: dict[str, Value],
+        lr: Value,
+        step: Value,
+    ) -> None:
+        """AdamW for bucket k given its reduced gradient (None: dp 1, the traced gradients)."""
+        if not self.layout.sharded_states:
+            for name, shape, offset in zip(
+                bucket.names, bucket.shapes, bucket.offsets(), strict=True
+            ):
+                g = (
+                    self.grad_of[name]
+                    if grad is None
+                    else self.piece(grad, offset, shape, f"grad.{name}")
+                )
+                p = params[name]
+                m, v = (self.input(pre + name, p.shape, p.dtype) for pre in STATE_PREFIXES)
+                new_p = self.adamw(name, p, g, m, v, lr, step)
+                self.write(p, new_p)
+            return
+        dp, tag = self.mesh.dp, f"bucket{k}"
+        members = [params[n] for n in bucket.names]
+        f32 = self.params[bucket.names[0]].dtype
+        if self.low is not None:
+            p = self.input(ShardLayout.state_name(MASTER, k), (bucket.shard,), f32)
+        else:
+            p = self.emit(collectives.SHARD, (members, DP, dp), name=f"param.{tag}")
+        m, v = (self.input(ShardLayout.state_name(pre, k), p.shape, f32) for pre in STATE_PREFIXES)
+        assert grad is not None
+        new_p = self.adamw(tag, p, grad, m, v, lr, step)
+        if self.low is not None:
+            self.write(p, new_p)
+            new_p = self.emit("_to_copy", (new_p,), {"dtype": self.low}, name=f"{tag}.low")
+        started = self.emit(collectives.ALL_GATHER, (new_p, DP, dp), name=f"{tag}.gather")
+        full = self.emit(collectives.WAIT, (started,), name=f"{tag}.gathered")
+        for dst, offset in zip(members, bucket.offsets(), strict=True):
+            self.write(dst, self.piece(full, offset, dst.shape, f"{dst.name}.new"))
+
+    def adamw(
+        self, tag: str, p: Value, g: Value, m: Value, v: Value, lr: Value, step: Value
+    ) -> Value:
+        """Stamp out the AdamW template for one tensor; writes m and v, returns the new p."""
+        template = _adamw_template(self.optimizer, p.dtype)
+        tensor_inputs = template.inputs[:4]
+        env: dict[int, Value] = dict(
+            zip(map(id, template.inputs), [p, g, m, v, lr, step], strict=True)
+        )
+        depends = {id(x) for x in tensor_inputs}
+        for node in template.nodes:
+            if node.op == "copy_":
+                continue
+            on_tensor = any(id(x) in depends for x in node.inputs)
+            (out,) = node.outputs
+            if not on_tensor and id(out) in self.scalars:
+                env[id(out)] = self.scalars[id(out)]
+                continue
+            copy = Node(node.op, node.args, dict(node.kwargs), [], Phase.OPTIMIZER, "adamw")
+            copy.map_args(lambda x: env[id(x)])
+            shape = p.shape if on_tensor and out.shape == template.inputs[0].shape else out.shape
+            name = self.fresh(f"{out.name}.{tag}" if on_tensor else out.name)
+            copy.outputs = [Value(name, shape, out.dtype, Role.TEMPORARY)]
+            self.nodes.append(copy)
+            env[id(out)] = copy.outputs[0]
+            if on_tensor:
+                depends.add(id(out))
+            else:
+                self.scalars[id(out)] = copy.outputs[0]
+        writes = {id(n.args[0]): env[id(n.args[1])] for n in template.nodes if n.op == "copy_"}
+        self.write(m, writes[id(template.inputs[2])])
+        self.write(v, writes[id(template.inputs[3])])
+        return writes[id(template.inputs[0])]
+
+
+_TEMPLATE_SHAPE = (7,)  # a stand-in tensor's shape, told apart from the update's scalars ()
+
+
+@cache
+def _adamw_template(optimizer: AdamW, dtype: torch.dtype) -> Graph:
+    """AdamW on one stand-in tensor: inputs p, grad, exp_avg, exp_avg_sq, lr, step."""
+    return trace_update({"t": torch.empty(_TEMPLATE_SHAPE, dtype=dtype, device="meta")}, optimizer)
+
+
+# --- tensor parallelism: a module rewrite before tracing ---------------------------------------
+
+TP = "tp"
+
+
+@dataclass(frozen=True)
+class TPSpec:
+    """How a parameter is split over the tp group: along `dim`, each of `parts` equal blocks
+    (q, k, v of a fused projection) cut in tp pieces, a rank keeping piece tp_rank of each."""
+
+    dim: int
+    parts: int = 1
+
+    def take(self, full: Tensor, tp: int, rank: int) -> Tensor:
+        blocks = full.chunk(self.parts, self.dim)
+        return torch.cat([b.chunk(tp, self.dim)[rank] for b in blocks], self.dim)
+
+    def join(self, pieces: Sequence[Tensor]) -> Tensor:
+        """The full tensor from every rank's piece, in rank order (inverse of `take`)."""
+        per_rank = [p.chunk(self.parts, self.dim) for p in pieces]
+        return torch.cat(
+            [torch.cat(col, self.dim) for col in zip(*per_rank, strict=True)], self.dim
+        )
+
+
+def tp_plan(module: nn.Module) -> tuple[dict[str, TPSpec], dict[str, int]]:
+    """The split of every tensor-parallel parameter (the rest is replicated) and the sizes tp
+    must divide, for the example GPT-2 and Llama decoders."""
+    specs: dict[str, TPSpec] = {"tok_emb.weight": TPSpec(0)}  # vocabulary-parallel, tied head
+    if isinstance(module, GPT2):
+        block = module.blocks[0]
+        sizes = {"n_head": block.attn.n_head, "4·n_embd": block.mlp.fc.weight.shape[0]}
+        for i in range(len(module.blocks)):
+            p = f"blocks.{i}."
+            specs |= {p + "attn.qkv.weight": TPSpec(0, 3), p + "attn.qkv.bias": TPSpec(0, 3)}
+            specs |= {p + "attn.proj.weight": TPSpec(1)}
+            specs |= {p + "mlp.fc.weight": TPSpec(0), p + "mlp.fc.bias": TPSpec(0)}
+            specs |= {p + "mlp.proj.weight": TPSpec(1)}
+    elif isinstance(module, Llama):
+        block = module.blocks[0]
+        sizes = {
+            "n_head": block.attention.n_head,
+            "n_kv_head": block.attention.n_kv_head,
+            "ffn_dim": block.feed_forward.w1.weight.shape[0],
+        }
+        for i in range(len(module.blocks)):
+            p = f"blocks.{i}."
+            specs |= {p + f"attention.{w}.weight": TPSpec(0) for w in ("wq", "wk", "wv")}
+            specs |= {p + f"feed_forward.{w}.weight": TPSpec(0) for w in ("w1", "w3")}
+            specs |= {p + "attention.wo.weight": TPSpec(1), p + "feed_forward.w2.weight": TPSpec(1)}
+    else:
+        raise MeshError(
+            f"--tp: tensor parallelism knows the example GPT-2 and Llama decoders, not"
+            f" {type(module).__name__}; use --dp and --zero for other models"
+        )
+    sizes["vocab_size"] = module.tok_emb.num_embeddings
+    return specs, sizes
+
+
+class _ColumnParallel(nn.Module):
+    """y = x Wᵀ + b with this rank's rows of W and b (the input is already copied in)."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
+        super().__init__()
+        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
+        self.bias = None if bias is None else nn.Parameter(bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class _RowParallel(nn.Module):
+    """y = Σ_ranks x_r W_rᵀ, then + b once: the one all-reduce of a parallel region."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, tp: int) -> None:
+        super().__init__()
+        self.tp = tp
+        self.weight = nn.Parameter(weight)
+        self.bias = None if bias is None else nn.Parameter(bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = collectives.reduce_from_group(F.linear(x, self.weight), TP, self.tp)
+        return y if self.bias is None else y + self.bias
+
+
+class _VocabParallelEmbedding(nn.Module):
+    """Rows [start, start + V/tp) of the table; other ids give zeros, summed over the group."""
+
+    def __init__(self, weight: Tensor, start: int, tp: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+        self.start, self.tp = start, tp
+        self.num_embeddings = weight.shape[0] * tp
+
+    def forward(self, idx: Tensor) -> Tensor:
+        local, outside = _local_ids(idx, self.start, self.weight.shape[0])
+        x = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        return collectives.reduce_from_group(x, TP, self.tp)
+
+
+def _local_ids(ids: Tensor, start: int, rows: int) -> tuple[Tensor, Tensor]:
+    """ids shifted into this rank's rows (0 where outside), and where they are outside."""
+    local = ids - start
+    outside = (local < 0) | (local >= rows)
+    return local.masked_fill(outside, 0), outside
+
+
+def vocab_parallel_cross_entropy(logits: Tensor, targets: Tensor, start: int, tp: int) -> Tensor:
+    """Mean cross-entropy from this rank's vocabulary columns [B, T, V/tp]; no rank ever holds
+    a full row of logits. log Σ_v e^x = log Σ_ranks e^(logsumexp of the rank's columns)."""
+    x = logits.flatten(0, 1)
+    lse = collectives.gather_from_group(torch.logsumexp(x, dim=-1), TP, tp).logsumexp(dim=0)
+    local, outside = _local_ids(targets.flatten(), start, x.shape[-1])
+    picked = x.gather(1, local.unsqueeze(1)).squeeze(1).masked_fill(outside, 0.0)
+    return (lse - collectives.reduce_from_group(picked, TP, tp)).mean(dim=0)
+
+
+def tensor_parallel(module: nn.Module, loss_fn: LossFn, mesh: Mesh, rank: int) -> LossFn:
+    """Rewrite `module` in place into global rank `rank`'s tensor-parallel slice (Megatron):
+    column-parallel then row-parallel linears in attention and MLP, a vocabulary-parallel
+    embedding and tied head; returns the loss to trace (vocabulary-parallel cross-entropy)."""
+    if mesh.tp == 1:
+        return loss_fn
+    if loss_fn is not lm_loss:
+        raise MeshError(
+            "--tp computes the built-in next-token loss vocabulary-parallel; a custom"
+            " loss function cannot be split"
+        )
+    specs, sizes = tp_plan(module)
+    mesh.check_sizes(sizes)
+    tp, tp_rank = mesh.tp, mesh.coords(rank)[1]
+
+    def piece(name: str, t: Tensor | None) -> Tensor | None:
+        return None if t is None else specs[name].take(t.detach(), tp, tp_rank)
+
+    for name, sub in list(module.named_modules()):
+        if not isinstance(sub, nn.Linear) or f"{name}.weight" not in specs or name == "lm_head":
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        parent = module.get_submodule(parent_name)
+        weight = piece(f"{name}.weight", sub.weight)
+        if specs[f"{name}.weight"].dim == 0:
+            bias = piece(f"{name}.bias", sub.bias)
+            setattr(parent, attr, _ColumnParallel(weight, bias))
+        else:
+            bias = None if sub.bias is None else sub.bias.detach()
+            setattr(parent, attr, _RowParallel(weight, bias, tp))
+    for block in module.blocks:
+        gpt2 = isinstance(module, GPT2)
+        attn, mlp = (block.attn, block.mlp) if gpt2 else (block.attention, block.feed_forward)
+        _copy_in(attn, tp)
+        _copy_in(mlp, tp)
+        attn.n_head //= tp
+        if not gpt2:
+            attn.n_kv_head //= tp
+    start = tp_rank * (module.tok_emb.num_embeddings // tp)
+    weight = piece("tok_emb.weight", module.tok_emb.weight)
+    module.tok_emb = _VocabParallelEmbedding(weight, start, tp)
+    module.lm_head = _ColumnParallel(module.tok_emb.weight, None)  # the same tied Parameter
+    _copy_in(module.lm_head, tp)
+    return parallel_loss(module, loss_fn)
+
+
+def _copy_in(region: nn.Module, tp: int) -> None:
+    """Megatron's f on a parallel region's input: identity forward, all-reduce backward."""
+    region.register_forward_pre_hook(
+        lambda _m, args: (collectives.copy_to_group(args[0], TP, tp), *args[1:])
+    )
+
+
+def parallel_loss(module: nn.Module, loss_fn: LossFn) -> LossFn:
+    """The loss to trace `module` with: vocabulary-parallel if `tensor_parallel` rewrote it."""
+    emb = getattr(module, "tok_emb", None)
+    if not isinstance(emb, _VocabParallelEmbedding):
+        return loss_fn
+    return partial(vocab_parallel_cross_entropy, start=emb.start, tp=emb.tp)
