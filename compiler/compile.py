@@ -10,10 +10,13 @@ from torch import Tensor
 
 from compiler.ir import Graph
 from compiler.mesh import Mesh, MeshError
+from compiler.passes.buffers import plan_buffers
 from compiler.passes.fusion import fuse, linear_cross_entropy
 from compiler.passes.manager import PassContext, PassManager
 from compiler.passes.noop_views import eliminate_noop_views
+from compiler.passes.schedule import schedule
 from compiler.passes.shard import DEFAULT_BUCKET_BYTES, shard_pass, tensor_parallel
+from compiler.plan import MemoryPlan
 from compiler.trace import AdamW, LossFn, trace
 from examples import ExampleModel
 
@@ -39,6 +42,7 @@ class CompiledStep:
     context: PassContext
     batch_size: int
     seq_len: int
+    plan: MemoryPlan | None = None  # where every byte of the step lives (passes/buffers.py)
 
 
 def pass_manager() -> PassManager:
@@ -48,7 +52,9 @@ def pass_manager() -> PassManager:
             ("noop_views", eliminate_noop_views),
             ("shard", shard_pass),
             ("linear_cross_entropy", linear_cross_entropy),
+            ("schedule", schedule),
             ("fusion", fuse),
+            ("buffers", plan_buffers),
         ]
     )
 
@@ -93,4 +99,4 @@ def compile_model(
         dump_dir=options.dump_dir,
     )
     graph = pass_manager().run(graph, ctx)
-    return CompiledStep(graph, ctx, options.batch_size, seq_len)
+    return CompiledStep(graph, ctx, options.batch_size, seq_len, ctx.plan)

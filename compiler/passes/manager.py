@@ -6,10 +6,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from compiler.ir import Graph, dump
 from compiler.passes.verify import verify
+
+if TYPE_CHECKING:
+    from compiler.plan import MemoryPlan
 
 
 @dataclass
@@ -21,6 +24,8 @@ class PassContext:
     dump_dir: Path | None = None
     timings: dict[str, float] = field(default_factory=dict)
     dumps: dict[str, str] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)  # evidence passes report, by "pass.key"
+    plan: MemoryPlan | None = None  # set by the buffers pass
 
 
 Pass = Callable[[Graph, PassContext], Graph]
