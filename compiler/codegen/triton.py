@@ -277,9 +277,7 @@ def _row_index_ok(node: Node) -> bool:
 
 ROW_CHECKS: dict[str, Callable[[Node], bool]] = {
     "sum.dim_IntList": lambda n: _last_dim_only(n, _arg(n, 1, "dim")),
-    "sum.default": lambda n: len(n.args[0].shape) == 1,
     "mean.dim": lambda n: _last_dim_only(n, _arg(n, 1, "dim")),
-    "mean.default": lambda n: len(n.args[0].shape) == 1,
     "amax": lambda n: (
         _last_dim_only(n, _arg(n, 1, "dim", [])) and n.args[0].dtype.is_floating_point
     ),
@@ -358,7 +356,7 @@ def row_shape(domain: tuple[int, ...]) -> tuple[int, ...]:
 
 def _store_shape(node: Node, value: Value) -> tuple[int, ...]:
     """The shape a value is indexed by inside a kernel: reductions keep their reduced dim."""
-    if node.op in _KEEPDIM_ARG or node.op in ("sum.default", "mean.default"):
+    if node.op in _KEEPDIM_ARG:
         return row_shape(node.args[0].shape)
     return value.shape
 
@@ -706,9 +704,7 @@ def _scatter(e: _Emitter, node: Node) -> list[str]:
 
 _ROW_EMITTERS: dict[str, Callable[[_Emitter, Node], list[str]]] = {
     "sum.dim_IntList": _sum,
-    "sum.default": _sum,
     "mean.dim": _mean,
-    "mean.default": _mean,
     "amax": _extreme("max", NEG_INF),
     "amin": _extreme("min", POS_INF),
     "_softmax": lambda e, n: _softmax(e, n, log=False),

@@ -14,8 +14,9 @@ reductions (and row gathers/scatters) over the last dim of one shape, in one pha
 `compiler/codegen/triton.py` can emit as ONE kernel. Members are tagged with `Node.group` and
 stay visible in the dump; the schedule is reordered only so that each group is contiguous.
 Policy (kept simple): grow groups along producer→consumer edges between nodes of the same
-domain (or a row group and its per-row scalars); then absorb small producers (per-row or
-scalar math, constants) whose every reader is in one group. Never fuse across a matmul, a view
+domain (or a row group and its per-row scalars); merge groups of one domain that read the same
+domain-sized value; then absorb small producers (per-row or scalar math, constants) whose every
+reader is in one group. Never fuse across a matmul, a view
 or an index op (they stay eager), never when it would make a cycle, never across phases.
 """
 
@@ -311,7 +312,10 @@ class _Groups:
                 if id(v) in self.producer:
                     self.readers[self.producer[id(v)]].append(i)
         self.outputs = {id(v) for v in graph.outputs}
-        self.fit = [fusible(n) for n in graph.nodes]
+        self.fit = [
+            fusible(n) if group_domain([n], self.stored([i])) is not None else None
+            for i, n in enumerate(graph.nodes)
+        ]
         self.parent = list(range(len(graph.nodes)))
         self.members = {i: [i] for i, f in enumerate(self.fit) if f is not None}
 
@@ -402,12 +406,30 @@ def partition(graph: Graph) -> list[list[Node]]:
             a, b = groups.find(p), groups.find(i)
             if a != b and _same_domain(groups, a, b) and groups.legal(a, b):
                 groups.union(a, b)
+    _fuse_siblings(groups)
     _absorb_producers(groups)
     return [
         [graph.nodes[i] for i in members]
         for members in sorted(groups.members.values())
         if any(groups.fit[i] is not Fit.CONSTANT for i in members)
     ]
+
+
+def _fuse_siblings(groups: _Groups) -> None:
+    """Merge groups of one domain that read the same domain-sized value, so it is loaded once
+    (rotary's two halves, the two products of a gated MLP's backward)."""
+    readers: dict[int, tuple[Value, list[int]]] = {}
+    for i, node in enumerate(groups.nodes):
+        if groups.fit[i] is not None:
+            for v in node.inputs:
+                readers.setdefault(id(v), (v, []))[1].append(i)
+    for v, nodes in readers.values():
+        if v.numel < 2:  # a shared scalar (lr, a bias correction) is no reason to fuse
+            continue
+        for i in nodes[1:]:
+            a, b = groups.find(nodes[0]), groups.find(i)
+            if a != b and groups.domain(a) == groups.domain(b) == v.shape and groups.legal(a, b):
+                groups.union(b, a)
 
 
 def _absorb_producers(groups: _Groups) -> None:
