@@ -9,14 +9,17 @@ import torch
 from torch import Tensor
 
 from compiler.ir import Graph
+from compiler.lora import LoraConfig, apply_lora
 from compiler.mesh import Mesh, MeshError
 from compiler.passes.buffers import plan_buffers
 from compiler.passes.fusion import fuse, linear_cross_entropy
 from compiler.passes.manager import PassContext, PassManager
 from compiler.passes.noop_views import eliminate_noop_views
+from compiler.passes.precision import precision_pass
 from compiler.passes.schedule import schedule
 from compiler.passes.shard import DEFAULT_BUCKET_BYTES, shard_pass, tensor_parallel
 from compiler.plan import MemoryPlan
+from compiler.quantize import QuantMode, quantize_frozen_linears
 from compiler.trace import AdamW, LossFn, trace
 from examples import ExampleModel
 
@@ -27,6 +30,9 @@ class CompileOptions:
     seq_len: int | None = None  # default: the model's block size
     optimizer: AdamW | None = field(default_factory=AdamW)
     return_grads: bool = False
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (compute dtype; master weights stay fp32)
+    lora: LoraConfig | None = None  # rewrites the module in place before tracing
+    quantize_base: QuantMode | None = None  # int8 | nf4: frozen Linear weights quantised
     mesh: Mesh | None = None  # data/tensor parallel: compile rank `rank`'s step (per-rank batch)
     rank: int = 0
     bucket_bytes: int = DEFAULT_BUCKET_BYTES  # gradient bucket size of the data-parallel reduction
@@ -52,6 +58,7 @@ def pass_manager() -> PassManager:
             ("noop_views", eliminate_noop_views),
             ("shard", shard_pass),
             ("linear_cross_entropy", linear_cross_entropy),
+            ("precision", precision_pass),
             ("schedule", schedule),
             ("fusion", fuse),
             ("buffers", plan_buffers),
@@ -76,6 +83,10 @@ def compile_model(
         raise ValueError(f"batch size must be ≥ 1, got {options.batch_size}")
     if not 1 <= seq_len <= model.block_size:
         raise ValueError(f"sequence length must be in 1..{model.block_size}, got {seq_len}")
+    if options.lora is not None:  # in place, so Program.from_module finds the adapters
+        apply_lora(model.module, options.lora)
+    if options.quantize_base is not None:
+        quantize_frozen_linears(model.module, options.quantize_base)
     optimizer, sharding = options.optimizer, {}
     if options.mesh is not None:  # the shard pass rebuilds the update on each rank's shapes
         if options.optimizer is None or options.return_grads:
@@ -91,6 +102,7 @@ def compile_model(
     graph = trace(model.module, loss_fn, batch, optimizer, return_grads=options.return_grads)
     ctx = PassContext(
         options={
+            "precision": options.precision,
             "backend": options.backend,
             "fused_cross_entropy": options.fused_cross_entropy,
             **sharding,

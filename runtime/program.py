@@ -8,7 +8,9 @@ import torch
 from torch import Tensor, nn
 
 from compiler.ir import Graph, Role
+from compiler.passes.precision import FOUND_INF, LOSS_SCALE
 from runtime.eager import run_graph
+from runtime.loss_scale import LossScaler
 
 Backend = Callable[[Graph, Mapping[str, Tensor], torch.device], list[Tensor]]
 
@@ -32,6 +34,11 @@ class Program:
         self.state = state
         self.backend = backend
         self.step_count = 0
+        outputs = [v.name for v in graph.outputs]
+        # fp16 graphs scale their loss in the graph and report overflow (precision pass)
+        self.loss_scaler = LossScaler() if FOUND_INF in outputs else None
+        self._found_inf_at = outputs.index(FOUND_INF) if self.loss_scaler else -1
+        self.skipped = False  # the last run overflowed: the graph left every state unchanged
         persistent = {v.name for v in graph.inputs if v.role.persistent}
         if missing := persistent - state.keys():
             raise KeyError(f"state is missing {sorted(missing)}")
@@ -51,12 +58,20 @@ class Program:
         """Run the graph once; persistent values come from `state`, the rest from `feeds`."""
         merged = {v.name: self.state[v.name] for v in self.graph.inputs if v.role.persistent}
         merged |= {k: t.to(self.device) for k, t in feeds.items()}
-        return self.backend(self.graph, merged, self.device)
+        if self.loss_scaler is not None and LOSS_SCALE not in feeds:
+            merged[LOSS_SCALE] = torch.tensor(self.loss_scaler.scale, device=self.device)
+        outputs = self.backend(self.graph, merged, self.device)
+        if self.loss_scaler is not None:
+            self.skipped = bool(outputs[self._found_inf_at])
+            self.loss_scaler.update(self.skipped)
+        return outputs
 
     def step(self, tokens: Tensor, targets: Tensor, lr: float = 1e-3) -> list[Tensor]:
         """One training step (counting steps for AdamW's bias correction); outputs, loss first."""
         self.step_count += 1
-        return self.run(tokens=tokens, targets=targets, **self.hyper(lr, self.step_count))
+        outputs = self.run(tokens=tokens, targets=targets, **self.hyper(lr, self.step_count))
+        self.step_count -= self.skipped  # a skipped step does not count for bias correction
+        return outputs
 
     def hyper(self, lr: float, step: int) -> dict[str, Tensor]:
         """The optimizer's per-step scalar inputs, if the graph has them."""
