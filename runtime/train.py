@@ -22,7 +22,7 @@ from torch import Tensor
 from compiler.compile import CompileOptions, compile_model, example_batch
 from compiler.errors import MemfitError
 from compiler.mesh import Mesh
-from compiler.passes.shard import parallel_loss
+from compiler.passes.shard import DEFAULT_BUCKET_BYTES, parallel_loss
 from compiler.trace import AdamW, trace, trace_update
 from examples.loss import lm_loss
 from memfit.models import resolve_model
@@ -68,6 +68,7 @@ class TrainConfig:
     dp: int | None = None  # data-parallel ranks; None: every launched rank not used by tp
     tp: int = 1  # tensor-parallel ranks
     zero: int = 0  # ZeRO stage over the data-parallel ranks
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES  # gradients reduced together across dp ranks
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "memfit")
 
     def check(self) -> None:
@@ -153,6 +154,7 @@ class Trainer:
             optimizer=None if accumulate else optimizer,
             mesh=mesh,
             rank=self.parallel.rank if self.parallel else 0,
+            bucket_bytes=cfg.bucket_bytes,
         )
         compiled = compile_model(example, lm_loss, options)
         if self.parallel is None:
@@ -171,14 +173,17 @@ class Trainer:
                 if v.role.persistent and v.name not in self.state:
                     self.state[v.name] = torch.zeros(v.shape, dtype=v.dtype, device=cfg.device)
             self.update_program = Program(update, self.state, cfg.device)
-        say("tracing the validation forward")
-        batch = example_batch(example, cfg.batch_size, self.seq_len)
-        self.eval_program = Program(
-            trace(example.module, parallel_loss(example.module, lm_loss), batch, training=False),
-            self.state,
-            cfg.device,
-            self.train_program.backend,
-        )
+        self.eval_program: Program | None = None  # traced only if there is validation data
+        if self.val_dataset is not None:
+            say("tracing the validation forward")
+            batch = example_batch(example, cfg.batch_size, self.seq_len)
+            loss = parallel_loss(example.module, lm_loss)
+            self.eval_program = Program(
+                trace(example.module, loss, batch, training=False),
+                self.state,
+                cfg.device,
+                self.train_program.backend,
+            )
         self.step = 0
         self.checkpoints = cfg.out / CHECKPOINTS
         if cfg.resume:
@@ -209,7 +214,7 @@ class Trainer:
         return total / self.cfg.grad_accum
 
     def validate(self) -> float | None:
-        if self.val_dataset is None:
+        if self.val_dataset is None or self.eval_program is None:
             return None
         loader = WindowLoader(
             self.val_dataset, self.cfg.batch_size, self.seq_len, seed=0, prefetch=0
