@@ -1,0 +1,110 @@
+"""MemoryPlan: JSON round trip and documented schema, breakdown, pictures; `memfit plan` output
+and its clear errors for flags that make no sense."""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import cache
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from rich.console import Console
+
+from compiler.ir import Role
+from compiler.passes.buffers import plan_buffers
+from compiler.passes.manager import PassContext
+from compiler.passes.schedule import schedule
+from compiler.plan import MemoryPlan
+from compiler.plan_render import write_html, write_png
+from memfit.plan_cmd import PlanError, parse_size, plan_command
+from tests.test_schedule import traced_step
+
+SCHEMA_DOC = Path(__file__).parents[1] / "docs" / "plan-schema.md"
+
+
+@cache
+def tiny_plan() -> MemoryPlan:
+    graph, _ = traced_step("gpt2-tiny")
+    ctx = PassContext()
+    plan_buffers(schedule(graph, ctx), ctx)
+    assert ctx.plan is not None
+    ctx.plan.config = {"model": "gpt2-tiny", "batch": 2, "seq": 16}
+    return ctx.plan
+
+
+def test_json_round_trips_and_every_field_is_documented() -> None:
+    plan = tiny_plan()
+    doc = json.loads(plan.to_json())
+    again = MemoryPlan.from_dict(doc)
+    assert again.to_dict() == doc and again.values == plan.values
+    documented = SCHEMA_DOC.read_text()
+    for key in [*doc, *doc["values"][0]]:
+        assert f"`{key}`" in documented, key
+    with pytest.raises(ValueError, match="memfit.plan/1"):
+        MemoryPlan.from_dict({"schema": "something else"})
+
+
+def test_breakdown_adds_up_to_the_peak() -> None:
+    plan = tiny_plan()
+    breakdown = plan.breakdown()
+    in_arena = sum(b for r, b in breakdown.items() if not r.persistent and r is not Role.INPUT)
+    assert in_arena == plan.lower_bound
+    assert sum(breakdown.values()) == plan.lower_bound + sum(plan.outside.values())
+    assert plan.peak_bytes == plan.arena_bytes + sum(plan.outside.values())
+
+
+def test_table_and_pictures(tmp_path: Path) -> None:
+    plan = tiny_plan()
+    console = Console(record=True, width=100)
+    console.print(plan.table())
+    text = console.export_text()
+    assert "arena / lower bound" in text and "activation" in text
+    png = write_png(plan, tmp_path / "plan.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    page = write_html(plan, tmp_path / "plan.html").read_text()
+    assert "data:image/png;base64," in page and "arena / lower bound" in page
+    assert "http" not in page.replace("data:image", "")  # self-contained: no external assets
+
+
+@pytest.mark.parametrize(
+    ("text", "nbytes"),
+    [("123", 123), ("8GiB", 8 * 2**30), ("512 MB", 512 * 10**6), ("1.5kib", 1536)],
+)
+def test_sizes_parse(text: str, nbytes: int) -> None:
+    assert parse_size(text) == nbytes
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--precision", "bf16"], "--precision 'bf16' cannot be planned yet; valid choices.*fp32"),
+        (["--memory-budget", "lots"], "not a size.*16GiB"),
+        (["--memory-budget", "0GB"], "more than 0 bytes"),
+        (["--memory-budget", "-3GB"], "not a size"),
+        (["--seq", "65"], "--seq 65 is longer than gpt2-tiny's block size \\(64 tokens\\)"),
+    ],
+)
+def test_flags_that_make_no_sense_get_a_clear_error(args: list[str], message: str) -> None:
+    result = CliRunner().invoke(plan_command, ["gpt2-tiny", *args])
+    assert isinstance(result.exception, PlanError)
+    assert re.search(message, str(result.exception))
+
+
+def test_shape_flags_out_of_range_are_usage_errors() -> None:
+    result = CliRunner().invoke(plan_command, ["gpt2-tiny", "--batch", "0"])
+    assert result.exit_code == 2 and "--batch" in result.output
+
+
+def test_json_output_then_a_budget_it_breaks() -> None:
+    result = CliRunner().invoke(
+        plan_command,
+        ["llama-tiny", "--batch", "2", "--seq", "16", "--format", "json"]
+        + ["--memory-budget", "1MiB"],
+    )
+    doc = json.loads(result.output)
+    assert doc["config"] == {"model": "llama-tiny", "batch": 2, "seq": 16, "precision": "fp32"}
+    assert doc["arena_bytes"] <= 1.05 * doc["lower_bound_bytes"]
+    assert isinstance(result.exception, PlanError)
+    assert re.search("the step needs .* but --memory-budget is 1.00 MiB", str(result.exception))
