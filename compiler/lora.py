@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from compiler.quantize import QuantizedLinear
+from compiler.trace import STATE_PREFIXES
 
 # Target names a user types → module-name suffixes in examples/ (gpt2: fused qkv, proj, mlp.fc,
 # mlp.proj; llama: wq wk wv wo, SwiGLU w1 gate, w3 up, w2 down). GPT-2's q, k and v share one
@@ -175,33 +176,46 @@ def merge_lora(module: nn.Module) -> nn.Module:
 
 
 def is_adapter(name: str) -> bool:
+    """A LoRA tensor's name, or (with an exp_avg./exp_avg_sq. prefix) one of its moments."""
     return ADAPTER_MARK in f".{name}"
 
 
-def adapter_state(tensors: nn.Module | dict[str, Tensor]) -> dict[str, Tensor]:
-    """The LoRA tensors alone, from a module or a name → tensor state (e.g. Program.state)."""
-    named = dict(tensors.named_parameters()) if isinstance(tensors, nn.Module) else tensors
-    return {k: t.detach().contiguous() for k, t in named.items() if is_adapter(k)}
+def adapter_state(
+    tensors: nn.Module | dict[str, Tensor], *, optimizer: bool = False
+) -> dict[str, Tensor]:
+    """The LoRA tensors alone, from a module or a name → tensor state (e.g. Program.state);
+    with `optimizer`, their AdamW moments too (to resume training from the file)."""
+    return {
+        k: t.detach().contiguous()
+        for k, t in _named(tensors).items()
+        if is_adapter(k) and (optimizer or not k.startswith(STATE_PREFIXES))
+    }
 
 
-def save_adapters(tensors: nn.Module | dict[str, Tensor], path: Path | str) -> None:
-    """Write only the adapters (safetensors): a checkpoint of r·(in + out) per target."""
-    state = adapter_state(tensors)
+def save_adapters(
+    tensors: nn.Module | dict[str, Tensor], path: Path | str, *, optimizer: bool = False
+) -> None:
+    """Write only the adapters (safetensors): r·(in + out) numbers per target, no base."""
+    state = adapter_state(tensors, optimizer=optimizer)
     if not state:
         raise ValueError("no LoRA adapters to save (names containing '.lora_')")
     save_file(state, str(path))
 
 
 @torch.no_grad()
-def load_adapters(module: nn.Module, path: Path | str) -> None:
-    """Load adapters saved by save_adapters into a module LoRA-wrapped the same way."""
-    saved = load_file(str(path))
-    own = adapter_state(module)
-    if saved.keys() != own.keys():
-        missing, extra = sorted(own.keys() - saved.keys()), sorted(saved.keys() - own.keys())
+def load_adapters(target: nn.Module | dict[str, Tensor], path: Path | str) -> None:
+    """Copy saved adapters (and moments, if saved) into a module or a Program's state that is
+    LoRA-wrapped the same way."""
+    saved, own = load_file(str(path)), _named(target)
+    needed = adapter_state(own).keys()
+    missing, extra = sorted(needed - saved.keys()), sorted(saved.keys() - own.keys())
+    if missing or extra:
         raise ValueError(
             f"{path}: adapters do not fit this model (missing {missing}, extra {extra})"
         )
-    params = dict(module.named_parameters())
     for name, t in saved.items():
-        params[name].copy_(t)
+        own[name].copy_(t)
+
+
+def _named(tensors: nn.Module | dict[str, Tensor]) -> dict[str, Tensor]:
+    return dict(tensors.named_parameters()) if isinstance(tensors, nn.Module) else tensors
