@@ -143,8 +143,8 @@ def prune_command(
     masked = [m for m in example.module.modules() if isinstance(m, MaskedLinear)]
     weights = sum(m.weight_mask.numel() for m in masked)
     table.caption = (
-        f"{len(achieved)} Linear weights ({weights:,} entries; tied lm_head kept), batch"
-        f" {batch_size}×{seq_len}, lr {lr:g}, {len(val)} val batches of the embedded corpus;"
-        f" pruned weights non-zero after fine-tuning: {revived(example.module)}"
+        f"{len(achieved)} Linear weights ({weights:,} entries; the tied lm_head is kept), batch"
+        f" {batch_size}×{seq_len}, lr {lr:g}, {len(val)} validation batches of the embedded corpus"
     )
     console.print(table)
+    console.print(f"pruned weights non-zero after fine-tuning: {revived(example.module)}")
