@@ -140,7 +140,8 @@ def _run_custom(node: Node, args: list[Any]) -> list[Tensor]:
         custom_ops.FORWARD: cross_entropy.linear_cross_entropy,
         custom_ops.BACKWARD: cross_entropy.linear_cross_entropy_backward,
     }[node.op]
-    return list(fn(*args))
+    result = fn(*args)
+    return list(result) if isinstance(result, tuple) else [result]
 
 
 def run_graph(
