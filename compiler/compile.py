@@ -16,6 +16,7 @@ from compiler.passes.fusion import fuse, linear_cross_entropy
 from compiler.passes.manager import PassContext, PassManager
 from compiler.passes.noop_views import eliminate_noop_views
 from compiler.passes.precision import precision_pass
+from compiler.passes.recompute import recompute_pass
 from compiler.passes.schedule import schedule
 from compiler.passes.shard import DEFAULT_BUCKET_BYTES, shard_pass, tensor_parallel
 from compiler.plan import MemoryPlan
@@ -59,6 +60,7 @@ def pass_manager() -> PassManager:
             ("shard", shard_pass),
             ("linear_cross_entropy", linear_cross_entropy),
             ("precision", precision_pass),
+            ("recompute", recompute_pass),
             ("schedule", schedule),
             ("fusion", fuse),
             ("buffers", plan_buffers),

@@ -14,6 +14,9 @@ from rich.console import Console
 
 from compiler.errors import MemfitError
 from memfit.compile_cmd import compile_command
+from memfit.kernels_cmd import inspect_kernels_command
+from memfit.plan_cmd import plan_command
+from memfit.prune_cmd import prune_command
 from memfit.train_cmd import train_command
 from pipelines.commands import prepare_command
 from pipelines.errors import DataError
@@ -45,6 +48,14 @@ def main(debug: bool) -> None:
     """
 
 
+@main.group()
+def inspect() -> None:
+    """Look inside a compiled artifact."""
+
+
+inspect.add_command(inspect_kernels_command, "kernels")
 main.add_command(compile_command, "compile")
+main.add_command(plan_command, "plan")
 main.add_command(train_command, "train")
 main.add_command(prepare_command, "prepare")
+main.add_command(prune_command, "prune")
