@@ -1,11 +1,16 @@
 """The triton backend: fused groups run as generated Triton kernels, every other node as ATen.
 
-A `Backend` like `runtime.eager.run_graph`. For each fused group (`Node.group`, set by
-`passes/fusion.py`) it launches the kernel `compiler/codegen/triton.py` wrote; values internal
-to a group are never allocated. Matmuls, views and index ops run as eager ATen nodes (cuBLAS on
-a GPU), the fused linear + cross-entropy ops as `compiler/codegen/cross_entropy.py`. A group
-whose members are not contiguous in the schedule (a later pass reordered them) runs node by
-node instead: slower, never wrong.
+For each fused group (`Node.group`, set by `passes/fusion.py`) it launches the kernel
+`compiler/codegen/triton.py` wrote; values internal to a group are never written. Matmuls,
+views and index ops run as ATen nodes (cuBLAS on a GPU), the fused linear + cross-entropy ops
+as `compiler/codegen/cross_entropy.py`. Two forms:
+- `run_graph`, a `Backend` like `runtime.eager.run_graph`: each result is a fresh tensor;
+- `TritonArena`, the `runtime.arena.Arena` runtime: kernels write into the planned views of the
+  one arena allocation.
+A group whose members are not contiguous in the schedule (a later pass reordered them), or
+whose planned outputs overlap its inputs in a way one parallel kernel cannot honour, runs node
+by node instead: slower, never wrong. Non-contiguous inputs (a permuted view) are copied to
+contiguous memory before a launch: kernels index with static contiguous strides.
 
 Kernels are compiled from their source file, cached on disk by content hash under
 $MEMFIT_KERNEL_CACHE (default ~/.cache/memfit/kernels), so the same block in every layer and
@@ -28,11 +33,15 @@ import torch
 from torch import Tensor
 
 from compiler import custom_ops
-from compiler.codegen.triton import Kernel, group_kernels
+from compiler.codegen.triton import Kernel, group_kernels, group_members
 from compiler.ir import Graph, Node, Value
+from compiler.ops import Kind, kind
+from compiler.plan import MemoryPlan
+from runtime.arena import Arena, Env
 from runtime.eager import run_node
 
 CACHE_ENV = "MEMFIT_KERNEL_CACHE"
+_RESHAPES = ("view", "_unsafe_view")
 
 
 def cache_dir() -> Path:
@@ -134,7 +143,7 @@ def steps(graph: Graph) -> list[Step]:
 
 
 def _run_custom(node: Node, args: list[Any]) -> list[Tensor]:
-    from compiler.codegen import cross_entropy
+    from compiler.codegen import cross_entropy  # imports triton: only once the mode is set
 
     fn = {
         custom_ops.FORWARD: cross_entropy.linear_cross_entropy,
@@ -142,6 +151,10 @@ def _run_custom(node: Node, args: list[Any]) -> list[Tensor]:
     }[node.op]
     result = fn(*args)
     return list(result) if isinstance(result, tuple) else [result]
+
+
+def _bind(args: tuple[Any, ...], env: Mapping[int, Tensor]) -> list[Any]:
+    return [env[id(a)] if isinstance(a, Value) else a for a in args]
 
 
 def run_graph(
@@ -166,8 +179,7 @@ def run_graph(
         if isinstance(step, _Launch):
             results = _launch(step.kernel, env, device)
         elif step.node.op in custom_ops.OPS:
-            args = [env[id(a)] if isinstance(a, Value) else a for a in step.node.args]
-            results = _run_custom(step.node, args)
+            results = _run_custom(step.node, _bind(step.node.args, env))
         else:
             results = run_node(step.node, env, device)
         for v, t in zip(step.writes, results, strict=True):
@@ -186,3 +198,83 @@ def _launch(kernel: Kernel, env: Mapping[int, Tensor], device: torch.device) -> 
         *args, *outs, BLOCK=kernel.block, num_warps=kernel.num_warps
     )
     return outs
+
+
+class TritonArena(Arena):
+    """`runtime.arena.Arena` with fused groups launched as kernels into the planned views.
+
+    The plan was made node by node: it may place a group's output where one of its inputs
+    died at an earlier member. One kernel reads and writes a group at once, so that is safe
+    only for an exact in-place update (same bytes, same shape: each lane reads its element
+    before writing it); a group planned any other overlapping way runs as its nodes.
+    """
+
+    def __init__(self, graph: Graph, plan: MemoryPlan, device: torch.device | str = "cpu") -> None:
+        super().__init__(graph, plan, device)
+        if self.device.type == "cpu":
+            require_interpreter()
+        by_node = {id(n): step for n, step in zip(graph.nodes, self.steps, strict=True)}
+        members = group_members(graph)
+        self.producer = graph.producers()
+        self.launched: list[int] = []  # group ids run as kernels
+        self.unfused: list[int] = []  # group ids run node by node (overlapping plan)
+        self.steps = []
+        for step in steps(graph):
+            if isinstance(step, _Launch) and self._safe(step.kernel):
+                self.steps.append(self._launcher(step.kernel))
+                self.launched.append(step.kernel.group)
+            elif isinstance(step, _Launch):
+                self.steps += [by_node[id(n)] for n in members[step.kernel.group]]
+                self.unfused.append(step.kernel.group)
+            elif step.node.op in custom_ops.OPS:
+                self.steps.append(self._custom(step.node))
+            else:
+                self.steps.append(by_node[id(step.node)])
+
+    def _storage(self, v: Value) -> tuple[int, int, bool] | None:
+        """The planned byte range `v` lives in (a view: its base's), and whether `v` is laid
+        out as it (itself or reshapes of it); None outside the arena."""
+        same_layout = True
+        while id(v) not in self.views:
+            node = self.producer.get(id(v))
+            if node is None or kind(node.op) is not Kind.VIEW:
+                return None
+            same_layout &= node.op in _RESHAPES
+            v = node.inputs[0]
+        start = self.views[id(v)].data_ptr()
+        return start, start + v.nbytes, same_layout
+
+    def _safe(self, kernel: Kernel) -> bool:
+        outs = [(v, self._storage(v)) for v in kernel.outputs]
+        if any(r is None for _, r in outs):
+            return False
+        for i, (out, (lo, hi, _)) in enumerate(outs):
+            for _, (olo, ohi, _) in outs[i + 1 :]:
+                if lo < ohi and olo < hi:
+                    return False
+            for v in kernel.inputs:
+                r = self._storage(v)
+                exact = r == (lo, hi, True) and v.shape == out.shape
+                if r is not None and r[0] < hi and lo < r[1] and not exact:
+                    return False
+        return True
+
+    def _launcher(self, kernel: Kernel) -> Callable[[Env], None]:
+        fn = load_kernel(kernel, self.device)
+        ins, outs = [id(v) for v in kernel.inputs], [id(v) for v in kernel.outputs]
+
+        def launch(env: Env) -> None:
+            args = [env[i].contiguous() for i in ins] + [env[o] for o in outs]
+            fn[(kernel.grid,)](*args, BLOCK=kernel.block, num_warps=kernel.num_warps)
+
+        return launch
+
+    def _custom(self, node: Node) -> Callable[[Env], None]:
+        """The fused cross-entropy ops: Triton row kernels on chunks, results copied in."""
+        outs = [id(v) for v in node.outputs]
+
+        def run(env: Env) -> None:
+            for o, t in zip(outs, _run_custom(node, _bind(node.args, env)), strict=True):
+                env[o].copy_(t)
+
+        return run

@@ -27,10 +27,11 @@ from torch.testing import assert_close  # noqa: E402
 from compiler import custom_ops  # noqa: E402
 from compiler.codegen import cross_entropy  # noqa: E402
 from compiler.codegen.triton import group_kernels  # noqa: E402
-from compiler.ir import Graph  # noqa: E402
+from compiler.ir import Graph, parse  # noqa: E402
 from compiler.passes.fusion import fuse, linear_cross_entropy  # noqa: E402
 from compiler.passes.manager import PassContext, PassManager  # noqa: E402
 from compiler.passes.noop_views import eliminate_noop_views  # noqa: E402
+from compiler.plan import MemoryPlan, PlannedValue  # noqa: E402
 from compiler.trace import AdamW, trace  # noqa: E402
 from examples.layers import causal_mask  # noqa: E402
 from examples.llama import RMSNorm, apply_rope, rope_tables  # noqa: E402
@@ -255,3 +256,41 @@ def test_kernels_are_cached_on_disk_by_content_hash(tmp_path, monkeypatch) -> No
         triton_backend.load_kernel(kernel, DEVICE)
     files = {p.name: p.read_text() for p in tmp_path.glob("*.py")}
     assert files == {f"{k.name}_{k.key}.py": k.source for k in kernels}
+
+
+ROW_SUM = """\
+input %x: f32[4,8] input
+input %w: f32[8,8] input
+%y: f32[4,8] temporary = mm(%x, %w)  # forward
+%r: f32[4,1] temporary = sum.dim_IntList(%y, [-1], True)  # forward
+%z: f32[4,{cols}] output = {op}  # forward
+output %z
+"""
+CENTER = ROW_SUM.format(cols=8, op="sub.Tensor(%y, %r)")
+SCALE = ROW_SUM.format(cols=1, op="mul.Tensor(%r, 2.0)")
+
+
+@pytest.mark.parametrize(
+    ("text", "z_offset", "fused"),
+    [
+        (CENTER, 0, True),  # z overwrites y in place: each lane reads its element first
+        (SCALE, 128, True),
+        (SCALE, 0, False),  # z [4,1] over y's first row: program 1 could write before 0 reads
+    ],
+)
+def test_arena_launches_a_group_only_when_its_plan_is_safe(
+    text: str, z_offset: int, fused: bool
+) -> None:
+    graph = fuse(parse(text), PassContext(options={"backend": "triton"}))
+    offsets = {"y": 0, "r": 256, "z": z_offset}
+    planned = [
+        PlannedValue(v.name, v.nbytes, v.nbytes, offsets[v.name], 0, 3, v.role)
+        for n in graph.nodes
+        for v in n.outputs
+    ]
+    plan = MemoryPlan(planned, 3, 512, 512, 0, "test", {}, [])
+    arena = triton_backend.TritonArena(graph, plan, DEVICE)
+    assert (arena.launched, arena.unfused) == (([0], []) if fused else ([], [0]))
+    feeds = {"x": randn(4, 8).to(DEVICE), "w": randn(8, 8, seed=1).to(DEVICE)}
+    for got, want in zip(arena(graph, feeds), eager.run_graph(graph, feeds, DEVICE), strict=True):
+        assert_close(got, want, rtol=RTOL, atol=ATOL)

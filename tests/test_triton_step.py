@@ -32,14 +32,21 @@ from runtime.program import Program  # noqa: E402
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def run_steps(name: str, batch: int, seq: int, steps: int) -> None:
+def run_steps(name: str, batch: int, seq: int, steps: int, arena: bool = False) -> None:
+    """`arena`: kernels write into the planned arena (TritonArena) instead of fresh tensors."""
     torch.manual_seed(0)
     model = build_example(name)
     options = CompileOptions(batch, seq, return_grads=True, backend="triton")
-    graph = compile_model(model, lm_loss, options).graph
+    compiled = compile_model(model, lm_loss, options)
+    graph = compiled.graph
     assert any(n.group is not None for n in graph.nodes)
     eager = Program.from_module(graph, model.module, DEVICE)  # the eager backend ignores groups
-    fused = Program.from_module(graph, model.module, DEVICE, backend=triton_backend.run_graph)
+    if arena:
+        backend = triton_backend.TritonArena(graph, compiled.plan, DEVICE)
+        assert backend.launched and not backend.unfused
+    else:
+        backend = triton_backend.run_graph
+    fused = Program.from_module(graph, model.module, DEVICE, backend=backend)
     gen = torch.Generator().manual_seed(0)
     for step in range(steps):
         tokens = torch.randint(0, model.vocab_size, (batch, seq), generator=gen)
@@ -52,11 +59,13 @@ def run_steps(name: str, batch: int, seq: int, steps: int) -> None:
         assert_close(fused.parameters[name_], param, rtol=0, atol=1e-4)
 
 
-def test_one_gpt2_tiny_step_matches_eager() -> None:
-    run_steps("gpt2-tiny", batch=1, seq=4, steps=1)
+@pytest.mark.parametrize("arena", [False, True], ids=["fresh-tensors", "arena"])
+def test_one_gpt2_tiny_step_matches_eager(arena: bool) -> None:
+    run_steps("gpt2-tiny", batch=1, seq=4, steps=1, arena=arena)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("arena", [False, True], ids=["fresh-tensors", "arena"])
 @pytest.mark.parametrize("name", ["gpt2-tiny", "llama-tiny"])
-def test_three_steps_match_eager(name: str) -> None:
-    run_steps(name, batch=2, seq=8, steps=3)
+def test_three_steps_match_eager(name: str, arena: bool) -> None:
+    run_steps(name, batch=2, seq=8, steps=3, arena=arena)
