@@ -5,10 +5,11 @@ What each node reads its floating inputs (fp32 or the low dtype) in:
   precision while its K-loop accumulates in fp32 (CPU bf16 mm does; cuBLAS and memfit's
   Triton templates keep fp32 accumulators). A pointwise op leaves its 0-dim operands alone:
   torch's promotion keeps the result in the tensor operand's dtype.
-- accumulate: reductions (sum, mean, softmax, log_softmax, layer norm, var_mean, ...) and
-  accumulating scatters (index_put with accumulate, embedding backward) read fp32 and give
-  fp32; sum/mean/cumsum/prod get `dtype=f32` instead of an fp32 copy of their input. Pointwise
-  ops on scalars alone stay fp32 too (free, and fp16's scaled loss seed must not overflow).
+- accumulate: reductions (sum, mean, softmax, log_softmax, layer norm, var_mean, ...),
+  accumulating scatters (index_put with accumulate, embedding backward) and summing
+  collectives (all_reduce, reduce_scatter) read fp32 and give fp32; sum/mean/cumsum get
+  `dtype=f32` instead of an fp32 copy of their input. Pointwise ops on scalars alone stay
+  fp32 too (free, and fp16's scaled loss seed must not overflow).
 - as traced: views follow their input; creation ops and the graph's own casts are kept.
 - the optimizer, in-place writes and graph outputs read the dtype the trace gave them (fp32):
   parameters stay fp32 master weights, each gradient is cast up once, before its update.
@@ -34,6 +35,7 @@ from collections.abc import Callable
 
 import torch
 
+from compiler.collectives import ALL_REDUCE, REDUCE_SCATTER
 from compiler.errors import VerifyError
 from compiler.ir import DTYPE_NAMES, Graph, Node, Phase, Role, Value, format_node
 from compiler.ops import Kind, kind
@@ -48,7 +50,8 @@ PRECISIONS = ("fp32", *LOW_DTYPES)
 LOSS_SCALE, FOUND_INF = "loss_scale", "found_inf"
 _F32 = torch.float32
 _TAKES_DTYPE = {"sum.default", "sum.dim_IntList", "mean.default", "mean.dim", "cumsum"}
-_ACCUMULATING_SCATTERS = {"index_add", "scatter_add", "embedding_dense_backward"}
+# scatters that add into their output, and collectives that sum over ranks
+_ACCUMULATING = {"index_add", "scatter_add", "embedding_dense_backward", ALL_REDUCE, REDUCE_SCATTER}
 _META = torch.device("meta")
 
 Read = Callable[[Value], Value]
@@ -84,12 +87,12 @@ def lower_precision(graph: Graph, dtype: torch.dtype, *, loss_scaling: bool = Fa
 
 
 def accumulates(node: Node) -> bool:
-    """Reductions and scatters that add values up: their sums must be kept in fp32."""
+    """Reductions, scatters and collectives that add values up: their sums stay in fp32."""
     if kind(node.op) is Kind.REDUCTION:
         return True
     if node.op == "index_put":
         return bool(node.args[3] if len(node.args) > 3 else node.kwargs.get("accumulate"))
-    return node.op in _ACCUMULATING_SCATTERS
+    return node.op in _ACCUMULATING
 
 
 def accumulator_dtype(node: Node) -> torch.dtype | None:
@@ -164,6 +167,19 @@ def _is_exact_cast(node: Node) -> bool:
     return not src.is_floating_point or dst.itemsize > src.itemsize
 
 
+def _gradients_in(graph: Graph) -> dict[int, Value]:
+    """The gradients the backward hands over: defined before the optimizer phase, read by it
+    or returned. (A sharded graph's bucket reductions then count once, not per slice.)"""
+    phase = {id(v): n.phase for n in graph.nodes for v in n.outputs}
+    taken = {id(v) for n in graph.nodes if n.phase is Phase.OPTIMIZER for v in n.inputs}
+    taken |= {id(v) for v in graph.outputs}
+    return {
+        id(v): v
+        for v in graph.values()
+        if v.role is Role.GRAD and phase.get(id(v)) is not Phase.OPTIMIZER and id(v) in taken
+    }
+
+
 def _loss_seed(graph: Graph) -> Node:
     """The backward's seed: the `full_like(loss, 1)` autograd starts from."""
     losses = {id(v) for v in graph.outputs if v.role is Role.OUTPUT}
@@ -198,6 +214,7 @@ class _Lowering:
         self.found_inf: Value | None = None
         self.inv_scale: Value | None = None
         self.unscaled: dict[int, Value] = {}
+        self.grads = _gradients_in(graph)
 
     def run(self, loss_scaling: bool) -> Graph:
         scaling = loss_scaling and any(n.phase is Phase.BACKWARD for n in self.src.nodes)
@@ -301,7 +318,7 @@ class _Lowering:
 
     def master(self, v: Value) -> Value:
         """`v` in its traced dtype; a gradient also divided by the loss scale (fp16)."""
-        if v.role is not Role.GRAD:
+        if id(v) not in self.grads:
             return self.as_dtype(v, v.dtype)
         grad = self.as_dtype(v, v.dtype, shortcuts=False)
         if self.loss_scale is None:
@@ -375,10 +392,9 @@ class _Lowering:
     def _found_inf(self) -> Value:
         """True iff a gradient holds inf or nan: each summed in fp32, then isnan(total · 0)."""
         phase, self.phase = self.phase, Phase.OPTIMIZER
-        grads = [v for v in self.src.values() if v.role is Role.GRAD]
         sums = [
             self.emit1("sum.default", (self.env[id(g)],), {"dtype": _F32}, f"{g.name}.sum")
-            for g in grads
+            for g in self.grads.values()
         ]
         stacked = self.emit1("stack", (sums,), {}, "grad_sums")
         total = self.emit1("sum.default", (stacked,), {}, "grad_total")
