@@ -37,6 +37,7 @@ class CompileOptions:
     mesh: Mesh | None = None  # data/tensor parallel: compile rank `rank`'s step (per-rank batch)
     rank: int = 0
     bucket_bytes: int = DEFAULT_BUCKET_BYTES  # gradient bucket size of the data-parallel reduction
+    recompute: bool = True  # False: keep every activation the backward reads (no min-cut)
     backend: str = "eager"  # eager | triton: triton groups fusible nodes into generated kernels
     fused_cross_entropy: bool = True  # the LM head as chunked linear+cross-entropy ops
     dump_after: set[str] = field(default_factory=set)
@@ -52,7 +53,7 @@ class CompiledStep:
     plan: MemoryPlan | None = None  # where every byte of the step lives (passes/buffers.py)
 
 
-def pass_manager() -> PassManager:
+def pass_manager(*, recompute: bool = True) -> PassManager:
     """The pipeline, in order. Each entry is one file in compiler/passes/."""
     return PassManager(
         [
@@ -60,7 +61,7 @@ def pass_manager() -> PassManager:
             ("shard", shard_pass),
             ("linear_cross_entropy", linear_cross_entropy),
             ("precision", precision_pass),
-            ("recompute", recompute_pass),
+            *([("recompute", recompute_pass)] if recompute else []),
             ("schedule", schedule),
             ("fusion", fuse),
             ("buffers", plan_buffers),
@@ -112,5 +113,5 @@ def compile_model(
         dump_after=set(options.dump_after),
         dump_dir=options.dump_dir,
     )
-    graph = pass_manager().run(graph, ctx)
+    graph = pass_manager(recompute=options.recompute).run(graph, ctx)
     return CompiledStep(graph, ctx, options.batch_size, seq_len, ctx.plan)

@@ -55,6 +55,7 @@ class RankPlan:
     by_role: dict[Role, int]  # bytes live at the peak step: arena and caller-held, by role
     traced: tuple[int, ...]  # depths actually traced: (layers,) or SCALING_LAYERS
     packing: float  # arena / lower bound of the (deepest) traced plan: the allocator's overhead
+    recompute: bool  # the recompute pass ran (memfit's default min-cut)
 
     @property
     def peak(self) -> int:
@@ -63,10 +64,11 @@ class RankPlan:
 
     @property
     def method(self) -> str:
+        saved = "min-cut recompute" if self.recompute else "every activation saved"
         if self.traced == (self.layers,):
-            return f"full trace of {self.layers} layers"
+            return f"full trace of {self.layers} layers; {saved}"
         a, b = self.traced
-        return f"layers {a} and {b} traced, extrapolated to {self.layers}"
+        return f"layers {a} and {b} traced, extrapolated to {self.layers}; {saved}"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -124,6 +126,7 @@ def compile_rank(
     batch: int,
     seq: int,
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    recompute: bool = True,
 ) -> MemoryPlan:
     """The plan of rank 0's step."""
     options = CompileOptions(
@@ -132,6 +135,7 @@ def compile_rank(
         precision=precision,
         mesh=mesh,
         bucket_bytes=bucket_bytes,
+        recompute=recompute,
     )
     plan = compile_model(model, lm_loss, options).plan
     assert plan is not None
@@ -147,18 +151,20 @@ def rank_plan(
     *,
     scale_layers: bool = True,
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    recompute: bool = True,
 ) -> RankPlan:
     """Rank 0's bytes by role at its peak; deep examples by layer scaling (module docstring)."""
     cfg = example_config(name)
     if cfg is None or not scale_layers or cfg.n_layer <= SCALING_LAYERS[-1]:
         model = _build(name, None)
         seq = seq or model.block_size
-        p = compile_rank(model, mesh, precision, batch, seq, bucket_bytes)
+        p = compile_rank(model, mesh, precision, batch, seq, bucket_bytes, recompute)
         n = len(getattr(model.module, "blocks", ()))
-        return RankPlan(name, mesh, precision, batch, seq, n, p.breakdown(), (n,), p.ratio)
+        by_role = p.breakdown()
+        return RankPlan(name, mesh, precision, batch, seq, n, by_role, (n,), p.ratio, recompute)
     seq = seq or cfg.block_size
     a, b = (
-        compile_rank(_build(name, n), mesh, precision, batch, seq, bucket_bytes)
+        compile_rank(_build(name, n), mesh, precision, batch, seq, bucket_bytes, recompute)
         for n in SCALING_LAYERS
     )
     steps = cfg.n_layer - SCALING_LAYERS[-1]
@@ -168,8 +174,9 @@ def rank_plan(
         for ph, roles in peaks_b.items()
     ]
     by_role = max(candidates, key=lambda c: sum(c.values()))
+    depth = cfg.n_layer
     return RankPlan(
-        name, mesh, precision, batch, seq, cfg.n_layer, by_role, SCALING_LAYERS, b.ratio
+        name, mesh, precision, batch, seq, depth, by_role, SCALING_LAYERS, b.ratio, recompute
     )
 
 
