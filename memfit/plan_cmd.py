@@ -15,13 +15,13 @@ from rich.console import Console
 
 from compiler.compile import CompileOptions, compile_model
 from compiler.errors import MemfitError
+from compiler.passes.precision import PRECISIONS
 from compiler.plan import MemoryPlan, fmt_bytes
 from compiler.plan_render import write_html, write_png
 from examples.loss import lm_loss
 from memfit.models import resolve_model
 from memfit.options import model_shape_options
 
-PRECISIONS = ("fp32",)  # bf16 and fp16 join when the precision pass is part of planning
 FORMATS = ("table", "json", "png", "html")
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 _UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -88,7 +88,7 @@ def plan_command(
     """Plan MODEL's training step (forward, backward, AdamW): schedule, liveness, one arena."""
     if precision not in PRECISIONS:
         raise PlanError(
-            f"--precision {precision!r} cannot be planned yet; valid choices today:"
+            f"--precision {precision!r} is not one memfit compiles; valid choices:"
             f" {', '.join(PRECISIONS)}"
         )
     budget = parse_size(memory_budget) if memory_budget is not None else None
@@ -100,7 +100,7 @@ def plan_command(
             f"--seq {seq} is longer than {model}'s block size ({example.block_size} tokens)"
         )
     with console.status(f"tracing and planning {model} (batch {batch_size} × {seq})"):
-        options = CompileOptions(batch_size=batch_size, seq_len=seq)
+        options = CompileOptions(batch_size=batch_size, seq_len=seq, precision=precision)
         compiled = compile_model(example, lm_loss, options)
     plan = compiled.plan
     assert plan is not None

@@ -126,22 +126,28 @@ class Arena:
         return partial(_run_out, fn, dict(zip(names, outs, strict=True)), args, kwargs)
 
     def _wrap_scalars(self, node: Node, op: str) -> tuple[Any, ...]:
-        """Python numbers passed where `op` takes a Tensor become 0-dim tensors of the dtype ATen
-        computes in, made once here instead of by ATen on every call."""
+        """Python numbers passed where `op` takes a Tensor become 0-dim CPU tensors, made once
+        here instead of by ATen on every call, with the same result bit for bit: in the dtype
+        the op computes in, or for bf16/fp16 in float64 as ATen wraps them (its kernels read
+        the scalar at float precision), which promotes alike only when no tensor is 0-dim."""
         schema = resolve(op)._schema.arguments
-        first = next((a for a in node.args if isinstance(a, Value)), None)
-        if first is None:
+        tensors = [a for a in node.args if isinstance(a, Value)]
+        if not tensors:
             return node.args
-        meta = torch.empty(first.shape, dtype=first.dtype, device="meta")
-        return tuple(
-            torch.tensor(a, dtype=torch.result_type(meta, a))  # a CPU scalar, like ATen's
-            if isinstance(a, int | float)
-            and not isinstance(a, bool)
-            and i < len(schema)
-            and schema[i].type.kind() == "TensorType"
-            else a
-            for i, a in enumerate(node.args)
-        )
+        meta = torch.empty(tensors[0].shape, dtype=tensors[0].dtype, device="meta")
+        args = list(node.args)
+        for i, a in enumerate(args):
+            if not isinstance(a, int | float) or isinstance(a, bool) or i >= len(schema):
+                continue
+            if schema[i].type.kind() != "TensorType":
+                continue
+            dtype = torch.result_type(meta, a)
+            if dtype in (torch.bfloat16, torch.float16):
+                if any(not t.shape for t in tensors):
+                    continue
+                dtype = torch.float64 if isinstance(a, float) else torch.int64
+            args[i] = torch.tensor(a, dtype=dtype)
+        return tuple(args)
 
 
 def _define(outs: list[int], fn: Callable[..., Any], args: Any, kwargs: Any, env: Env) -> None:

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from compiler.ir import Graph
 from compiler.passes.buffers import plan_buffers
 from compiler.passes.manager import PassContext
+from compiler.passes.precision import precision_pass
 from compiler.passes.schedule import schedule
 from runtime.arena import Arena, allocations
 from runtime.eager import run_graph
@@ -69,3 +70,18 @@ def test_training_steps_match_eager_and_allocate_only_inside_named_kernels(name:
         assert {op: n for op, n in tensor_sized.items() if n} == {
             op: n for op, n in expected_counts.items() if n
         }
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_low_precision_steps_match_eager_bit_for_bit(precision: str) -> None:
+    """Scalars meeting bf16/fp16 tensors are wrapped the way ATen wraps them (float64)."""
+    graph, model = traced_step("llama-tiny" if precision == "fp16" else "gpt2-tiny")
+    graph = precision_pass(graph, PassContext(options={"precision": precision}))
+    arena = planned(graph)
+    reference, inputs = feeds(graph, model), feeds(graph, model)
+    for scale in (v for v in graph.inputs if v.name == "loss_scale"):
+        reference[scale.name] = inputs[scale.name] = torch.tensor(1024.0, dtype=scale.dtype)
+    expected = run_graph(graph, reference)
+    got = arena(arena.graph, inputs)
+    assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))
+    assert all(torch.equal(reference[k], inputs[k]) for k in reference)

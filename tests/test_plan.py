@@ -79,7 +79,10 @@ def test_sizes_parse(text: str, nbytes: int) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--precision", "bf16"], "--precision 'bf16' cannot be planned yet; valid choices.*fp32"),
+        (
+            ["--precision", "fp8"],
+            "--precision 'fp8' is not one .*; valid choices: fp32, bf16, fp16",
+        ),
         (["--memory-budget", "lots"], "not a size.*16GiB"),
         (["--memory-budget", "0GB"], "more than 0 bytes"),
         (["--memory-budget", "-3GB"], "not a size"),
