@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -63,9 +64,30 @@ DEFAULT = TrainConfig()
 )
 @click.option("--seed", type=int, default=DEFAULT.seed, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out.")
+@click.option(
+    "--dp",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Data-parallel ranks (default: every rank torchrun launched that --tp leaves).",
+)
+@click.option("--tp", type=click.IntRange(min=1), default=DEFAULT.tp, show_default=True)
+@click.option(
+    "--zero",
+    type=click.IntRange(0, 2),
+    default=DEFAULT.zero,
+    show_default=True,
+    help="ZeRO stage over the dp ranks: 1 shards AdamW states, 2 gradients too.",
+)
 def train_command(model: str, **options: object) -> None:
-    """Train MODEL (default: gpt2-tiny on the embedded corpus, CPU) with a compiled step."""
+    """Train MODEL (default: gpt2-tiny on the embedded corpus, CPU) with a compiled step.
+
+    Under `torchrun --nproc-per-node N` each process is one rank of a --dp × --tp mesh
+    (gloo on CPU, NCCL on CUDA); rank 0 prints, logs and writes full checkpoints, which
+    resume on any mesh.
+    """
     cfg = TrainConfig(model=model, **options)  # type: ignore[arg-type]
+    if int(os.environ.get("RANK", "0")):  # other ranks train quietly
+        console.quiet = True
     with console.status("preparing data and compiling the step") as status:
         trainer = Trainer(cfg, progress=status.update)
     first: float | None = None
@@ -91,6 +113,8 @@ def train_command(model: str, **options: object) -> None:
             )
             if record.val_loss is not None:
                 progress.console.print(f"step {record.step}: val loss {record.val_loss:.4f}")
+    if trainer.parallel is not None:
+        trainer.parallel.close()
     if last is not None and first is not None:
         console.print(
             f"trained {cfg.model} to step {last.step}: loss {first:.4f} → {last.loss:.4f}"

@@ -118,6 +118,11 @@ class Parallel:
     def barrier(self) -> None:
         dist.barrier()
 
+    def close(self) -> None:
+        """Leave the job (the end of `memfit train`)."""
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
     # --- state: full (one process) ↔ this rank's pieces ---------------------------------------
 
     def initial_state(self, graph: Graph, module: nn.Module, device: str) -> dict[str, Tensor]:

@@ -4,10 +4,14 @@ largest that fits, and a mesh that does not divide the model is refused."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
+from click.testing import CliRunner
 
 from compiler.mesh import Mesh, MeshError
 from compiler.parallel_plan import example_config, largest_batch, llama_formula, rank_plan
+from memfit.parallel_cmd import parallel_plan_command
 
 
 @pytest.mark.parametrize(
@@ -50,3 +54,16 @@ def test_largest_batch_is_the_largest_that_fits() -> None:
 def test_a_mesh_that_does_not_divide_the_heads_is_refused() -> None:
     with pytest.raises(MeshError, match="--tp 3 does not divide the model's n_head = 32"):
         rank_plan("llama-7b", Mesh(dp=1, tp=3), "bf16", batch=1, seq=128)
+
+
+def test_plan_command_prints_the_rank_and_refuses_a_bad_mesh() -> None:
+    runner = CliRunner()
+    args = ["llama-tiny", "--dp", "2", "--zero", "2", "--batch", "1", "--seq", "16"]
+    result = runner.invoke(parallel_plan_command, [*args, "--no-recompute", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    assert out["mesh"] == {"dp": 2, "tp": 1, "zero": 2} and out["peak_bytes"] > 0
+    assert out["formula"]["total"] > 0
+    result = runner.invoke(parallel_plan_command, ["llama-tiny", "--tp", "3"])
+    assert isinstance(result.exception, MeshError)
+    assert "--tp 3 does not divide the model's n_head = 4" in str(result.exception)
