@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from compiler.ir import Graph
+from compiler.ir import Graph, Node, Role, Value
 from compiler.liveness import ALIGN, storage
 from compiler.passes.buffers import STRATEGIES, in_place, plan_buffers
 from compiler.passes.manager import PassContext
 from compiler.passes.schedule import schedule
+from compiler.passes.verify import verify
 from compiler.plan import MemoryPlan
 from tests.test_schedule import shuffled, steps, traced_step
 
@@ -88,3 +90,23 @@ def test_example_steps_pack_within_five_percent_of_the_lower_bound(name: str) ->
     plan = plan_of(schedule(graph, PassContext()))
     assert_sound(plan)
     assert plan.arena_bytes <= 1.05 * plan.lower_bound
+
+
+def test_a_scatter_never_overwrites_the_buffer_it_reads_from() -> None:
+    x = Value("x", (4, 4), torch.float32, Role.INPUT)
+    idx = Value("idx", (4, 4), torch.int64, Role.INPUT)
+    a, b, out = (Value(n, (4, 4), torch.float32) for n in ("a", "b", "out"))
+    row = Value("row", (4,), torch.float32)
+
+    def reused(*nodes: Node) -> dict[int, Value]:
+        graph = verify(Graph([x, idx], [Node("neg", (x,), {}, [a]), *nodes], [out]))
+        return in_place(graph, storage(graph))
+
+    assert reused(Node("scatter.src", (a, 0, idx, x), {}, [out])) == {id(out): a}
+    assert reused(Node("scatter.src", (a, 0, idx, a), {}, [out])) == {}
+    view = Node("select.int", (a, 0, 0), {}, [row])
+    assert reused(view, Node("select_scatter", (a, row, 0, 1), {}, [out])) == {}
+    assert reused(Node("neg", (a,), {}, [b]), Node("add.Tensor", (b, b), {}, [out])) == {
+        id(b): a,
+        id(out): b,
+    }

@@ -20,7 +20,7 @@ import bisect
 
 import numpy as np
 
-from compiler.ir import Graph, Value
+from compiler.ir import Graph, Node, Value
 from compiler.liveness import Lifetime, Storage, liveness, lower_bound, storage
 from compiler.ops import Kind, kind
 from compiler.passes.manager import PassContext
@@ -46,20 +46,22 @@ def in_place(graph: Graph, facts: Storage) -> dict[int, Value]:
         if len(node.outputs) != 1 or id(node.outputs[0]) not in life:
             continue
         out, inputs = node.outputs[0], facts.inputs[id(node)]
-        if kind(node.op) is Kind.POINTWISE:
+        if kind(node.op) is Kind.POINTWISE:  # elementwise: v may be read twice, not via views
             candidates = inputs
-        elif node.op in UPDATES_SELF:
+        elif node.op in UPDATES_SELF:  # v only as `self`: a scatter from v would read it late
             candidates = [node.args[0]]
+            rest = Node(node.op, node.args[1:], node.kwargs, []).inputs
         else:
             continue
         for v in candidates:
+            others = rest if node.op in UPDATES_SELF else [w for w in inputs if w is not v]
             lt = life.get(id(v))
             if (
                 lt is not None
                 and lt.end == i
                 and id(v) not in taken
                 and (v.shape, v.dtype) == (out.shape, out.dtype)
-                and all(w is v or facts.owner[id(w)] is not v for w in inputs)
+                and all(facts.owner[id(w)] is not v for w in others)
             ):
                 reuse[id(out)] = v
                 taken.add(id(v))  # handed over once
