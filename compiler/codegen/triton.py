@@ -11,7 +11,8 @@ value in it broadcasts to. Two kernel shapes cover every group:
   reduced to one per row live in registers as scalars and broadcast back for free.
 
 The body is the group's nodes in order, each ATen op mapped to a `tl` expression, computed in
-the op's own result dtype (fp16/bf16 in fp32) so it matches eager PyTorch. Values that never
+the op's own result dtype so it matches eager PyTorch (fp16/bf16 ops compute in fp32 and round
+their result, as ATen's CPU and CUDA kernels do). Values that never
 leave the group never touch memory. Ops outside the tables here are not fusible: they stay
 eager nodes, so an unsupported op is slower, never wrong.
 
@@ -296,7 +297,7 @@ ROW_CHECKS: dict[str, Callable[[Node], bool]] = {
     "gather": _row_index_ok,
     "scatter.value": _row_index_ok,
 }
-_KEEPDIM_ARG = {"sum.dim_IntList": 2, "mean.dim": 2, "amax": 2, "amin": 2}
+_REDUCES_LAST = frozenset({"sum.dim_IntList", "mean.dim", "amax", "amin"})
 
 
 def fusible(node: Node) -> Fit | None:
@@ -356,7 +357,7 @@ def row_shape(domain: tuple[int, ...]) -> tuple[int, ...]:
 
 def _store_shape(node: Node, value: Value) -> tuple[int, ...]:
     """The shape a value is indexed by inside a kernel: reductions keep their reduced dim."""
-    if node.op in _KEEPDIM_ARG:
+    if node.op in _REDUCES_LAST:
         return row_shape(node.args[0].shape)
     return value.shape
 
@@ -530,6 +531,8 @@ def emit(group: int, nodes: Sequence[Node], stored: Sequence[Value]) -> Kernel:
         comment = node.op
         outs = _emit_node(e, node)
         for v, expr in zip(node.outputs, outs, strict=True):
+            if _register_dtype(v.dtype) != v.dtype:  # round as eager does, compute on in fp32
+                expr = f"({expr}).to({TL_DTYPES[v.dtype]}).to(tl.float32)"
             e.names[id(v)] = e.let(expr, comment) if not _is_name(expr) else expr
             comment = ""
         header.append(
