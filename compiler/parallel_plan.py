@@ -237,11 +237,13 @@ def llama_formula(
     sharded = v * h + n * (2 * h * h + 2 * h * hkv + 3 * h * f)  # split by tensor parallelism
     replicated = n * 2 * h + h  # RMSNorm weights
     psi = sharded // t + replicated  # parameters this rank holds
-    # per layer: 10 [s,b,h] tensors, 4 [s,b,f], the bf16 probabilities, two fp32 rsqrt [s,b]
-    layer = 2 * s * b * (6 * h + 4 * h // t + 4 * f // t) + 2 * a // t * s * s * b + 8 * s * b
-    # the last layer at its softmax: 6 [s,b,h] kept so far (q, k, v split) and the fp32 scores
-    # and probabilities: the step's peak, in the forward, before any gradient exists
-    last = 2 * s * b * (3 * h + 3 * h // t) + 4 * s * b + 2 * 4 * a // t * s * s * b
+    # per layer: 6 [s,b,h] around the norms, q and the attention output [s,b,h/t], k and v
+    # [s,b,hkv/t] (before the GQA repeat), 4 [s,b,f/t], the bf16 probabilities, 2 fp32 rsqrt
+    split = (2 * h + 2 * hkv + 4 * f) // t
+    layer = 2 * s * b * (6 * h + split) + 2 * a // t * s * s * b + 8 * s * b
+    # the last layer at its softmax: its input, rsqrt and norm outputs, q, k, v, and the fp32
+    # scores and probabilities: the step's peak, in the forward, before any gradient exists
+    last = 2 * s * b * (3 * h + (h + 2 * hkv) // t) + 4 * s * b + 2 * 4 * a // t * s * s * b
     terms = {
         "parameters (bf16, every rank)": 2 * psi,
         "gradients live at the peak": 0,
