@@ -13,6 +13,7 @@ the fused linear cross-entropy, matmuls and views run in ATen. Tolerances (fp32)
 from __future__ import annotations
 
 import os
+from functools import cache
 
 import pytest
 import torch
@@ -23,8 +24,8 @@ pytest.importorskip("triton")
 
 from torch.testing import assert_close  # noqa: E402
 
-from compiler.compile import CompileOptions, compile_model  # noqa: E402
-from examples import build_example  # noqa: E402
+from compiler.compile import CompiledStep, CompileOptions, compile_model  # noqa: E402
+from examples import ExampleModel, build_example  # noqa: E402
 from examples.loss import lm_loss  # noqa: E402
 from runtime import triton_backend  # noqa: E402
 from runtime.program import Program  # noqa: E402
@@ -32,12 +33,18 @@ from runtime.program import Program  # noqa: E402
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def run_steps(name: str, batch: int, seq: int, steps: int, arena: bool = False) -> None:
-    """`arena`: kernels write into the planned arena (TritonArena) instead of fresh tensors."""
+@cache
+def compiled_step(name: str, batch: int, seq: int) -> tuple[ExampleModel, CompiledStep]:
+    """One compile per shape, shared by both runtimes (the model's weights are only read)."""
     torch.manual_seed(0)
     model = build_example(name)
     options = CompileOptions(batch, seq, return_grads=True, backend="triton")
-    compiled = compile_model(model, lm_loss, options)
+    return model, compile_model(model, lm_loss, options)
+
+
+def run_steps(name: str, batch: int, seq: int, steps: int, arena: bool = False) -> None:
+    """`arena`: kernels write into the planned arena (TritonArena) instead of fresh tensors."""
+    model, compiled = compiled_step(name, batch, seq)
     graph = compiled.graph
     assert any(n.group is not None for n in graph.nodes)
     eager = Program.from_module(graph, model.module, DEVICE)  # the eager backend ignores groups
