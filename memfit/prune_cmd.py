@@ -89,7 +89,7 @@ def revived(module: nn.Module) -> int:
 @click.option("--finetune-steps", type=click.IntRange(min=0), default=50, show_default=True)
 @click.option("--batch", "batch_size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--seq", "seq_len", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--lr", type=float, default=3e-3, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
 @click.option("--val-batches", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 def prune_command(
