@@ -77,12 +77,12 @@ def test_llama_groups_cover_rmsnorm_swiglu_rotary(llama_triton) -> None:
 def test_groups_are_contiguous_legal_and_round_trip(fixture: str, request) -> None:
     graph = request.getfixturevalue(fixture)
     verify(graph)
-    for members in group_members(graph).values():
+    stored = stored_values(graph)
+    for group, members in group_members(graph).items():
         positions = [graph.nodes.index(n) for n in members]
         assert positions == list(range(positions[0], positions[0] + len(members)))
         assert len({n.phase for n in members}) == 1
-        stored = {id(v) for v in stored_values(graph, members)}
-        assert group_domain(members, stored) is not None
+        assert group_domain(members, {id(v) for v in stored[group]}) is not None
     text = dump(graph)
     assert "group=" in text
     assert dump(parse(text)) == text
@@ -112,11 +112,11 @@ def test_eager_backend_gets_no_groups(gpt2_triton) -> None:
 def test_fusion_on_random_graphs_keeps_verifier_and_numbers(graph) -> None:
     fused = fuse(graph, TRITON)
     verify(fused)
-    for members in group_members(fused).values():
+    stored = stored_values(fused)
+    for group, members in group_members(fused).items():
         positions = [fused.nodes.index(n) for n in members]
         assert positions == list(range(positions[0], positions[0] + len(members)))
-        stored = {id(v) for v in stored_values(fused, members)}
-        assert group_domain(members, stored) is not None
+        assert group_domain(members, {id(v) for v in stored[group]}) is not None
     inputs = random_inputs(graph)
     for got, want in zip(run_graph(fused, inputs), run_graph(graph, inputs), strict=True):
         assert_close(got, want, equal_nan=True)

@@ -732,17 +732,26 @@ def group_members(graph: Graph) -> dict[int, list[Node]]:
     return groups
 
 
-def stored_values(graph: Graph, members: Sequence[Node]) -> list[Value]:
-    """Values of a group that must reach memory: read outside it, or graph outputs."""
-    inside = {id(n) for n in members}
-    outside_reads = {id(v) for n in graph.nodes if id(n) not in inside for v in n.inputs}
-    outside_reads |= {id(v) for v in graph.outputs}
-    return [v for n in members for v in n.outputs if id(v) in outside_reads]
+def stored_values(graph: Graph) -> dict[int, list[Value]]:
+    """group id → its values that must reach memory: read outside the group, or outputs."""
+    readers: dict[int, set[int | None]] = {}
+    for node in graph.nodes:
+        for v in node.inputs:
+            readers.setdefault(id(v), set()).add(node.group)
+    outputs = {id(v) for v in graph.outputs}
+    stored: dict[int, list[Value]] = {}
+    for node in graph.nodes:
+        if node.group is not None:
+            escapes = [
+                v
+                for v in node.outputs
+                if id(v) in outputs or readers.get(id(v), set()) - {node.group}
+            ]
+            stored.setdefault(node.group, []).extend(escapes)
+    return stored
 
 
 def group_kernels(graph: Graph) -> list[Kernel]:
     """One kernel per fused group of `graph`, in schedule order."""
-    return [
-        emit(group, members, stored_values(graph, members))
-        for group, members in group_members(graph).items()
-    ]
+    stored = stored_values(graph)
+    return [emit(group, members, stored[group]) for group, members in group_members(graph).items()]

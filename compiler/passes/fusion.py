@@ -28,7 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from compiler import custom_ops
-from compiler.codegen.triton import Fit, fusible, group_domain, row_shape
+from compiler.codegen.triton import Fit, fusible, group_domain, row_shape, stored_values
 from compiler.ir import Graph, Node, Phase, Value
 from compiler.ops import Kind, kind
 from compiler.passes.manager import PassContext
@@ -519,10 +519,5 @@ def internal_values(graph: Graph) -> set[int]:
 
     The memory planner gives them 0 bytes (valid for the triton backend, which keeps them in
     registers; the eager backend materialises every value)."""
-    group_of = {id(v): n.group for n in graph.nodes if n.group is not None for v in n.outputs}
-    escaping = {id(v) for v in graph.outputs}
-    for node in graph.nodes:
-        for v in node.inputs:
-            if node.group is None or group_of.get(id(v)) != node.group:
-                escaping.add(id(v))
-    return set(group_of) - escaping
+    stored = {id(v) for values in stored_values(graph).values() for v in values}
+    return {id(v) for n in graph.nodes if n.group is not None for v in n.outputs} - stored
