@@ -92,10 +92,13 @@ def test_the_mask_is_a_buffer_multiplied_into_the_weight_and_its_gradient(pruned
     assert len(masks) == 8 and all(v.role is Role.BUFFER and v.dtype == torch.bool for v in masks)
     users = graph.users()
     for mask in masks:  # W ⊙ M in the forward; the backward masks W's gradient the same way
-        forward, backward = users[id(mask)]
-        assert (forward.op, forward.phase) == ("mul.Tensor", Phase.FORWARD)
-        assert {v.name for v in forward.inputs} == {mask.name.removesuffix("_mask"), mask.name}
-        assert (backward.op, backward.phase) == ("mul.Tensor", Phase.BACKWARD)
+        readers = users[id(mask)]  # (and may recompute W ⊙ M rather than keep it)
+        assert {n.op for n in readers} == {"mul.Tensor"}
+        forward = [n for n in readers if n.phase is Phase.FORWARD]
+        assert [{v.name for v in n.inputs} for n in forward] == [
+            {mask.name.removesuffix("_mask"), mask.name}
+        ]
+        assert any(n.phase is Phase.BACKWARD for n in readers)
 
 
 def test_pruned_weights_get_zero_gradient_and_stay_zero(pruned: tuple) -> None:
