@@ -57,7 +57,8 @@ class Program:
     def run(self, **feeds: Tensor) -> list[Tensor]:
         """Run the graph once; persistent values come from `state`, the rest from `feeds`."""
         merged = {v.name: self.state[v.name] for v in self.graph.inputs if v.role.persistent}
-        merged |= {k: t.to(self.device) for k, t in feeds.items()}
+        # Graphs are traced on contiguous example inputs: their views assume that layout.
+        merged |= {k: t.to(self.device).contiguous() for k, t in feeds.items()}
         if self.loss_scaler is not None and LOSS_SCALE not in feeds:
             merged[LOSS_SCALE] = torch.tensor(self.loss_scaler.scale, device=self.device)
         outputs = self.backend(self.graph, merged, self.device)
