@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from compiler import custom_ops
 from compiler.codegen.triton import Fit, fusible, group_domain, row_shape, stored_values
 from compiler.ir import Graph, Node, Phase, Value
-from compiler.ops import Kind, kind
+from compiler.liveness import liveness
 from compiler.passes.manager import PassContext
 from compiler.trace import eliminate_dead_nodes, mark_activations
 
@@ -256,10 +256,10 @@ def _rewrite(graph: Graph, head: LossHead, names: set[str]) -> None:
 def loss_head_peak(graph: Graph) -> int:
     """Peak bytes the LM head adds on top of the rest of the step.
 
-    Simulates eager liveness (a value lives from its node to its last reader; a view's bytes
-    are its base's) over the head's span — from the logits matmul (or the fused forward) to the
-    last gradient matmul (or the fused backward) — counting values made inside the span, plus
-    the fused ops' chunk workspace.
+    Over the head's span — from the logits matmul (or the fused forward) to the last gradient
+    matmul (or the fused backward) — the arena buffers born inside the span that are live at
+    each step (`compiler.liveness`: a view's bytes are its base's), plus the fused ops' chunk
+    workspace; the maximum over the span.
     """
     fused = [i for i, n in enumerate(graph.nodes) if n.op in custom_ops.OPS]
     if fused:
@@ -268,31 +268,15 @@ def loss_head_peak(graph: Graph) -> int:
         heads = match_loss_heads(graph)
         if not heads:
             raise ValueError("the graph has no LM head (mm → log_softmax → gather) to measure")
-        head = heads[0]
         index = {id(n): i for i, n in enumerate(graph.nodes)}
-        start = index[id(head.logits_mm)]
-        end = max(index[id(head.grad_hidden_mm)], index[id(head.grad_weight_mm)])
-    base: dict[int, Value] = {}
-    last: dict[int, int] = {id(v): len(graph.nodes) for v in graph.outputs}
-    for i, node in enumerate(graph.nodes):
-        for v in node.inputs:
-            root = base.get(id(v), v)
-            last[id(root)] = max(last.get(id(root), i), i)
-        if kind(node.op) is Kind.VIEW:
-            for v in node.outputs:
-                base[id(v)] = base.get(id(node.inputs[0]), node.inputs[0])
-    peak, live = 0, 0
-    ends: dict[int, int] = {}
-    for i in range(start, end + 1):
-        node = graph.nodes[i]
-        if kind(node.op) is not Kind.VIEW:
-            for v in node.outputs:
-                live += v.nbytes
-                ends[last.get(id(v), i)] = ends.get(last.get(id(v), i), 0) + v.nbytes
-        workspace = custom_ops.workspace_bytes(node) if node.op in custom_ops.OPS else 0
-        peak = max(peak, live + workspace)
-        live -= ends.pop(i, 0)
-    return peak
+        start = index[id(heads[0].logits_mm)]
+        end = max(index[id(heads[0].grad_hidden_mm)], index[id(heads[0].grad_weight_mm)])
+    born = [lt for lt in liveness(graph) if start <= lt.start <= end]
+    return max(
+        sum(lt.size for lt in born if lt.start <= i <= lt.last)
+        + (custom_ops.workspace_bytes(graph.nodes[i]) if graph.nodes[i].op in custom_ops.OPS else 0)
+        for i in range(start, end + 1)
+    )
 
 
 # --- grouping ---------------------------------------------------------------------------------
