@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from compiler.ir import Graph, Node, Role, Value
-from compiler.liveness import ALIGN, storage
+from compiler.liveness import ALIGN, liveness, storage
 from compiler.passes.buffers import STRATEGIES, in_place, plan_buffers
 from compiler.passes.manager import PassContext
 from compiler.passes.schedule import schedule
@@ -75,7 +75,7 @@ def test_in_place_needs_the_input_dying_here_with_the_same_shape() -> None:
     graph, _ = traced_step("gpt2-tiny")
     graph = schedule(graph, PassContext())
     facts = storage(graph)
-    reuse = in_place(graph, facts)
+    reuse = in_place(graph, facts, liveness(graph, facts=facts))
     assert reuse
     producer = {id(v): n for n in graph.nodes for v in n.outputs}
     for out_id, dying in reuse.items():
@@ -100,7 +100,8 @@ def test_a_scatter_never_overwrites_the_buffer_it_reads_from() -> None:
 
     def reused(*nodes: Node) -> dict[int, Value]:
         graph = verify(Graph([x, idx], [Node("neg", (x,), {}, [a]), *nodes], [out]))
-        return in_place(graph, storage(graph))
+        facts = storage(graph)
+        return in_place(graph, facts, liveness(graph, facts=facts))
 
     assert reused(Node("scatter.src", (a, 0, idx, x), {}, [out])) == {id(out): a}
     assert reused(Node("scatter.src", (a, 0, idx, a), {}, [out])) == {}

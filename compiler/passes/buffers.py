@@ -37,9 +37,9 @@ UPDATES_SELF = {
 }
 
 
-def in_place(graph: Graph, facts: Storage) -> dict[int, Value]:
-    """id(output) → the dying input whose buffer it takes over."""
-    life = {id(lt.value): lt for lt in liveness(graph, facts=facts)}
+def in_place(graph: Graph, facts: Storage, lifetimes: list[Lifetime]) -> dict[int, Value]:
+    """id(output) → the dying input whose buffer it takes over (`lifetimes`: without reuse)."""
+    life = {id(lt.value): lt for lt in lifetimes}
     taken = set(facts.pinned)
     reuse: dict[int, Value] = {}
     for i, node in enumerate(graph.nodes):
@@ -195,7 +195,7 @@ def assign_offsets(lifetimes: list[Lifetime], bound: int) -> tuple[dict[int, int
 
 def plan_buffers(graph: Graph, ctx: PassContext) -> Graph:
     facts = storage(graph)
-    lifetimes = liveness(graph, in_place(graph, facts), facts)
+    lifetimes = liveness(graph, in_place(graph, facts, liveness(graph, facts=facts)), facts)
     bound, peak_step = lower_bound(lifetimes, len(graph.nodes))
     offsets, arena, strategy = assign_offsets(lifetimes, bound)
     ctx.plan = MemoryPlan.build(graph, lifetimes, offsets, arena, bound, peak_step, strategy)

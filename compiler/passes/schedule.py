@@ -7,8 +7,9 @@ the parameter its copy_ must follow), so each update runs, and frees its gradien
 that gradient is complete. Optimizer nodes that need nothing computed (the weight-decay product
 p·(1−lr·wd), the bias-correction scalars) sink to just before their first user. A list
 scheduler walks the ranks and runs first any ready node that frees at least what it allocates,
-when the step's peak so far leaves room for its outputs. The traced order, the rank order and
-the list schedule are compared by their peak of live bytes; the lowest wins.
+when the step's peak so far leaves room for its outputs. Its order and the order the pass was
+given are compared by their peak of live bytes (in-place writes counted): the pass never makes
+the peak worse.
 
 Only nodes with no dependency between them trade places, so results cannot change: data edges
 come from the values, and a copy_ into persistent state stays after every read of that state
@@ -74,10 +75,9 @@ def list_schedule(
     preds: list[set[int]],
     succs: list[list[int]],
     rank: list[Rank],
-    free_first: bool,
 ) -> list[int]:
-    """A topological order by (rank, traced index); with `free_first`, a ready node that frees
-    at least the bytes it keeps runs before the rank order, if the peak so far has room."""
+    """A topological order by rank, except that a ready node freeing at least the bytes it
+    keeps runs first, if the peak so far has room for its outputs."""
     n = len(graph.nodes)
     size, pinned = facts.size, facts.pinned
     touches = [facts.reads[id(node)] for node in graph.nodes]
@@ -98,7 +98,7 @@ def list_schedule(
 
     def offer(i: int) -> None:
         heapq.heappush(ordered, (rank[i], i))
-        if free_first and freed[i] >= kept[i]:
+        if freed[i] >= kept[i]:
             heapq.heappush(freeing, (rank[i], i))
 
     for i in range(n):
@@ -126,7 +126,7 @@ def list_schedule(
             elif remaining[r] == 1 and r not in pinned:
                 last = next(j for j in readers[r] if not done[j])
                 freed[last] += size[r]
-                if free_first and not waiting[last] and freed[last] >= kept[last]:
+                if not waiting[last] and freed[last] >= kept[last]:
                     heapq.heappush(freeing, (rank[last], last))
         for s in succs[i]:
             waiting[s] -= 1
@@ -145,13 +145,13 @@ def schedule(graph: Graph, ctx: PassContext) -> Graph:
     rank = ranks(graph, preds, succs)
     candidates = {
         "traced": list(range(len(graph.nodes))),
-        "ranked": list_schedule(graph, facts, preds, succs, rank, free_first=False),
-        "ranked+free-first": list_schedule(graph, facts, preds, succs, rank, free_first=True),
+        "list": list_schedule(graph, facts, preds, succs, rank),
     }
     peaks = {}
     for name, order in candidates.items():
         trial = Graph(list(graph.inputs), [graph.nodes[i] for i in order], list(graph.outputs))
-        lifetimes = liveness(trial, in_place(trial, facts), facts)
+        reuse = in_place(trial, facts, liveness(trial, facts=facts))
+        lifetimes = liveness(trial, reuse, facts)
         peaks[name] = (lower_bound(lifetimes, len(order))[0], trial)
     best = min(peaks, key=lambda k: peaks[k][0])
     ctx.stats["schedule.peak_traced"] = peaks["traced"][0]

@@ -1,0 +1,135 @@
+"""Peak memory of one training step: eager PyTorch against memfit's planned arena, on the CPU.
+
+Both sides are measured the same way, in one process: the bytes their tensors hold when the
+step starts (parameters, AdamW moments, the batch, and for memfit the arena), plus the most
+bytes the allocator hands out on top during the step (profiler memory events,
+`runtime.arena.allocations`). Each side first runs one warm-up step, so AdamW's moments exist
+and eager's `zero_grad(set_to_none=True)` has freed the gradients, as in steady training.
+"step" columns leave out what both sides must hold anyway (parameters, buffers, moments).
+
+memfit runs twice: as `compile_model` compiles it, and with the recompute pass's default
+min-cut applied to that step, which is then scheduled and planned again.
+
+    .venv/bin/python benchmarks/bench_memory.py                    # tiny and small configs
+    .venv/bin/python benchmarks/bench_memory.py gpt2-tiny:8:64     # MODEL:BATCH:SEQ ...
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterable
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import Tensor
+
+from compiler.compile import CompileOptions, compile_model
+from compiler.passes.buffers import plan_buffers
+from compiler.passes.manager import PassContext
+from compiler.passes.recompute import recompute_pass
+from compiler.passes.schedule import schedule
+from compiler.passes.verify import verify
+from compiler.plan import fmt_bytes
+from examples.loss import lm_loss
+from memfit.models import resolve_model
+from runtime.arena import Arena, allocations
+from runtime.program import Program
+
+CONFIGS = ["gpt2-tiny:8:64", "llama-tiny:8:64", "gpt2-small:2:256", "llama-small:2:256"]
+
+
+def held(tensors: Iterable[Tensor]) -> int:
+    """Bytes of the distinct storages behind `tensors` (tied weights count once)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+def batch(vocab: int, b: int, t: int, seed: int) -> tuple[Tensor, Tensor]:
+    x = torch.randint(0, vocab, (b, t + 1), generator=torch.Generator().manual_seed(seed))
+    return x[:, :-1].contiguous(), x[:, 1:].contiguous()
+
+
+Peaks = tuple[int, int]  # (whole step, the step's own bytes beyond params, buffers, moments)
+
+
+def eager_peak(name: str, b: int, t: int) -> Peaks:
+    torch.manual_seed(0)
+    example = resolve_model(name)
+    model = example.module
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+
+    def step(x: Tensor, y: Tensor) -> None:
+        lm_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step(*batch(example.vocab_size, b, t, 0))
+    x, y = batch(example.vocab_size, b, t, 1)
+    state = [s for per_param in opt.state.values() for s in per_param.values()]
+    persistent = held([*model.parameters(), *model.buffers(), *state])
+    peak = persistent + held([x, y]) + allocations(lambda: step(x, y)).peak_bytes
+    return peak, peak - persistent
+
+
+def memfit_peaks(name: str, b: int, t: int, recompute: bool) -> tuple[Peaks, Peaks, float, float]:
+    """(planned, measured, arena / lower bound, planning seconds) of memfit's step."""
+    torch.manual_seed(0)
+    example = resolve_model(name)
+    compiled = compile_model(example, lm_loss, CompileOptions(batch_size=b, seq_len=t))
+    graph, plan, timings = compiled.graph, compiled.plan, compiled.context.timings
+    if recompute:
+        ctx = PassContext()
+        for run_pass in (recompute_pass, schedule, plan_buffers):
+            start = time.perf_counter()
+            graph = verify(run_pass(graph, ctx))
+            timings[run_pass.__name__] = time.perf_counter() - start
+        plan = ctx.plan
+    assert plan is not None
+    arena = Arena(graph, plan)
+    program = Program.from_module(graph, example.module, backend=arena)
+    program.step(*batch(example.vocab_size, b, t, 0))
+    x, y = batch(example.vocab_size, b, t, 1)
+    persistent = held(program.state.values())
+    measured = persistent + held([arena.buffer, x, y])
+    measured += allocations(lambda: program.step(x, y)).peak_bytes
+    planned = plan.peak_bytes
+    planning = timings["schedule"] + timings["plan_buffers" if recompute else "buffers"]
+    return (planned, planned - persistent), (measured, measured - persistent), plan.ratio, planning
+
+
+def main(configs: list[str]) -> None:
+    table = Table(title="peak bytes of one training step (AdamW), CPU, fp32")
+    columns = ["model", "batch×seq", "eager", "memfit", "measured", "/ eager", "step / eager"]
+    columns += ["arena / bound", "plan s"]
+    for column in columns:
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for spec in configs:
+        name, b, t = spec.split(":")
+        start = time.perf_counter()
+        eager = eager_peak(name, int(b), int(t))
+        for recompute in (False, True):
+            planned, measured, ratio, planning = memfit_peaks(name, int(b), int(t), recompute)
+            table.add_row(
+                name + (" + recompute" if recompute else ""),
+                f"{b}×{t}",
+                fmt_bytes(eager[0]) if not recompute else "",
+                fmt_bytes(planned[0]),
+                fmt_bytes(measured[0]),
+                f"{planned[0] / eager[0]:.2f}",
+                f"{planned[1] / eager[1]:.2f}",
+                f"{ratio:.3f}",
+                f"{planning:.2f}",
+            )
+        print(f"{spec}: done in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    Console(width=140).print(table)
+    print(
+        "eager: measured peak of torch (forward, backward, AdamW.step, zero_grad). memfit: the"
+        " planned peak (arena + parameters, moments, batch) and the measured one; '/ eager'"
+        " compares whole steps, 'step / eager' the bytes beyond parameters, buffers and moments."
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] or CONFIGS)
