@@ -139,15 +139,21 @@ def _gelu_backward(a: list[str], n: Node) -> str:
     return f"{g} * ({cdf} + {x} * tl.exp(-0.5 * {x} * {x}) * 0.3989422804014327)"
 
 
+# integer exponents unrolled into products, right for any sign of the base (x**0 is left to
+# ATen: 1 even for nan, which no product gives)
+_SMALL_POWERS = (-4, -3, -2, -1, 1, 2, 3, 4)
+
+
 def _pow_tensor_scalar(a: list[str], n: Node) -> str:
     x, e = a[0], n.args[1]
     if e == 0.5:
         return f"tl.sqrt({x})"
     if e == -0.5:
         return f"tl.rsqrt({x})"
-    if float(e).is_integer() and 0 <= e <= 4:
-        return " * ".join([x] * int(e)) if e else f"{x} * 0 + 1"
-    return f"tl.exp({_literal(float(e))} * tl.log({x}))"
+    if float(e).is_integer() and int(e) in _SMALL_POWERS:
+        product = " * ".join([x] * abs(int(e)))
+        return product if e > 0 else f"1.0 / ({product})"
+    return f"tl.exp({_literal(float(e))} * tl.log({x}))"  # non-integer: NaN below 0, as torch
 
 
 def _pow_scalar(a: list[str], n: Node) -> str:
@@ -155,12 +161,17 @@ def _pow_scalar(a: list[str], n: Node) -> str:
     return f"tl.exp({a[1]} * {_literal(math.log(base))})  # {base!r} ** x"
 
 
+def _nan_max(fn: str, a: str, b: str) -> str:
+    """tl.maximum/minimum returning nan when either side is (torch's rule; ints ignore it)."""
+    return f"tl.{fn}({a}, {b}, propagate_nan=tl.PropagateNan.ALL)"
+
+
 def _clamp(a: list[str], n: Node) -> str:
     x, lo, hi = a[0], _arg(n, 1, "min"), _arg(n, 2, "max")
     if lo is not None:
-        x = f"tl.maximum({x}, {_literal(lo)})"
+        x = _nan_max("maximum", x, _literal(lo))
     if hi is not None:
-        x = f"tl.minimum({x}, {_literal(hi)})"
+        x = _nan_max("minimum", x, _literal(hi))
     return x
 
 
@@ -199,7 +210,7 @@ POINTWISE: dict[str, _Pointwise] = {
     "erf": _Pointwise(_call("tl.erf")),
     "sin": _Pointwise(_call("tl.sin")),
     "cos": _Pointwise(_call("tl.cos")),
-    "relu": _Pointwise(lambda a, n: f"tl.maximum({a[0]}, 0)"),
+    "relu": _Pointwise(lambda a, n: _nan_max("maximum", a[0], "0")),
     "gelu": _Pointwise(_gelu, helpers=("_tanh",)),
     "gelu_backward": _Pointwise(_gelu_backward, helpers=("_tanh",)),
     "silu": _Pointwise(lambda a, n: f"{a[0]} * tl.sigmoid({a[0]})"),
@@ -211,10 +222,10 @@ POINTWISE: dict[str, _Pointwise] = {
     "threshold_backward": _Pointwise(lambda a, n: f"tl.where({a[1]} <= {a[2]}, 0, {a[0]})"),
     "where.self": _Pointwise(_call("tl.where", 3), keep=frozenset({0}), bool_ok=True),
     "clamp": _Pointwise(_clamp),
-    "clamp_min": _Pointwise(_call("tl.maximum", 2)),
-    "clamp_max": _Pointwise(_call("tl.minimum", 2)),
-    "maximum": _Pointwise(_call("tl.maximum", 2)),
-    "minimum": _Pointwise(_call("tl.minimum", 2)),
+    "clamp_min": _Pointwise(lambda a, n: _nan_max("maximum", a[0], a[1])),
+    "clamp_max": _Pointwise(lambda a, n: _nan_max("minimum", a[0], a[1])),
+    "maximum": _Pointwise(lambda a, n: _nan_max("maximum", a[0], a[1])),
+    "minimum": _Pointwise(lambda a, n: _nan_max("minimum", a[0], a[1])),
     "lerp.Scalar": _Pointwise(_lerp),
     "lerp.Tensor": _Pointwise(_lerp),
     "addcmul": _Pointwise(
@@ -229,8 +240,8 @@ POINTWISE: dict[str, _Pointwise] = {
     "masked_fill.Tensor": _Pointwise(
         lambda a, n: f"tl.where({a[1]}, {a[2]}, {a[0]})", keep=frozenset({1})
     ),
-    "isnan": _Pointwise(lambda a, n: f"{a[0]} != {a[0]}", promote=True),
-    "isinf": _Pointwise(lambda a, n: f'tl.abs({a[0]}) == float("inf")', promote=True),
+    "isnan": _Pointwise(lambda a, n: f"{a[0]} != {a[0]}", promote=True, bool_ok=True),
+    "isinf": _Pointwise(lambda a, n: f'tl.abs({a[0]}) == float("inf")', promote=True, bool_ok=True),
     "bitwise_not": _Pointwise(_not, bool_ok=True),
     "logical_not": _Pointwise(lambda a, n: f"{a[0]} == 0", promote=True, bool_ok=True),
     "bitwise_and.Tensor": _Pointwise(_infix("&"), bool_ok=True),
@@ -324,7 +335,10 @@ def _pointwise_ok(node: Node) -> bool:
         return False
     match node.op:
         case "pow.Tensor_Scalar":
-            return isinstance(node.args[1], int | float)
+            e = node.args[1]
+            return isinstance(e, int | float) and (
+                not float(e).is_integer() or int(e) in _SMALL_POWERS
+            )
         case "pow.Scalar":
             return isinstance(node.args[0], int | float) and node.args[0] > 0
         case "gelu" | "gelu_backward":
