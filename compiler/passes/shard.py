@@ -105,7 +105,7 @@ class ShardLayout:
 
     @property
     def sharded_states(self) -> bool:
-        return self.mesh.zero >= 1 and self.mesh.dp > 1
+        return self.mesh.zero >= 1  # a Mesh has dp ≥ 2 whenever zero ≥ 1
 
     @staticmethod
     def state_name(prefix: str, k: int) -> str:
@@ -142,7 +142,7 @@ def shard_pass(graph: Graph, ctx: PassContext) -> Graph:
         list(ctx.options["trainable"]),
         ctx.options.get("optimizer") or AdamW(),
         ctx.options.get("bucket_bytes", DEFAULT_BUCKET_BYTES),
-        low if mesh.zero >= 1 and mesh.dp > 1 else None,
+        low if mesh.zero >= 1 else None,
     )
     out = rewrite.run()
     ctx.stats["shard.layout"] = rewrite.layout
@@ -246,7 +246,9 @@ class _Rewrite:
         env: dict[int, Value] = {}
         if self.low is not None:
             for name, v in self.params.items():
-                env[id(v)] = self.emit("_to_copy", (params[name],), {"dtype": v.dtype}, name)
+                env[id(v)] = self.emit(
+                    "_to_copy", (params[name],), {"dtype": v.dtype}, f"{name}.f32"
+                )
         started: dict[int, Value] = {}
         for i, node in enumerate(self.src.nodes):
             self.nodes.append(
