@@ -134,12 +134,12 @@ def _assert_same_run(run: Path, reference: Path, model: str = "gpt2-tiny") -> No
 
 @pytest.fixture(scope="module")
 def reference(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """gpt2-tiny, 4 steps of the global batch of 4 rows, one process."""
+    """gpt2-tiny, 4 steps of the global batch of 4 rows, one process; checkpoints at 2 and 4."""
     out = tmp_path_factory.mktemp("one")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each spawned rank runs
     try:
-        _one_process(_config(data, out))
+        _one_process(_config(data, out, checkpoint_every=2))
     finally:
         torch.set_num_threads(threads)
     return out
@@ -188,12 +188,22 @@ def _bf16_zero2_steps(out: Path) -> None:
         torch.save({"losses": losses, "state": state}, out)
 
 
+def _from_step_2(run: Path, out: Path) -> None:
+    """`out` as `run` was after step 2: its step-2 checkpoint is the latest, 2 metric lines."""
+    shutil.copytree(run / "checkpoints", out / "checkpoints")
+    (out / "checkpoints" / LATEST).write_text("step-00000002\n")
+    metrics = (run / "metrics.jsonl").read_text().splitlines()[:2]
+    (out / "metrics.jsonl").write_text("".join(line + "\n" for line in metrics))
+
+
 @pytest.fixture(scope="module")
-def two_ranks(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def two_ranks(data: Path, reference: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Every mesh of MESHES trained by the same two spawned ranks (one start-up for all),
-    then the bf16 ZeRO-2 steps."""
+    the one-process run resumed at step 2 on tp=2, then the bf16 ZeRO-2 steps."""
     root = tmp_path_factory.mktemp("two")
     jobs: list[Job] = [_config(data, root / name, **kw) for name, kw in MESHES.items()]
+    _from_step_2(reference, root / "resumed-tp")
+    jobs.append(_config(data, root / "resumed-tp", dp=1, tp=2, resume=True))
     _spawn(2, [*jobs, partial(_bf16_zero2_steps, root / "bf16.pt")])
     return root
 
@@ -208,12 +218,16 @@ def test_two_rank_checkpoint_resumes_on_one_process(
 ) -> None:
     """ZeRO-2's checkpoint at step 2 holds the full state: one process goes on identically."""
     run = two_ranks / "zero2"
-    shutil.copytree(run / "checkpoints", tmp_path / "checkpoints")
-    (tmp_path / "checkpoints" / LATEST).write_text("step-00000002\n")
-    metrics = (run / "metrics.jsonl").read_text().splitlines()[:2]
-    (tmp_path / "metrics.jsonl").write_text("".join(line + "\n" for line in metrics))
+    _from_step_2(run, tmp_path)
     _one_process(_config(data, tmp_path, resume=True))
     _assert_same_run(tmp_path, run)
+
+
+def test_one_process_checkpoint_resumes_on_tensor_parallel_ranks(
+    two_ranks: Path, reference: Path
+) -> None:
+    """The other way: the one-process step-2 checkpoint, split over tp=2, goes on as before."""
+    _assert_same_run(two_ranks / "resumed-tp", reference)
 
 
 def test_bf16_zero2_with_sharded_masters_matches_one_process(
