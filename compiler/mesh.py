@@ -62,7 +62,8 @@ class Mesh:
         if world_size != self.world:
             raise MeshError(
                 f"the mesh --dp {self.dp} --tp {self.tp} needs {self.world} processes, but"
-                f" {world_size} were launched (torchrun --nproc-per-node {self.world})"
+                f" {world_size} {'was' if world_size == 1 else 'were'} launched (torchrun"
+                f" --nproc-per-node {self.world})"
             )
 
     def check_batch(self, batch_size: int) -> None:

@@ -40,15 +40,19 @@ def launched_world() -> int:
 
 
 def init_process_group(device: str) -> None:
-    """Join the job torchrun started (no-op if this process already has)."""
-    if not dist.is_initialized():
-        backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
-        dist.init_process_group(backend)
+    """Join the job torchrun started (no-op if this process already has); on CUDA, each rank
+    takes the GPU of its LOCAL_RANK."""
+    if dist.is_initialized():
+        return
+    if torch.device(device).type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
 
 
 def make_groups(mesh: Mesh, rank: int) -> Groups:
     """The dp and tp groups holding `rank`. Every rank creates every group, in one order."""
-    mesh.check_world(dist.get_world_size())
     mine: Groups = {}
     for name, members in (("dp", mesh.dp_group), ("tp", mesh.tp_group)):
         seen: set[tuple[int, ...]] = set()
@@ -74,6 +78,7 @@ class Parallel:
 
     @classmethod
     def from_env(cls, mesh: Mesh, device: str) -> Parallel:
+        mesh.check_world(launched_world())
         init_process_group(device)
         rank = dist.get_rank()
         return cls(mesh, rank, make_groups(mesh, rank))

@@ -257,3 +257,9 @@ def test_mesh_that_does_not_fit_is_refused(data: Path, tmp_path: Path) -> None:
         _config(data, tmp_path, dp=3).mesh()
     with pytest.raises(MeshError, match="needs --dp ≥ 2"):
         _config(data, tmp_path, dp=1, zero=2).mesh()
+
+
+def test_a_mesh_without_its_processes_is_refused(data: Path, tmp_path: Path) -> None:
+    """--dp 2 in a process torchrun did not start: a clear error, no rendezvous hang."""
+    with pytest.raises(MeshError, match="needs 2 processes, but 1 was launched"):
+        Trainer(_config(data, tmp_path, dp=2))
