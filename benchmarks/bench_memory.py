@@ -7,8 +7,8 @@ bytes the allocator hands out on top during the step (profiler memory events,
 and eager's `zero_grad(set_to_none=True)` has freed the gradients, as in steady training.
 "step" columns leave out what both sides must hold anyway (parameters, buffers, moments).
 
-memfit runs twice: as `compile_model` compiles it, and with the recompute pass's default
-min-cut applied to that step, which is then scheduled and planned again.
+memfit runs twice: keeping every activation the backward reads (`recompute=False`), and as
+`compile_model` compiles by default (the recompute pass's min-cut before the schedule).
 
     .venv/bin/python benchmarks/bench_memory.py                    # tiny and small configs
     .venv/bin/python benchmarks/bench_memory.py gpt2-tiny:8:64     # MODEL:BATCH:SEQ ...
@@ -26,11 +26,6 @@ from rich.table import Table
 from torch import Tensor
 
 from compiler.compile import CompileOptions, compile_model
-from compiler.passes.buffers import plan_buffers
-from compiler.passes.manager import PassContext
-from compiler.passes.recompute import recompute_pass
-from compiler.passes.schedule import schedule
-from compiler.passes.verify import verify
 from compiler.plan import fmt_bytes
 from examples.loss import lm_loss
 from memfit.models import resolve_model
@@ -77,15 +72,9 @@ def memfit_peaks(name: str, b: int, t: int, recompute: bool) -> tuple[Peaks, Pea
     """(planned, measured, arena / lower bound, planning seconds) of memfit's step."""
     torch.manual_seed(0)
     example = resolve_model(name)
-    compiled = compile_model(example, lm_loss, CompileOptions(batch_size=b, seq_len=t))
+    options = CompileOptions(batch_size=b, seq_len=t, recompute=recompute)
+    compiled = compile_model(example, lm_loss, options)
     graph, plan, timings = compiled.graph, compiled.plan, compiled.context.timings
-    if recompute:
-        ctx = PassContext()
-        for run_pass in (recompute_pass, schedule, plan_buffers):
-            start = time.perf_counter()
-            graph = verify(run_pass(graph, ctx))
-            timings[run_pass.__name__] = time.perf_counter() - start
-        plan = ctx.plan
     assert plan is not None
     arena = Arena(graph, plan)
     program = Program.from_module(graph, example.module, backend=arena)
@@ -95,7 +84,7 @@ def memfit_peaks(name: str, b: int, t: int, recompute: bool) -> tuple[Peaks, Pea
     measured = persistent + held([arena.buffer, x, y])
     measured += allocations(lambda: program.step(x, y)).peak_bytes
     planned = plan.peak_bytes
-    planning = timings["schedule"] + timings["plan_buffers" if recompute else "buffers"]
+    planning = timings["schedule"] + timings["buffers"]
     return (planned, planned - persistent), (measured, measured - persistent), plan.ratio, planning
 
 
@@ -112,7 +101,7 @@ def main(configs: list[str]) -> None:
         for recompute in (False, True):
             planned, measured, ratio, planning = memfit_peaks(name, int(b), int(t), recompute)
             table.add_row(
-                name + (" + recompute" if recompute else ""),
+                name + (" + recompute" if recompute else " (no recompute)"),
                 f"{b}×{t}",
                 fmt_bytes(eager[0]) if not recompute else "",
                 fmt_bytes(planned[0]),

@@ -34,7 +34,7 @@ def planned(graph: Graph) -> Arena:
 
 
 @given(steps(), st.data())
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=30, deadline=None)
 def test_random_graphs_run_bit_for_bit_like_eager(graph: Graph, data: st.DataObject) -> None:
     arena = planned(shuffled(graph, data))
     expected_in, got_in = random_inputs(graph), random_inputs(graph)

@@ -50,13 +50,13 @@ def assert_sound(plan: MemoryPlan) -> None:
 
 
 @given(steps(), st.data())
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=40, deadline=None)
 def test_random_schedules_get_sound_plans(graph: Graph, data: st.DataObject) -> None:
     assert_sound(plan_of(shuffled(graph, data)))
 
 
 @given(steps(), st.data())
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=20, deadline=None)
 def test_every_strategy_alone_is_sound(graph: Graph, data: st.DataObject) -> None:
     graph = shuffled(graph, data)
     plan = plan_of(graph)

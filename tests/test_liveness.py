@@ -63,7 +63,7 @@ def test_a_buffer_shows_the_most_telling_role_of_its_views() -> None:
 
 
 @given(steps(), st.data())
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=30, deadline=None)
 def test_lifetimes_match_a_brute_force_reading_of_the_schedule(
     graph: Graph, data: st.DataObject
 ) -> None:

@@ -83,7 +83,7 @@ def assert_same_numbers(a: Graph, b: Graph) -> None:
 
 
 @given(steps(), st.data())
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=30, deadline=None)
 def test_any_input_order_gives_a_valid_schedule_with_the_same_numbers(
     graph: Graph, data: st.DataObject
 ) -> None:
@@ -100,7 +100,7 @@ def test_any_input_order_gives_a_valid_schedule_with_the_same_numbers(
 
 
 @given(steps(), st.data())
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 def test_the_update_waits_for_every_read_of_the_parameter_through_views(
     graph: Graph, data: st.DataObject
 ) -> None:
@@ -117,7 +117,7 @@ def test_the_update_waits_for_every_read_of_the_parameter_through_views(
 
 
 @given(steps(), st.data())
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=25, deadline=None)
 def test_never_worse_than_the_order_it_was_given(graph: Graph, data: st.DataObject) -> None:
     ctx = PassContext()
     schedule(shuffled(graph, data), ctx)
