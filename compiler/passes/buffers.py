@@ -88,18 +88,19 @@ def tightest_gap(
     """Place buffers in `order`, each into the smallest gap between the buffers already placed
     that overlap it in time (or on top of them)."""
     offset = np.zeros(len(size), dtype=np.int64)
-    placed = np.zeros(len(size), dtype=np.int64)
+    # the placed buffers, in placement order: start, end, offset, top (offset + size)
+    placed = np.zeros((4, len(size)), dtype=np.int64)
     for count, k in enumerate(order):
-        idx = placed[:count]
-        idx = idx[(start[idx] <= end[k]) & (end[idx] >= start[k])]
-        if len(idx):
-            idx = idx[np.argsort(offset[idx], kind="stable")]
-            lo, hi = offset[idx], offset[idx] + size[idx]
+        first, last, lo, hi = placed[:, :count]
+        near = np.flatnonzero((first <= end[k]) & (last >= start[k]))
+        if len(near):
+            near = near[np.argsort(lo[near], kind="stable")]
+            lo, hi = lo[near], hi[near]
             floor = np.concatenate(([0], np.maximum.accumulate(hi)[:-1]))
             gap = lo - floor
             fits = np.flatnonzero(gap >= size[k])
             offset[k] = floor[fits[np.argmin(gap[fits])]] if len(fits) else hi.max()
-        placed[count] = k
+        placed[:, count] = start[k], end[k], offset[k], offset[k] + size[k]
     return offset
 
 
