@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from compiler.ir import Graph
+from compiler.ir import Graph, dump, parse
 from compiler.lora import LoraConfig, apply_lora
 from compiler.mesh import Mesh, MeshError
 from compiler.passes.buffers import plan_buffers
@@ -38,6 +39,7 @@ class CompileOptions:
     rank: int = 0
     bucket_bytes: int = DEFAULT_BUCKET_BYTES  # gradient bucket size of the data-parallel reduction
     recompute: bool = True  # False: keep every activation the backward reads (no min-cut)
+    recompute_policy: dict[str, Any] = field(default_factory=dict)  # see recompute.choose_saved
     backend: str = "eager"  # eager | triton: triton groups fusible nodes into generated kernels
     fused_cross_entropy: bool = True  # the LM head as chunked linear+cross-entropy ops
     dump_after: set[str] = field(default_factory=set)
@@ -77,10 +79,15 @@ def example_batch(model: ExampleModel, batch_size: int, seq_len: int) -> tuple[T
     return tokens, torch.zeros(shape, dtype=torch.int64, device=device)
 
 
-def compile_model(
-    model: ExampleModel, loss_fn: LossFn, options: CompileOptions | None = None
-) -> CompiledStep:
-    options = options or CompileOptions()
+@dataclass(frozen=True)
+class TracedStep:
+    graph: Graph
+    seq_len: int
+    sharding: dict[str, Any]
+
+
+def trace_model(model: ExampleModel, loss_fn: LossFn, options: CompileOptions) -> TracedStep:
+    """Apply the model rewrites (LoRA, quantised base, tensor parallel) and trace the step."""
     seq_len = options.seq_len or model.block_size
     if options.batch_size < 1:
         raise ValueError(f"batch size must be ≥ 1, got {options.batch_size}")
@@ -103,15 +110,35 @@ def compile_model(
         optimizer = None
     batch = example_batch(model, options.batch_size, seq_len)
     graph = trace(model.module, loss_fn, batch, optimizer, return_grads=options.return_grads)
+    return TracedStep(graph, seq_len, sharding)
+
+
+def optimize(traced: TracedStep, options: CompileOptions) -> CompiledStep:
+    """Run the pass pipeline on a fresh copy of a traced step (so one trace serves many plans)."""
     ctx = PassContext(
         options={
             "precision": options.precision,
             "backend": options.backend,
             "fused_cross_entropy": options.fused_cross_entropy,
-            **sharding,
+            **options.recompute_policy,
+            **traced.sharding,
         },
         dump_after=set(options.dump_after),
         dump_dir=options.dump_dir,
     )
-    graph = pass_manager(recompute=options.recompute).run(graph, ctx)
-    return CompiledStep(graph, ctx, options.batch_size, seq_len, ctx.plan)
+    graph = pass_manager(recompute=options.recompute).run(parse(dump(traced.graph)), ctx)
+    if ctx.plan is not None and "recompute.extra_flops" in ctx.stats:
+        ctx.plan.recompute = {
+            "extra_flops": ctx.stats["recompute.extra_flops"],
+            "step_flops": ctx.stats["recompute.step_flops"],
+            "values": ctx.stats["recompute.recomputed"],
+        }
+    return CompiledStep(graph, ctx, options.batch_size, traced.seq_len, ctx.plan)
+
+
+def compile_model(
+    model: ExampleModel, loss_fn: LossFn, options: CompileOptions | None = None
+) -> CompiledStep:
+    """Trace the model's step and run the pass pipeline on it."""
+    options = options or CompileOptions()
+    return optimize(trace_model(model, loss_fn, options), options)

@@ -48,6 +48,8 @@ class MemoryPlan:
     outside: dict[Role, int]  # bytes the caller owns (params, buffers, optimizer states, batch)
     phases: list[tuple[str, int, int]]  # (phase, first step, last step) runs over the schedule
     config: dict[str, Any] = field(default_factory=dict)  # what was planned (model, batch, ...)
+    # what the recompute pass chose: extra_flops, step_flops, values (names recomputed)
+    recompute: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def build(
@@ -123,6 +125,7 @@ class MemoryPlan:
             "outside_arena": {str(r): b for r, b in self.outside.items()},
             "breakdown_at_peak": {str(r): b for r, b in self.breakdown().items()},
             "phases": [list(p) for p in self.phases],
+            "recompute": self.recompute,
             "values": [
                 {
                     "name": v.name,
@@ -170,6 +173,7 @@ class MemoryPlan:
             {Role(r): b for r, b in d["outside_arena"].items()},
             [(p, a, b) for p, a, b in d["phases"]],
             d["config"],
+            d.get("recompute", {}),
         )
 
     # --- terminal -----------------------------------------------------------------------------
@@ -189,6 +193,14 @@ class MemoryPlan:
         table.add_row("arena", self.strategy, fmt_bytes(self.arena_bytes), style="bold")
         table.add_row("lower bound", "most bytes live at once", fmt_bytes(self.lower_bound))
         table.add_row("arena / lower bound", "", f"{self.ratio:.4f}", style="bold")
+        if self.recompute:
+            extra, total = self.recompute["extra_flops"], max(self.recompute["step_flops"], 1)
+            table.add_section()
+            table.add_row(
+                "recomputed",
+                f"{len(self.recompute['values'])} values",
+                f"+{100 * extra / total:.2f}% FLOPs",
+            )
         return table
 
 

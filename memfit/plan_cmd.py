@@ -7,45 +7,32 @@ the same plan for tools and for people (schema: docs/plan-schema.md).
 
 from __future__ import annotations
 
-import re
+import json
+from dataclasses import asdict
 from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.table import Table
 
-from compiler.compile import CompileOptions, compile_model
+from compiler.budget import Budget, SweepPoint, compile_within, sweep_budgets
+from compiler.compile import CompileOptions, optimize, trace_model
 from compiler.errors import MemfitError
 from compiler.passes.precision import PRECISIONS
 from compiler.plan import MemoryPlan, fmt_bytes
 from compiler.plan_render import write_html, write_png
+from compiler.sweep_render import write_sweep_png
 from examples.loss import lm_loss
 from memfit.models import resolve_model
 from memfit.options import model_shape_options
 
 FORMATS = ("table", "json", "png", "html")
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
-_UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*")
 
 console = Console()
 
 
 class PlanError(MemfitError):
-    """A `memfit plan` request that makes no sense, or a plan that breaks its budget."""
-
-
-def parse_size(text: str) -> int:
-    """'8GiB', '512 MB', '1.5GB', '123456' (bytes) → bytes."""
-    m = _SIZE.fullmatch(text)
-    if not m or m.group(2).lower() not in _UNITS:
-        raise PlanError(
-            f"--memory-budget {text!r} is not a size: write a number with an optional unit,"
-            " e.g. 16GiB, 512MB or 1000000 (bytes); units: B, KB, MB, GB, TB, KiB, MiB, GiB, TiB"
-        )
-    nbytes = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    if nbytes <= 0:
-        raise PlanError(f"--memory-budget {text!r} must be more than 0 bytes")
-    return nbytes
+    """A `memfit plan` request that makes no sense."""
 
 
 @click.command()
@@ -73,8 +60,15 @@ def parse_size(text: str) -> int:
 @click.option(
     "--memory-budget",
     default=None,
-    metavar="SIZE",
-    help="Fail unless the step's peak (arena + parameters, states, batch) fits, e.g. 16GiB.",
+    metavar="SIZE|FRACTION",
+    help="Recompute until the step fits: a size (12GB, 800MiB: the whole step's peak) or a"
+    " fraction of the no-recompute activation memory (0.5).",
+)
+@click.option(
+    "--sweep",
+    is_flag=True,
+    help="Peak memory vs extra FLOPs over budgets (with no recompute and per-layer"
+    " checkpointing); --format png draws it.",
 )
 def plan_command(
     model: str,
@@ -84,6 +78,7 @@ def plan_command(
     fmt: str,
     out: Path | None,
     memory_budget: str | None,
+    sweep: bool,
 ) -> None:
     """Plan MODEL's training step (forward, backward, AdamW): schedule, liveness, one arena."""
     if precision not in PRECISIONS:
@@ -91,7 +86,7 @@ def plan_command(
             f"--precision {precision!r} is not one memfit compiles; valid choices:"
             f" {', '.join(PRECISIONS)}"
         )
-    budget = parse_size(memory_budget) if memory_budget is not None else None
+    budget = Budget.parse(memory_budget) if memory_budget is not None else None
     with console.status(f"building {model} on the meta device"):
         example = resolve_model(model, device="meta")
     seq = seq_len or example.block_size
@@ -99,12 +94,20 @@ def plan_command(
         raise PlanError(
             f"--seq {seq} is longer than {model}'s block size ({example.block_size} tokens)"
         )
-    with console.status(f"tracing and planning {model} (batch {batch_size} × {seq})"):
-        options = CompileOptions(batch_size=batch_size, seq_len=seq, precision=precision)
-        compiled = compile_model(example, lm_loss, options)
+    options = CompileOptions(batch_size=batch_size, seq_len=seq, precision=precision)
+    with console.status(f"tracing {model} (batch {batch_size} × {seq})"):
+        traced = trace_model(example, lm_loss, options)
+    config = {"model": model, "batch": batch_size, "seq": seq, "precision": precision}
+    if sweep:
+        with console.status("planning the sweep"):
+            points = sweep_budgets(traced, options, len(getattr(example.module, "blocks", [1])))
+        _emit_sweep(points, config, fmt, out or _default_path(model, batch_size, seq, fmt))
+        return
+    with console.status(f"planning {model}"):
+        compiled = compile_within(traced, options, budget) if budget else optimize(traced, options)
     plan = compiled.plan
     assert plan is not None
-    plan.config = {"model": model, "batch": batch_size, "seq": seq, "precision": precision}
+    plan.config = config | ({"memory_budget": memory_budget} if budget else {})
     _emit(plan, fmt, out or _default_path(model, batch_size, seq, fmt))
     if fmt == "table":
         t = compiled.context.timings
@@ -116,13 +119,28 @@ def plan_command(
             f" ({stats['schedule.strategy']})",
             highlight=False,
         )
-    if budget is not None and plan.peak_bytes > budget:
-        raise PlanError(
-            f"the step needs {fmt_bytes(plan.peak_bytes)} at its peak (arena"
-            f" {fmt_bytes(plan.arena_bytes)}, plus {fmt_bytes(sum(plan.outside.values()))} of"
-            f" parameters, optimizer states and batch) but --memory-budget is"
-            f" {fmt_bytes(budget)}: lower --batch or --seq"
-        )
+
+
+def _emit_sweep(points: list[SweepPoint], config: dict, fmt: str, path: Path | None) -> None:
+    if fmt == "table":
+        table = Table(title="peak memory vs recomputation: " + ", ".join(map(str, config.values())))
+        for column in ("plan", "step peak", "activations at peak", "extra FLOPs"):
+            table.add_column(column, justify="left" if column == "plan" else "right")
+        for p in points:
+            table.add_row(
+                p.label,
+                fmt_bytes(p.peak_bytes),
+                fmt_bytes(p.activation_bytes),
+                f"{p.extra_percent:.2f}%",
+            )
+        console.print(table)
+    elif fmt == "json":
+        doc = json.dumps({"config": config, "points": [asdict(p) for p in points]}, indent=1)
+        click.echo(doc) if path is None else path.write_text(doc + "\n")
+    else:
+        assert path is not None
+        write_sweep_png(points, config, path.with_suffix(".png"))
+        console.print(f"wrote {path.with_suffix('.png')}", highlight=False)
 
 
 def _default_path(model: str, batch: int, seq: int, fmt: str) -> Path | None:

@@ -245,13 +245,30 @@ def rewrite(graph: Graph, saved: Iterable[Value]) -> tuple[Graph, list[Node]]:
     return out, clones
 
 
+def choose_saved(graph: Graph, boundary: Boundary, options: dict) -> list[Value]:
+    """The saved set the options ask for.
+
+    `activation_budget` (bytes) or `activation_fraction` (of the no-recompute saved bytes):
+    the 0/1 program; `checkpoint_layers` (a layer count): per-layer full checkpointing;
+    `least_memory`: the fewest bytes whatever it costs; otherwise the min-cut.
+    """
+    if options.get("least_memory"):
+        return budget_floor(boundary)
+    if options.get("checkpoint_layers"):
+        tokens = next(v for v in graph.inputs if v.name == "tokens")
+        return layer_checkpoint_saved(boundary, tokens, int(options["checkpoint_layers"]))
+    budget = options.get("activation_budget")
+    if options.get("activation_fraction") is not None:
+        budget = options["activation_fraction"] * boundary.saved_bytes(boundary.needed)
+    return min_cut_saved(boundary) if budget is None else budget_saved(boundary, int(budget))
+
+
 def recompute_pass(graph: Graph, ctx: PassContext) -> Graph:
-    """Apply the default min-cut, or the budgeted program when `activation_budget` is set."""
+    """Save what `choose_saved` picks; recompute the rest of what the backward needs."""
     boundary = Boundary.of(graph)
     if not boundary.needed:
         return graph
-    budget = ctx.options.get("activation_budget")
-    saved = min_cut_saved(boundary) if budget is None else budget_saved(boundary, int(budget))
+    saved = choose_saved(graph, boundary, ctx.options)
     out, clones = rewrite(graph, saved)
     step_flops = sum(flops(n) for n in graph.nodes)
     extra = sum(flops(n) for n in clones)

@@ -1,0 +1,144 @@
+"""Fit a step into a memory budget, with the arena plan in the loop; and the Pareto sweep.
+
+A budget is bytes (`12GB`, `800MiB`: the planned step peak, arena plus parameters, optimizer
+states and batch) or a fraction (`0.5`: of the activation bytes the backward reads with no
+recomputation). Bytes are met by iterating the recompute program's activation budget on what
+the real plan measures, so the answer holds for the arena, not for an estimate.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+
+from compiler.compile import CompiledStep, CompileOptions, TracedStep, optimize
+from compiler.errors import MemfitError
+from compiler.ir import Role
+from compiler.plan import fmt_bytes
+
+MAX_ROUNDS = 8
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*")
+
+
+class BudgetError(MemfitError):
+    """The budget is malformed, or no recomputation fits the step into it."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    nbytes: int | None = None  # planned step peak
+    fraction: float | None = None  # of no-recompute activation bytes
+
+    @classmethod
+    def parse(cls, text: str) -> Budget:
+        """'0.5' → a fraction; '12GB', '800MiB', '123456' → bytes."""
+        m = _SIZE.fullmatch(text)
+        if m and not m.group(2) and ("." in m.group(1) or float(m.group(1)) <= 1):
+            fraction = float(m.group(1))
+            if not 0 < fraction <= 1:
+                raise BudgetError(f"--memory-budget fraction {text!r} must be in (0, 1]")
+            return cls(fraction=fraction)
+        return cls(nbytes=parse_size(text, "--memory-budget"))
+
+
+def parse_size(text: str, flag: str) -> int:
+    """'8GiB', '512 MB', '1.5GB', '123456' (bytes) → bytes."""
+    m = _SIZE.fullmatch(text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise BudgetError(
+            f"{flag} {text!r} is not a size: write a number with an optional unit, e.g. 16GiB,"
+            " 512MB or 1000000 (bytes); units: B, KB, MB, GB, TB, KiB, MiB, GiB, TiB"
+        )
+    nbytes = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if nbytes <= 0:
+        raise BudgetError(f"{flag} {text!r} must be more than 0 bytes")
+    return nbytes
+
+
+def _with_policy(options: CompileOptions, **policy: object) -> CompileOptions:
+    return replace(options, recompute=True, recompute_policy=dict(policy))
+
+
+def compile_within(traced: TracedStep, options: CompileOptions, budget: Budget) -> CompiledStep:
+    """The least-recompute compilation of `traced` whose plan fits `budget`."""
+    if budget.fraction is not None:
+        return optimize(traced, _with_policy(options, activation_fraction=budget.fraction))
+    assert budget.nbytes is not None
+    step = optimize(traced, _with_policy(options))  # the min-cut: cheap ops only
+    activation = step.context.stats["recompute.saved_bytes_after"]
+    for _ in range(MAX_ROUNDS):
+        assert step.plan is not None
+        over = step.plan.peak_bytes - budget.nbytes
+        if over <= 0:
+            return step
+        activation -= over
+        if activation < 0:
+            break
+        try:
+            step = optimize(traced, _with_policy(options, activation_budget=activation))
+        except MemfitError:
+            break
+    raise _infeasible(traced, options, budget.nbytes)
+
+
+def _infeasible(traced: TracedStep, options: CompileOptions, nbytes: int) -> BudgetError:
+    """Name the smallest achievable peak and what dominates it.
+
+    The fewest saved bytes is not always the lowest peak (recomputing a whole forward at once
+    has its own peak), so the smallest of a few tight policies is reported.
+    """
+    candidates = [_with_policy(options, least_memory=True)]
+    candidates += [_with_policy(options, activation_fraction=f) for f in FRACTIONS[-3:]]
+    plans = [optimize(traced, c).plan for c in candidates]
+    plan = min((p for p in plans if p is not None), key=lambda p: p.peak_bytes)
+    largest = max(plan.values, key=lambda v: v.size)
+    by_role = sorted(plan.breakdown().items(), key=lambda kv: -kv[1])
+    dominant = ", ".join(f"{r} {fmt_bytes(b)}" for r, b in by_role[:3] if b)
+    return BudgetError(
+        f"no recomputation fits a {fmt_bytes(nbytes)} budget: the smallest achievable step peak"
+        f" is {fmt_bytes(plan.peak_bytes)} (at the peak: {dominant}; the largest single tensor"
+        f" is %{largest.name}, {fmt_bytes(largest.size)} ({largest.role}))"
+    )
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    label: str
+    peak_bytes: int
+    activation_bytes: int
+    extra_flops: int
+    step_flops: int
+
+    @property
+    def extra_percent(self) -> float:
+        return 100 * self.extra_flops / max(self.step_flops, 1)
+
+
+FRACTIONS = (0.75, 0.5, 0.35, 0.25, 0.15, 0.1)
+
+
+def sweep_budgets(traced: TracedStep, options: CompileOptions, n_layers: int) -> list[SweepPoint]:
+    """Peak vs extra FLOPs over budgets, with no-recompute and per-layer checkpointing."""
+    runs = [("no recompute", replace(options, recompute=False))]
+    runs += [("min-cut (default)", _with_policy(options))]
+    runs += [(f"budget {f:g}", _with_policy(options, activation_fraction=f)) for f in FRACTIONS]
+    runs += [("least memory", _with_policy(options, least_memory=True))]
+    runs += [("per-layer checkpointing", _with_policy(options, checkpoint_layers=n_layers))]
+    points = []
+    for label, opts in runs:
+        step = optimize(traced, opts)
+        assert step.plan is not None
+        stats = step.context.stats
+        activation = step.plan.breakdown().get(Role.ACTIVATION, 0)
+        points.append(
+            SweepPoint(
+                label,
+                step.plan.peak_bytes,
+                activation,
+                stats.get("recompute.extra_flops", 0),
+                stats.get("recompute.step_flops", 0) or 1,
+            )
+        )
+    return points
