@@ -104,10 +104,10 @@ _POINTWISE = [
     "remainder.Scalar",
 ]
 _REDUCTION = [
-    "sum.default",
+    "sum",
     "sum.dim_IntList",
     "mean.dim",
-    "mean.default",
+    "mean",
     "amax",
     "amin",
     "max.dim",
@@ -135,7 +135,7 @@ _VIEW = [
     "unsqueeze",
     "squeeze.dims",
     "squeeze.dim",
-    "squeeze.default",
+    "squeeze",
     "t",
     "transpose.int",
     "slice.Tensor",

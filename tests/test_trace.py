@@ -141,3 +141,18 @@ def test_failing_forward_names_the_users_line() -> None:
 def test_unsupported_op_names_op_node_and_line() -> None:
     with pytest.raises(UnsupportedOpError, match=r"op aten\.\w+ \(node \w+\) at .*test_trace"):
         trace(_Unsupported(), lm_loss, _batch(4, seq=3))
+
+
+class _MeanLoss(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.float().unsqueeze(-1) * self.w
+
+
+def test_whole_tensor_sum_and_mean_trace() -> None:
+    """`tensor.mean()` and `.sum()` are aten.mean.default / aten.sum.default: in the op set."""
+    graph = trace(_MeanLoss(), lambda out, y: out.mean() + out.sum(), _batch(4, seq=3))
+    assert {"mean", "sum"} <= {n.op for n in graph.nodes}
