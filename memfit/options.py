@@ -28,3 +28,41 @@ def model_shape_options(func: F) -> F:
         help="Batch size the step is compiled for.",
     )(func)
     return click.argument("model", metavar="MODEL")(func)
+
+
+def lowering_options(func: F) -> F:
+    """--precision, --lora, --quantize-base: how the step's weights and math are lowered."""
+    func = click.option(
+        "--quantize-base",
+        type=click.Choice(["int8", "nf4"]),
+        default=None,
+        help="Store frozen (LoRA base) weights quantised, dequantised next to their matmul.",
+    )(func)
+    func = click.option(
+        "--lora",
+        default=None,
+        metavar="SPEC",
+        help="Low-rank adapters on a frozen base, e.g. r=8,alpha=16,targets=q,k,v,o.",
+    )(func)
+    return click.option(
+        "--precision",
+        type=click.Choice(["fp32", "bf16", "fp16"]),
+        default="fp32",
+        show_default=True,
+        help="Compute precision; master weights and AdamW states stay fp32.",
+    )(func)
+
+
+def lowering_kwargs(precision: str, lora: str | None, quantize_base: str | None) -> dict[str, Any]:
+    """CompileOptions fields for the lowering options (LoRA spec parsed, errors named)."""
+    from compiler.lora import LoraConfig
+
+    if quantize_base and not lora:
+        raise click.BadParameter(
+            "quantises the frozen base of LoRA: add --lora", param_hint="--quantize-base"
+        )
+    try:
+        config = LoraConfig.parse(lora) if lora else None
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--lora") from None
+    return {"precision": precision, "lora": config, "quantize_base": quantize_base}

@@ -9,6 +9,7 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from memfit.options import lowering_kwargs, lowering_options
 from runtime.train import TrainConfig, Trainer
 
 console = Console()
@@ -63,6 +64,7 @@ DEFAULT = TrainConfig()
     help="Checkpoint every N steps (and at the end).",
 )
 @click.option("--seed", type=int, default=DEFAULT.seed, show_default=True)
+@lowering_options
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out.")
 @click.option(
     "--dp",
@@ -78,14 +80,17 @@ DEFAULT = TrainConfig()
     show_default=True,
     help="ZeRO stage over the dp ranks: 1 shards AdamW states, 2 gradients too.",
 )
-def train_command(model: str, **options: object) -> None:
+def train_command(
+    model: str, precision: str, lora: str | None, quantize_base: str | None, **options: object
+) -> None:
     """Train MODEL (default: gpt2-tiny on the embedded corpus, CPU) with a compiled step.
 
     Under `torchrun --nproc-per-node N` each process is one rank of a --dp × --tp mesh
     (gloo on CPU, NCCL on CUDA); rank 0 prints, logs and writes full checkpoints, which
     resume on any mesh.
     """
-    cfg = TrainConfig(model=model, **options)  # type: ignore[arg-type]
+    lowering = lowering_kwargs(precision, lora, quantize_base)
+    cfg = TrainConfig(model=model, **lowering, **options)  # type: ignore[arg-type]
     if int(os.environ.get("RANK", "0")):  # other ranks train quietly
         console.quiet = True
     with console.status("preparing data and compiling the step") as status:

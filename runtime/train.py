@@ -21,6 +21,7 @@ from torch import Tensor
 
 from compiler.compile import CompileOptions, compile_model, example_batch
 from compiler.errors import MemfitError
+from compiler.lora import LoraConfig
 from compiler.mesh import Mesh
 from compiler.passes.shard import DEFAULT_BUCKET_BYTES, parallel_loss
 from compiler.trace import AdamW, trace, trace_update
@@ -69,6 +70,9 @@ class TrainConfig:
     tp: int = 1  # tensor-parallel ranks
     zero: int = 0  # ZeRO stage over the data-parallel ranks
     bucket_bytes: int = DEFAULT_BUCKET_BYTES  # gradients reduced together across dp ranks
+    precision: str = "fp32"  # compute precision; master weights and AdamW states stay fp32
+    lora: LoraConfig | None = None  # adapters on a frozen base
+    quantize_base: str | None = None  # int8 | nf4 frozen base (with lora)
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "memfit")
 
     def check(self) -> None:
@@ -155,6 +159,9 @@ class Trainer:
             mesh=mesh,
             rank=self.parallel.rank if self.parallel else 0,
             bucket_bytes=cfg.bucket_bytes,
+            precision=cfg.precision,
+            lora=cfg.lora,
+            quantize_base=cfg.quantize_base,  # type: ignore[arg-type]
         )
         compiled = compile_model(example, lm_loss, options)
         if self.parallel is None:
