@@ -7,8 +7,9 @@ so one graph serves every rank; a group of size 1 needs no binding and no torch.
 
 The communicating ops start asynchronously and return their output buffer; `memfit::wait`
 (which aliases its input, like a view) blocks until the data is there. The shard pass puts the
-start right after the last gradient of a bucket and the wait before the first reader, so the
-all-reduce of one bucket runs while the backward computes the next.
+start right after the last gradient of a bucket and makes its wait depend on the next bucket's
+start, so the reduction of one bucket runs while the backward computes the next, whatever
+order a memory-minded schedule picks otherwise.
 
   all_reduce(xs, group, world)      the flattened concatenation of xs (a gradient bucket),
                                     summed over the group: [Σnumel]
@@ -17,7 +18,9 @@ all-reduce of one bucket runs while the backward computes the next.
   all_gather(x, group, world)       every rank's x, flattened and concatenated: [world·numel]
   shard(xs, group, world)           this rank's [S] of the padded concatenation of xs (local,
                                     no communication: ZeRO's parameter shard)
-  wait(x)                           x, once the collective that made it is done
+  wait(x, after)                    x, once the collective that made it is done; `after`
+                                    are values that must exist first (the next bucket's
+                                    start), so no schedule can wait before the overlap
 
 The list-taking ops pack their inputs into the output buffer themselves (whatever the inputs'
 strides), so a bucket costs one buffer, not a concatenation and then a copy of it;
@@ -160,10 +163,10 @@ def _(xs: list[Tensor], group: str, world: int) -> Tensor:
 
 
 _lib = torch.library.Library("memfit", "FRAGMENT")
-_lib.define("wait(Tensor(a) x) -> Tensor(a)")
+_lib.define("wait(Tensor(a) x, Tensor[] after) -> Tensor(a)")
 
 
-def _wait(x: Tensor) -> Tensor:
+def _wait(x: Tensor, after: list[Tensor]) -> Tensor:
     entry = _pending.pop(x.data_ptr(), None) if x.numel() else None
     if entry is not None:
         entry[0].wait()
@@ -172,7 +175,7 @@ def _wait(x: Tensor) -> Tensor:
 
 for _key in ("CPU", "CUDA"):
     _lib.impl("wait", _wait, _key)
-_lib.impl("wait", lambda x: x, "Meta")
+_lib.impl("wait", lambda x, after: x, "Meta")
 
 OPS: dict[str, torch._ops.OpOverload] = {
     ALL_REDUCE: torch.ops.memfit.all_reduce.default,
@@ -186,12 +189,13 @@ COMMUNICATING = (ALL_REDUCE, REDUCE_SCATTER, ALL_GATHER)
 
 def reduced(x: Tensor, group: str, world: int) -> Tensor:
     """Sum of x over the group, waited for (what tensor parallelism needs at once)."""
-    return torch.ops.memfit.wait(torch.ops.memfit.all_reduce([x], group, world)).view(x.shape)
+    started = torch.ops.memfit.all_reduce([x], group, world)
+    return torch.ops.memfit.wait(started, []).view(x.shape)
 
 
 def gathered(x: Tensor, group: str, world: int) -> Tensor:
     """Every rank's x stacked: [world, *x.shape]."""
-    flat = torch.ops.memfit.wait(torch.ops.memfit.all_gather(x, group, world))
+    flat = torch.ops.memfit.wait(torch.ops.memfit.all_gather(x, group, world), [])
     return flat.view(world, *x.shape)
 
 

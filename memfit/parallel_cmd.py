@@ -16,13 +16,14 @@ from typing import Any
 import click
 from rich.console import Console
 
+from compiler.budget import parse_size
 from compiler.mesh import Mesh
 from compiler.parallel_plan import example_config, largest_batch, llama_formula, rank_plan
 from compiler.passes.precision import PRECISIONS
 from compiler.plan import fmt_bytes
 from examples.llama import LlamaConfig
 from memfit.options import model_shape_options
-from memfit.plan_cmd import PlanError, parse_size
+from memfit.plan_cmd import PlanError
 
 console = Console()
 F = Callable[..., Any]
@@ -89,7 +90,12 @@ def parallel_plan_command(
     with console.status(f"planning rank 0 of {mesh.world} ({mesh})"):
         if device_memory is not None:
             batch_size, plan = largest_batch(
-                model, mesh, precision, parse_size(device_memory), seq_len, recompute=recompute
+                model,
+                mesh,
+                precision,
+                parse_size(device_memory, "--device-memory"),
+                seq_len,
+                recompute=recompute,
             )
         else:
             plan = rank_plan(model, mesh, precision, batch_size, seq_len, recompute=recompute)
@@ -111,7 +117,7 @@ def parallel_plan_command(
                 else "not even one row per rank fits"
             )
             console.print(f"{device_memory} per device, seq {plan.seq}: {fits}", highlight=False)
-    budget = parse_size(memory_budget) if memory_budget is not None else None
+    budget = parse_size(memory_budget, "--memory-budget") if memory_budget else None
     if budget is not None and plan.peak > budget:
         raise PlanError(
             f"rank 0 needs {fmt_bytes(plan.peak)} at its peak but --memory-budget is"

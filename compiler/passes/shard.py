@@ -8,8 +8,9 @@ and the planner counts exactly the bytes one rank needs.
 
 - Buckets: trainable parameters in the order the backward completes their gradients, filled up
   to `bucket_bytes`. Each bucket's collective starts right after its last gradient is made
-  (`memfit::all_reduce` / `reduce_scatter` run asynchronously) and is waited for just before
-  the update reads it: the reduction of one bucket overlaps the backward of the next.
+  (`memfit::all_reduce` / `reduce_scatter` run asynchronously); its wait reads the next
+  bucket's start too, so no schedule can wait before then: the reduction of one bucket
+  overlaps the backward of the next (the last bucket's, the update of the others).
 - zero=0: all-reduce each bucket, divide by dp, update every parameter (the states keep their
   per-parameter names, `exp_avg.NAME`, as in a one-process step).
 - zero=1: the same all-reduce, but each rank updates only its shard of the bucket (the padded
@@ -265,7 +266,7 @@ class _Rewrite:
         lr = self.input("lr", (), torch.float64, Role.INPUT)
         step = self.input("step", (), torch.float64, Role.INPUT)
         for k, bucket in enumerate(self.buckets):
-            grad = self.finish(k, started[k]) if self.mesh.dp > 1 else None
+            grad = self.finish(k, started[k], started.get(k + 1)) if self.mesh.dp > 1 else None
             self.update(k, bucket, grad, params, lr, step)
         graph = Graph(self.inputs, self.nodes, [self.loss])
         mark_activations(graph)
@@ -279,10 +280,14 @@ class _Rewrite:
         op = collectives.REDUCE_SCATTER if self.mesh.zero == 2 else collectives.ALL_REDUCE
         return self.emit(op, (grads, DP, dp), name=f"grad.bucket{k}", role=Role.GRAD)
 
-    def finish(self, k: int, started: Value) -> Value:
-        """Bucket k's averaged gradient: flat (zero 0), or this rank's shard (zero 1, 2)."""
+    def finish(self, k: int, started: Value, next_start: Value | None) -> Value:
+        """Bucket k's averaged gradient: flat (zero 0), or this rank's shard (zero 1, 2).
+        Its wait comes after the next bucket's start: the backward between them overlaps."""
         dp, grad = self.mesh.dp, Role.GRAD
-        reduced = self.emit(collectives.WAIT, (started,), name=f"grad.bucket{k}.done", role=grad)
+        after = [] if next_start is None else [next_start]
+        reduced = self.emit(
+            collectives.WAIT, (started, after), name=f"grad.bucket{k}.done", role=grad
+        )
         if self.mesh.zero == 1:
             reduced = self.emit(
                 collectives.SHARD, ([reduced], DP, dp), name=f"grad.shard{k}", role=grad
@@ -327,7 +332,7 @@ class _Rewrite:
             self.write(p, new_p)
             new_p = self.emit("_to_copy", (new_p,), {"dtype": self.low}, name=f"{tag}.low")
         started = self.emit(collectives.ALL_GATHER, (new_p, DP, dp), name=f"{tag}.gather")
-        full = self.emit(collectives.WAIT, (started,), name=f"{tag}.gathered")
+        full = self.emit(collectives.WAIT, (started, []), name=f"{tag}.gathered")
         for dst, offset in zip(members, bucket.offsets(), strict=True):
             self.write(dst, self.piece(full, offset, dst.shape, f"{dst.name}.new"))
 
