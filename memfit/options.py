@@ -7,7 +7,13 @@ from typing import Any
 
 import click
 
+from compiler.errors import MemfitError
+
 F = Callable[..., Any]
+
+
+class PlanError(MemfitError):
+    """A `memfit plan` request that makes no sense."""
 
 
 def model_shape_options(func: F) -> F:
@@ -30,27 +36,31 @@ def model_shape_options(func: F) -> F:
     return click.argument("model", metavar="MODEL")(func)
 
 
-def lowering_options(func: F) -> F:
-    """--precision, --lora, --quantize-base: how the step's weights and math are lowered."""
+def adapter_options(func: F) -> F:
+    """--lora, --quantize-base: low-rank adapters on a frozen, optionally quantised base."""
     func = click.option(
         "--quantize-base",
         type=click.Choice(["int8", "nf4"]),
         default=None,
         help="Store frozen (LoRA base) weights quantised, dequantised next to their matmul.",
     )(func)
-    func = click.option(
+    return click.option(
         "--lora",
         default=None,
         metavar="SPEC",
         help="Low-rank adapters on a frozen base, e.g. r=8,alpha=16,targets=q,k,v,o.",
     )(func)
+
+
+def lowering_options(func: F) -> F:
+    """--precision plus the adapter options: how the step's weights and math are lowered."""
     return click.option(
         "--precision",
         type=click.Choice(["fp32", "bf16", "fp16"]),
         default="fp32",
         show_default=True,
         help="Compute precision; master weights and AdamW states stay fp32.",
-    )(func)
+    )(adapter_options(func))
 
 
 def lowering_kwargs(precision: str, lora: str | None, quantize_base: str | None) -> dict[str, Any]:

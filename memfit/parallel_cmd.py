@@ -22,8 +22,7 @@ from compiler.parallel_plan import example_config, largest_batch, llama_formula,
 from compiler.passes.precision import PRECISIONS
 from compiler.plan import fmt_bytes
 from examples.llama import LlamaConfig
-from memfit.options import model_shape_options
-from memfit.plan_cmd import PlanError
+from memfit.options import PlanError, model_shape_options
 
 console = Console()
 F = Callable[..., Any]

@@ -17,22 +17,18 @@ from rich.table import Table
 
 from compiler.budget import Budget, SweepPoint, compile_within, sweep_budgets
 from compiler.compile import CompileOptions, optimize, trace_model
-from compiler.errors import MemfitError
 from compiler.passes.precision import PRECISIONS
 from compiler.plan import MemoryPlan, fmt_bytes
 from compiler.plan_render import write_html, write_png
 from compiler.sweep_render import write_sweep_png
 from examples.loss import lm_loss
 from memfit.models import resolve_model
-from memfit.options import model_shape_options
+from memfit.options import PlanError, adapter_options, lowering_kwargs, model_shape_options
+from memfit.parallel_cmd import mesh_options, parallel_plan_command
 
 FORMATS = ("table", "json", "png", "html")
 
 console = Console()
-
-
-class PlanError(MemfitError):
-    """A `memfit plan` request that makes no sense."""
 
 
 @click.command()
@@ -64,6 +60,20 @@ class PlanError(MemfitError):
     help="Recompute until the step fits: a size (12GB, 800MiB: the whole step's peak) or a"
     " fraction of the no-recompute activation memory (0.5).",
 )
+@adapter_options
+@mesh_options
+@click.option(
+    "--recompute/--no-recompute",
+    default=True,
+    show_default=True,
+    help="memfit's min-cut recompute, or keep every activation the backward reads.",
+)
+@click.option(
+    "--device-memory",
+    metavar="SIZE",
+    default=None,
+    help="With a mesh: the largest batch per rank whose peak fits, e.g. 80GB.",
+)
 @click.option(
     "--sweep",
     is_flag=True,
@@ -78,9 +88,35 @@ def plan_command(
     fmt: str,
     out: Path | None,
     memory_budget: str | None,
+    lora: str | None,
+    quantize_base: str | None,
+    dp: int,
+    tp: int,
+    zero: int,
+    recompute: bool,
+    device_memory: str | None,
     sweep: bool,
 ) -> None:
-    """Plan MODEL's training step (forward, backward, AdamW): schedule, liveness, one arena."""
+    """Plan MODEL's training step (forward, backward, AdamW): schedule, liveness, one arena.
+
+    With --dp/--tp/--zero (or --device-memory) it plans one rank of that mesh from shapes only.
+    """
+    if dp * tp > 1 or zero or device_memory:
+        click.get_current_context().invoke(
+            parallel_plan_command,
+            model=model,
+            batch_size=batch_size,
+            seq_len=seq_len,
+            dp=dp,
+            tp=tp,
+            zero=zero,
+            precision=precision,
+            device_memory=device_memory,
+            memory_budget=memory_budget,
+            recompute=recompute,
+            fmt=fmt if fmt in ("table", "json") else "table",
+        )
+        return
     if precision not in PRECISIONS:
         raise PlanError(
             f"--precision {precision!r} is not one memfit compiles; valid choices:"
@@ -94,10 +130,16 @@ def plan_command(
         raise PlanError(
             f"--seq {seq} is longer than {model}'s block size ({example.block_size} tokens)"
         )
-    options = CompileOptions(batch_size=batch_size, seq_len=seq, precision=precision)
+    options = CompileOptions(
+        batch_size=batch_size,
+        seq_len=seq,
+        recompute=recompute,
+        **lowering_kwargs(precision, lora, quantize_base),
+    )
     with console.status(f"tracing {model} (batch {batch_size} × {seq})"):
         traced = trace_model(example, lm_loss, options)
     config = {"model": model, "batch": batch_size, "seq": seq, "precision": precision}
+    config |= {k: v for k, v in (("lora", lora), ("quantize_base", quantize_base)) if v}
     if sweep:
         with console.status("planning the sweep"):
             points = sweep_budgets(traced, options, len(getattr(example.module, "blocks", [1])))
