@@ -43,7 +43,7 @@ def steps(draw: st.DrawFn) -> Graph:
     total = Value("total", (), torch.float32)
     new = Value("new", param.shape, param.dtype)
     graph.nodes += [
-        Node("sum.default", (grad,), {}, [total], Phase.OPTIMIZER),
+        Node("sum", (grad,), {}, [total], Phase.OPTIMIZER),
         Node("add.Tensor", (param, total), {}, [new], Phase.OPTIMIZER),
         Node("copy_", (param, new), {}, [], Phase.OPTIMIZER),
     ]
