@@ -49,7 +49,7 @@ LOW_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.floa
 PRECISIONS = ("fp32", *LOW_DTYPES)
 LOSS_SCALE, FOUND_INF = "loss_scale", "found_inf"
 _F32 = torch.float32
-_TAKES_DTYPE = {"sum.default", "sum.dim_IntList", "mean.default", "mean.dim", "cumsum"}
+_TAKES_DTYPE = {"sum", "sum.dim_IntList", "mean", "mean.dim", "cumsum"}
 # scatters that add into their output, and collectives that sum over ranks
 _ACCUMULATING = {"index_add", "scatter_add", "embedding_dense_backward", ALL_REDUCE, REDUCE_SCATTER}
 _META = torch.device("meta")
@@ -393,11 +393,11 @@ class _Lowering:
         """True iff a gradient holds inf or nan: each summed in fp32, then isnan(total · 0)."""
         phase, self.phase = self.phase, Phase.OPTIMIZER
         sums = [
-            self.emit1("sum.default", (self.env[id(g)],), {"dtype": _F32}, f"{g.name}.sum")
+            self.emit1("sum", (self.env[id(g)],), {"dtype": _F32}, f"{g.name}.sum")
             for g in self.grads.values()
         ]
         stacked = self.emit1("stack", (sums,), {}, "grad_sums")
-        total = self.emit1("sum.default", (stacked,), {}, "grad_total")
+        total = self.emit1("sum", (stacked,), {}, "grad_total")
         zeroed = self.emit1("mul.Tensor", (total, 0.0), {}, "grad_total.zeroed")  # inf·0 = nan
         found = self.emit("isnan", (zeroed,), {}, [self.fresh(FOUND_INF)], Role.OUTPUT)[0]
         self.phase = phase
