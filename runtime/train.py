@@ -195,6 +195,11 @@ class Trainer:
         self.checkpoints = cfg.out / CHECKPOINTS
         if cfg.resume:
             self._resume()
+        elif (done := latest_checkpoint(self.checkpoints)) is not None:
+            raise TrainingError(
+                f"{cfg.out} already holds a run (checkpoint {done.name}); pass --resume to"
+                " continue it or --out for a new run (nothing was overwritten)"
+            )
 
     # --- one step -------------------------------------------------------------------------
 

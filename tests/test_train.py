@@ -106,3 +106,12 @@ def test_resume_with_other_tokenizer_is_refused(data: Path, tmp_path: Path) -> N
     result = CliRunner().invoke(main, [*args, "--resume"])
     assert result.exit_code == 2
     assert "tokenizer" in result.output or "data" in result.output
+
+
+def test_a_new_run_never_overwrites_an_old_one(data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = ["train", *ARGS[:-4], "--steps", "2", "--data", str(data), "--out", str(out)]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2
+    assert "already holds a run" in " ".join(result.output.split())
