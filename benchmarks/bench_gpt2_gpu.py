@@ -15,6 +15,7 @@ linear cross-entropy (`passes/fusion.py:loss_head_peak`, from the graph: no devi
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import time
 from collections.abc import Callable
@@ -102,34 +103,49 @@ def _launch(fn: Callable, kernel: Kernel, args: list, outs: list) -> None:
 
 
 def step_rows(args: argparse.Namespace, device: torch.device) -> Table:
+    """Median step time and peak memory per backend, the peak against the plan's.
+
+    A backend's peak is what the device allocator held at most during its steps, counted from
+    before its program (parameters, moments) and arena exist: the same things `plan.peak_bytes`
+    counts (arena, parameters, moments, batch).
+    """
     table = Table(title=f"{args.model}: training step, batch {args.batch} × {args.seq}")
-    for column in ("backend", "step ms (median)", "peak memory"):
+    for column in ("backend", "step ms (median)", "peak memory", "measured / planned"):
         table.add_column(column, justify="left" if column == "backend" else "right")
     torch.manual_seed(0)
     model = resolve_model(args.model, device=device)
     options = CompileOptions(args.batch, args.seq, backend="triton")
     compiled = compile_model(model, lm_loss, options)
-    backends: dict[str, object] = {
-        "eager": eager.run_graph,
-        "triton": triton_backend.run_graph,
-        "triton (arena)": triton_backend.TritonArena(compiled.graph, compiled.plan, device),
+    assert compiled.plan is not None
+    backends: dict[str, Callable[[], object]] = {
+        "eager": lambda: eager.run_graph,
+        "triton": lambda: triton_backend.run_graph,
+        "triton (arena)": lambda: triton_backend.TritonArena(compiled.graph, compiled.plan, device),
     }
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, model.vocab_size, (args.batch, args.seq), generator=gen)
-    for name, backend in backends.items():
-        program = Program.from_module(compiled.graph, model.module, device, backend=backend)
+    for name, make_backend in backends.items():
+        gc.collect()
+        before = torch.cuda.memory_allocated() if device.type == "cuda" else 0
+        program = Program.from_module(compiled.graph, model.module, device, backend=make_backend())
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         ms = timed(partial(program.step, tokens, tokens.roll(1, 1)), device, args.steps)
-        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-        table.add_row(name, f"{ms:.1f}", f"{peak:.2f} GiB")
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated() - before
+            held = f"{peak / 2**30:.2f} GiB", f"{peak / compiled.plan.peak_bytes:.3f}"
+        else:
+            held = "n/a", "n/a"
+        table.add_row(name, f"{ms:.1f}", *held)
+        del program
     plain = compile_model(
         resolve_model(args.model, device="meta"),
         lm_loss,
         CompileOptions(args.batch, args.seq, fused_cross_entropy=False, recompute=False),
     )
     table.caption = (
-        f"loss head peak: {loss_head_peak(plain.graph) / 2**30:.2f} GiB materialised →"
+        f"planned step peak {compiled.plan.peak_bytes / 2**30:.2f} GiB;"
+        f" loss head peak: {loss_head_peak(plain.graph) / 2**30:.2f} GiB materialised →"
         f" {loss_head_peak(compiled.graph) / 2**30:.2f} GiB fused linear cross-entropy;"
         f" {len(group_kernels(compiled.graph))} fused groups"
     )

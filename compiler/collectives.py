@@ -41,6 +41,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+# torch 2.13 renamed the tensor-in, tensor-out collectives (the old names warn there; the new
+# ones do not exist before it).
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 ALL_REDUCE = "memfit::all_reduce"
 REDUCE_SCATTER = "memfit::reduce_scatter"
 ALL_GATHER = "memfit::all_gather"
@@ -117,7 +122,7 @@ def reduce_scatter(xs: list[Tensor], group: str, world: int) -> Tensor:
     if world == 1:
         return bucket
     out = bucket.new_empty(size)
-    work = dist.reduce_scatter_single(out, bucket, group=_group(group, world), async_op=True)
+    work = reduce_scatter_single(out, bucket, group=_group(group, world), async_op=True)
     return _start(out, work, bucket)
 
 
@@ -132,7 +137,7 @@ def all_gather(x: Tensor, group: str, world: int) -> Tensor:
     if world == 1:
         return flat.clone()
     out = x.new_empty(world * x.numel())
-    work = dist.all_gather_single(out, flat.contiguous(), group=_group(group, world), async_op=True)
+    work = all_gather_single(out, flat.contiguous(), group=_group(group, world), async_op=True)
     return _start(out, work, flat)
 
 

@@ -201,7 +201,7 @@ class Parallel:
 
     def _gather(self, shard: Tensor, group: str) -> Tensor:
         out = shard.new_empty(shard.numel() * self.mesh.dp)
-        dist.all_gather_single(out, shard.contiguous(), group=self.groups[group])
+        collectives.all_gather_single(out, shard.contiguous(), group=self.groups[group])
         return out
 
 
