@@ -61,8 +61,16 @@ def _with_policy(options: CompileOptions, **policy: object) -> CompileOptions:
     return replace(options, recompute=True, recompute_policy=dict(policy))
 
 
-def compile_within(traced: TracedStep, options: CompileOptions, budget: Budget) -> CompiledStep:
-    """The least-recompute compilation of `traced` whose plan fits `budget`."""
+def compile_within(
+    traced: TracedStep, options: CompileOptions, budget: Budget, n_layers: int | None = None
+) -> CompiledStep:
+    """The least-recompute compilation of `traced` whose plan fits `budget`.
+
+    Bytes: the recompute program's activation budget is lowered by what the real plan is over,
+    round by round. Its model is saved bytes, not the burst of values one backward use
+    recomputes at once, so where that burst decides the peak, per-layer checkpointing (given
+    `n_layers`) can fit where the program's plans do not: it is the last candidate tried.
+    """
     if budget.fraction is not None:
         return optimize(traced, _with_policy(options, activation_fraction=budget.fraction))
     assert budget.nbytes is not None
@@ -80,17 +88,25 @@ def compile_within(traced: TracedStep, options: CompileOptions, budget: Budget) 
             step = optimize(traced, _with_policy(options, activation_budget=activation))
         except MemfitError:
             break
-    raise _infeasible(traced, options, budget.nbytes)
+    if n_layers:
+        step = optimize(traced, _with_policy(options, checkpoint_layers=n_layers))
+        assert step.plan is not None
+        if step.plan.peak_bytes <= budget.nbytes:
+            return step
+    raise _infeasible(traced, options, budget.nbytes, n_layers)
 
 
-def _infeasible(traced: TracedStep, options: CompileOptions, nbytes: int) -> BudgetError:
+def _infeasible(
+    traced: TracedStep, options: CompileOptions, nbytes: int, n_layers: int | None
+) -> BudgetError:
     """Name the smallest achievable peak and what dominates it.
 
-    The fewest saved bytes is not always the lowest peak (recomputing a whole forward at once
-    has its own peak), so the smallest of a few tight policies is reported.
+    The fewest saved bytes is not the lowest peak (recomputing much at once has its own peak),
+    so the smallest peak of the tightest policies is reported.
     """
-    candidates = [_with_policy(options, least_memory=True)]
-    candidates += [_with_policy(options, activation_fraction=f) for f in FRACTIONS[-3:]]
+    candidates = [_with_policy(options, activation_fraction=f) for f in FRACTIONS[-2:]]
+    if n_layers:
+        candidates.append(_with_policy(options, checkpoint_layers=n_layers))
     plans = [optimize(traced, c).plan for c in candidates]
     plan = min((p for p in plans if p is not None), key=lambda p: p.peak_bytes)
     largest = max(plan.values, key=lambda v: v.size)
@@ -124,7 +140,6 @@ def sweep_budgets(traced: TracedStep, options: CompileOptions, n_layers: int) ->
     runs = [("no recompute", replace(options, recompute=False))]
     runs += [("min-cut (default)", _with_policy(options))]
     runs += [(f"budget {f:g}", _with_policy(options, activation_fraction=f)) for f in FRACTIONS]
-    runs += [("least memory", _with_policy(options, least_memory=True))]
     runs += [("per-layer checkpointing", _with_policy(options, checkpoint_layers=n_layers))]
     points = []
     for label, opts in runs:

@@ -50,6 +50,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, index: Tensor, chunk: i
         logits = (hidden[start:end] @ weight.T).to(acc)
         lse = torch.logsumexp(logits, dim=1, keepdim=True)
         picked[start:end] = logits.gather(1, index[start:end]) - lse
+        del logits, lse  # else this chunk stays alive while the next one is computed
     return picked
 
 
@@ -78,6 +79,7 @@ def linear_cross_entropy_backward(
         dlogits = probs.mul_(-grad[start:end].to(acc)).to(hidden.dtype)
         grad_hidden[start:end] = dlogits @ weight
         grad_weight.addmm_(dlogits.T.to(acc), rows.to(acc))
+        del logits, probs, dlogits  # else this chunk stays alive while the next one is computed
     return grad_hidden, grad_weight.to(weight.dtype)
 
 

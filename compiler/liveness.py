@@ -21,6 +21,7 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 
+from compiler import custom_ops
 from compiler.ir import Graph, Role, Value
 from compiler.ops import Kind, kind
 
@@ -67,6 +68,15 @@ def storage(graph: Graph) -> Storage:
         reads[id(node)] = list({id(owner[id(v)]): 0 for v in data if id(owner[id(v)]) in size})
     pinned = {id(owner[id(v)]) for v in graph.outputs}
     return Storage(owner, size, role, inputs, reads, pinned)
+
+
+def scratch(graph: Graph) -> list[int]:
+    """Bytes each step's kernel holds outside the arena besides its inputs and outputs.
+
+    Only the fused linear cross-entropy ops say what they hold (a chunk of logits); ATen's own
+    scratch inside its kernels is small and not modelled.
+    """
+    return [custom_ops.workspace_bytes(n) if n.op in custom_ops.OPS else 0 for n in graph.nodes]
 
 
 class Lifetime(NamedTuple):

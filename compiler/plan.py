@@ -1,8 +1,9 @@
 """MemoryPlan: where every byte of a training step lives, and when.
 
 Built by passes/buffers.py from the scheduled graph: per arena buffer {bytes, start, end, offset,
-role}, the arena size, the lower bound (most bytes live at one step), and the bytes the caller
-owns outside the arena (parameters, buffers, optimizer states, the batch). It prints as a rich
+role}, the arena size, the lower bound (most bytes live at one step), the bytes the caller owns
+outside the arena (parameters, buffers, optimizer states, the batch), and the largest scratch a
+kernel holds for itself while it runs (the fused loss head's chunk of logits). It prints as a rich
 table, serialises to JSON (schema in docs/plan-schema.md) and draws (compiler/plan_render.py).
 """
 
@@ -47,6 +48,7 @@ class MemoryPlan:
     strategy: str
     outside: dict[Role, int]  # bytes the caller owns (params, buffers, optimizer states, batch)
     phases: list[tuple[str, int, int]]  # (phase, first step, last step) runs over the schedule
+    workspace: int = 0  # most scratch one kernel holds outside the arena while it runs
     config: dict[str, Any] = field(default_factory=dict)  # what was planned (model, batch, ...)
     # what the recompute pass chose: extra_flops, step_flops, values (names recomputed)
     recompute: dict[str, Any] = field(default_factory=dict)
@@ -61,6 +63,7 @@ class MemoryPlan:
         lower_bound: int,
         peak_step: int,
         strategy: str,
+        workspace: int = 0,
     ) -> MemoryPlan:
         values = [
             PlannedValue(
@@ -86,7 +89,15 @@ class MemoryPlan:
             else:
                 phases.append((str(node.phase), i, i))
         return cls(
-            values, len(graph.nodes), arena_bytes, lower_bound, peak_step, strategy, outside, phases
+            values,
+            len(graph.nodes),
+            arena_bytes,
+            lower_bound,
+            peak_step,
+            strategy,
+            outside,
+            phases,
+            workspace,
         )
 
     @property
@@ -95,8 +106,8 @@ class MemoryPlan:
 
     @property
     def peak_bytes(self) -> int:
-        """The whole step's footprint: the arena plus everything the caller holds."""
-        return self.arena_bytes + sum(self.outside.values())
+        """The whole step's footprint: the arena, everything the caller holds, kernel scratch."""
+        return self.arena_bytes + sum(self.outside.values()) + self.workspace
 
     def timeline(self) -> dict[Role, list[int]]:
         """Arena bytes live at each step, per role."""
@@ -123,6 +134,7 @@ class MemoryPlan:
             "peak_bytes": self.peak_bytes,
             "strategy": self.strategy,
             "outside_arena": {str(r): b for r, b in self.outside.items()},
+            "workspace_bytes": self.workspace,
             "breakdown_at_peak": {str(r): b for r, b in self.breakdown().items()},
             "phases": [list(p) for p in self.phases],
             "recompute": self.recompute,
@@ -172,6 +184,7 @@ class MemoryPlan:
             d["strategy"],
             {Role(r): b for r, b in d["outside_arena"].items()},
             [(p, a, b) for p, a, b in d["phases"]],
+            d.get("workspace_bytes", 0),
             d["config"],
             d.get("recompute", {}),
         )
@@ -188,6 +201,8 @@ class MemoryPlan:
         for role, nbytes in self.breakdown().items():
             where = "caller" if role in self.outside else "arena"
             table.add_row(str(role), where, fmt_bytes(nbytes))
+        if self.workspace:
+            table.add_row("kernel scratch", "its kernel", fmt_bytes(self.workspace))
         table.add_section()
         table.add_row("step peak", "", fmt_bytes(self.peak_bytes), style="bold")
         table.add_row("arena", self.strategy, fmt_bytes(self.arena_bytes), style="bold")

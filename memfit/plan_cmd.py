@@ -140,13 +140,18 @@ def plan_command(
         traced = trace_model(example, lm_loss, options)
     config = {"model": model, "batch": batch_size, "seq": seq, "precision": precision}
     config |= {k: v for k, v in (("lora", lora), ("quantize_base", quantize_base)) if v}
+    n_layers = len(getattr(example.module, "blocks", [1]))
     if sweep:
         with console.status("planning the sweep"):
-            points = sweep_budgets(traced, options, len(getattr(example.module, "blocks", [1])))
+            points = sweep_budgets(traced, options, n_layers)
         _emit_sweep(points, config, fmt, out or _default_path(model, batch_size, seq, fmt))
         return
     with console.status(f"planning {model}"):
-        compiled = compile_within(traced, options, budget) if budget else optimize(traced, options)
+        compiled = (
+            compile_within(traced, options, budget, n_layers)
+            if budget
+            else optimize(traced, options)
+        )
     plan = compiled.plan
     assert plan is not None
     plan.config = config | ({"memory_budget": memory_budget} if budget else {})

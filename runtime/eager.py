@@ -16,9 +16,11 @@ from compiler.ops import Kind, kind, resolve
 
 
 def last_uses(graph: Graph) -> dict[int, int]:
-    """id(value) → index of the last node reading it (graph outputs live to the end)."""
+    """id(value) → index of the last node reading its bytes (graph outputs live to the end)."""
     last: dict[int, int] = {}
     for i, node in enumerate(graph.nodes):
+        if kind(node.op) is Kind.CREATION:  # reads only its input's shape (see run_node)
+            continue
         for v in node.inputs:
             last[id(v)] = i
     for v in graph.outputs:
@@ -29,9 +31,12 @@ def last_uses(graph: Graph) -> dict[int, int]:
 def run_node(node: Node, env: Mapping[int, Tensor], device: torch.device) -> list[Tensor]:
     """Execute one node given tensors for its inputs; returns its output tensors."""
 
+    creation = kind(node.op) is Kind.CREATION
+
     def bind(a: object) -> object:
         if isinstance(a, Value):
-            return env[id(a)]
+            # A creation op (full_like(x, 0)) needs x's shape, not its bytes: x may be freed.
+            return torch.empty(a.shape, dtype=a.dtype, device="meta") if creation else env[id(a)]
         if isinstance(a, list | tuple):
             return type(a)(bind(x) for x in a)
         return a

@@ -54,7 +54,7 @@ def test_breakdown_adds_up_to_the_peak() -> None:
     in_arena = sum(b for r, b in breakdown.items() if not r.persistent and r is not Role.INPUT)
     assert in_arena == plan.lower_bound
     assert sum(breakdown.values()) == plan.lower_bound + sum(plan.outside.values())
-    assert plan.peak_bytes == plan.arena_bytes + sum(plan.outside.values())
+    assert plan.peak_bytes == plan.arena_bytes + sum(plan.outside.values()) + plan.workspace
 
 
 def test_table_and_pictures(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ import bisect
 import numpy as np
 
 from compiler.ir import Graph, Node, Value
-from compiler.liveness import Lifetime, Storage, liveness, lower_bound, storage
+from compiler.liveness import Lifetime, Storage, liveness, lower_bound, scratch, storage
 from compiler.ops import Kind, kind
 from compiler.passes.manager import PassContext
 from compiler.plan import MemoryPlan
@@ -199,5 +199,7 @@ def plan_buffers(graph: Graph, ctx: PassContext) -> Graph:
     lifetimes = liveness(graph, in_place(graph, facts, liveness(graph, facts=facts)), facts)
     bound, peak_step = lower_bound(lifetimes, len(graph.nodes))
     offsets, arena, strategy = assign_offsets(lifetimes, bound)
-    ctx.plan = MemoryPlan.build(graph, lifetimes, offsets, arena, bound, peak_step, strategy)
+    ctx.plan = MemoryPlan.build(
+        graph, lifetimes, offsets, arena, bound, peak_step, strategy, max(scratch(graph), default=0)
+    )
     return graph

@@ -250,10 +250,8 @@ def choose_saved(graph: Graph, boundary: Boundary, options: dict) -> list[Value]
 
     `activation_budget` (bytes) or `activation_fraction` (of the no-recompute saved bytes):
     the 0/1 program; `checkpoint_layers` (a layer count): per-layer full checkpointing;
-    `least_memory`: the fewest bytes whatever it costs; otherwise the min-cut.
+    otherwise the min-cut.
     """
-    if options.get("least_memory"):
-        return budget_floor(boundary)
     if options.get("checkpoint_layers"):
         tokens = next(v for v in graph.inputs if v.name == "tokens")
         return layer_checkpoint_saved(boundary, tokens, int(options["checkpoint_layers"]))
