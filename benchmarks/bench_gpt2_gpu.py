@@ -109,12 +109,14 @@ def step_rows(args: argparse.Namespace, device: torch.device) -> Table:
     before its program (parameters, moments) and arena exist: the same things `plan.peak_bytes`
     counts (arena, parameters, moments, batch).
     """
-    table = Table(title=f"{args.model}: training step, batch {args.batch} × {args.seq}")
+    budget = f", recompute budget {args.memory_budget:g}" if args.memory_budget else ""
+    table = Table(title=f"{args.model}: training step, batch {args.batch} × {args.seq}{budget}")
     for column in ("backend", "step ms (median)", "peak memory", "measured / planned"):
         table.add_column(column, justify="left" if column == "backend" else "right")
     torch.manual_seed(0)
     model = resolve_model(args.model, device=device)
-    options = CompileOptions(args.batch, args.seq, backend="triton")
+    policy = {"activation_fraction": args.memory_budget} if args.memory_budget else {}
+    options = CompileOptions(args.batch, args.seq, backend="triton", recompute_policy=policy)
     compiled = compile_model(model, lm_loss, options)
     assert compiled.plan is not None
     backends: dict[str, Callable[[], object]] = {
@@ -144,7 +146,8 @@ def step_rows(args: argparse.Namespace, device: torch.device) -> Table:
         CompileOptions(args.batch, args.seq, fused_cross_entropy=False, recompute=False),
     )
     table.caption = (
-        f"planned step peak {compiled.plan.peak_bytes / 2**30:.2f} GiB;"
+        f"planned step peak {compiled.plan.peak_bytes / 2**30:.2f} GiB"
+        f" (+{compiled.context.stats.get('recompute.extra_flops', 0) / 1e9:.0f} GFLOP recomputed);"
         f" loss head peak: {loss_head_peak(plain.graph) / 2**30:.2f} GiB materialised →"
         f" {loss_head_peak(compiled.graph) / 2**30:.2f} GiB fused linear cross-entropy;"
         f" {len(group_kernels(compiled.graph))} fused groups"
@@ -160,6 +163,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed repetitions")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--skip-kernels", action="store_true")
+    parser.add_argument(
+        "--memory-budget",
+        type=float,
+        help="recompute to this fraction of the no-recompute activation bytes (default: min-cut)",
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

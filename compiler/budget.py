@@ -66,34 +66,84 @@ def compile_within(
 ) -> CompiledStep:
     """The least-recompute compilation of `traced` whose plan fits `budget`.
 
-    Bytes: the recompute program's activation budget is lowered by what the real plan is over,
-    round by round. Its model is saved bytes, not the burst of values one backward use
-    recomputes at once, so where that burst decides the peak, per-layer checkpointing (given
-    `n_layers`) can fit where the program's plans do not: it is the last candidate tried.
+    A fraction goes straight to the recompute program. Bytes are met two ways, and the
+    cheaper plan that fits wins: the program, its activation budget lowered round by round by
+    what the real plan is over; and (given `n_layers`) per-layer checkpointing of as few
+    leading blocks as fit. The program counts saved bytes, not the burst of values one
+    backward use recomputes at once, so where that burst sets the peak, checkpointing fits
+    budgets the program's plans miss.
     """
     if budget.fraction is not None:
         return optimize(traced, _with_policy(options, activation_fraction=budget.fraction))
     assert budget.nbytes is not None
+    fits = [_programmed(traced, options, budget.nbytes)]
+    if n_layers:
+        fits.append(_checkpointed(traced, options, budget.nbytes, n_layers, fits[0]))
+    found = [step for step in fits if step is not None]
+    if not found:
+        raise _infeasible(traced, options, budget.nbytes, n_layers)
+    return min(found, key=_extra_flops)
+
+
+def _extra_flops(step: CompiledStep) -> int:
+    return step.context.stats.get("recompute.extra_flops", 0)
+
+
+def _fits(step: CompiledStep, nbytes: int) -> bool:
+    assert step.plan is not None
+    return step.plan.peak_bytes <= nbytes
+
+
+def _programmed(traced: TracedStep, options: CompileOptions, nbytes: int) -> CompiledStep | None:
+    """The recompute program's plan, its activation budget iterated on the real plan's peak."""
     step = optimize(traced, _with_policy(options))  # the min-cut: cheap ops only
     activation = step.context.stats["recompute.saved_bytes_after"]
     for _ in range(MAX_ROUNDS):
         assert step.plan is not None
-        over = step.plan.peak_bytes - budget.nbytes
+        over = step.plan.peak_bytes - nbytes
         if over <= 0:
             return step
         activation -= over
         if activation < 0:
-            break
+            return None
         try:
             step = optimize(traced, _with_policy(options, activation_budget=activation))
         except MemfitError:
-            break
-    if n_layers:
-        step = optimize(traced, _with_policy(options, checkpoint_layers=n_layers))
-        assert step.plan is not None
-        if step.plan.peak_bytes <= budget.nbytes:
-            return step
-    raise _infeasible(traced, options, budget.nbytes, n_layers)
+            return None
+    return None
+
+
+def _checkpointed(
+    traced: TracedStep,
+    options: CompileOptions,
+    nbytes: int,
+    n_layers: int,
+    programmed: CompiledStep | None,
+) -> CompiledStep | None:
+    """Checkpointing of the fewest leading blocks that fits (bisection: fewer blocks, more
+    bytes, fewer FLOPs); skipped when one block already costs more than `programmed`."""
+
+    def plan(blocks: int) -> CompiledStep:
+        policy = {"checkpoint_layers": n_layers, "checkpoint_blocks": blocks}
+        return optimize(traced, _with_policy(options, **policy))
+
+    fewest = plan(1)
+    if programmed is not None and _extra_flops(programmed) <= _extra_flops(fewest):
+        return None
+    if _fits(fewest, nbytes):
+        return fewest
+    best = plan(n_layers)
+    if not _fits(best, nbytes):
+        return None
+    lo, hi = 1, n_layers  # plan(lo) does not fit, plan(hi) does
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        step = plan(mid)
+        if _fits(step, nbytes):
+            best, hi = step, mid
+        else:
+            lo = mid
+    return best
 
 
 def _infeasible(
@@ -141,6 +191,9 @@ def sweep_budgets(traced: TracedStep, options: CompileOptions, n_layers: int) ->
     runs += [("min-cut (default)", _with_policy(options))]
     runs += [(f"budget {f:g}", _with_policy(options, activation_fraction=f)) for f in FRACTIONS]
     runs += [("per-layer checkpointing", _with_policy(options, checkpoint_layers=n_layers))]
+    if n_layers > 1:
+        last_kept = {"checkpoint_layers": n_layers, "checkpoint_blocks": n_layers - 1}
+        runs += [("checkpointing, last block kept", _with_policy(options, **last_kept))]
     points = []
     for label, opts in runs:
         step = optimize(traced, opts)

@@ -3,6 +3,7 @@ and results stay bit-identical to no recomputation."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import cache
 
 import pytest
@@ -63,8 +64,20 @@ def peak_range() -> tuple[int, int]:
 def test_byte_budgets_hold_for_the_real_plan(frac: float) -> None:
     floor, default = peak_range()
     nbytes = int(floor + frac * (default - floor))
-    step = compile_within(traced(), OPTIONS, Budget(nbytes=nbytes))
+    step = compile_within(traced(), OPTIONS, Budget(nbytes=nbytes), n_layers=2)
     assert step.plan is not None and step.plan.peak_bytes <= nbytes
+
+
+def test_checkpointings_peak_is_met_with_less_recompute() -> None:
+    """At the peak of per-layer full checkpointing, the budget search pays less than it."""
+    policy = {"checkpoint_layers": 2}
+    checkpointing = optimize(traced(), replace(OPTIONS, recompute_policy=policy))
+    assert checkpointing.plan is not None
+    nbytes = checkpointing.plan.peak_bytes
+    step = compile_within(traced(), OPTIONS, Budget(nbytes=nbytes), n_layers=2)
+    assert step.plan is not None and step.plan.peak_bytes <= nbytes
+    extra = [s.context.stats["recompute.extra_flops"] for s in (step, checkpointing)]
+    assert extra[0] < extra[1], extra
 
 
 def test_fraction_budget_saves_less_and_keeps_results() -> None:

@@ -161,8 +161,14 @@ def budget_floor(boundary: Boundary, recomputable: set[Kind] = ANY_FORWARD) -> l
     return min_cut_saved(boundary, recomputable)
 
 
-def layer_checkpoint_saved(boundary: Boundary, tokens: Value, n_layers: int) -> list[Value]:
+def layer_checkpoint_saved(
+    boundary: Boundary, tokens: Value, n_layers: int, checkpointed: int | None = None
+) -> list[Value]:
     """What per-layer full checkpointing (torch.utils.checkpoint on each block) keeps.
+
+    `checkpointed`: only the first so many blocks are checkpointed (default: all); the later
+    ones save like the head does. Keeping the last block costs little: its values are live at
+    the start of the backward either way, saved or just recomputed.
 
     Block boundaries are found in the dataflow, not by name: the residual stream is the
     embedding followed by the residual adds that every path from the tokens to the loss must
@@ -191,9 +197,11 @@ def layer_checkpoint_saved(boundary: Boundary, tokens: Value, n_layers: int) -> 
     ]
     stream = [first, *(v for v in residual_adds if v is not first)]
     stride = max((len(stream) - 1) // n_layers, 1)
-    inputs = [stream[-1 - stride * (n_layers - i)] for i in range(n_layers)]
+    checkpointed = n_layers if checkpointed is None else checkpointed
+    inputs = [stream[-1 - stride * (n_layers - i)] for i in range(checkpointed)]
     order = {id(n): i for i, n in enumerate(boundary.forward)}
-    head_start = order[id(boundary.producer[id(stream[-1])])]
+    head_input = stream[-1 - stride * (n_layers - checkpointed)]
+    head_start = order[id(boundary.producer[id(head_input)])]
     head = [v for v in min_cut_saved(boundary) if order[id(boundary.producer[id(v)])] >= head_start]
     return inputs + head
 
@@ -249,12 +257,15 @@ def choose_saved(graph: Graph, boundary: Boundary, options: dict) -> list[Value]
     """The saved set the options ask for.
 
     `activation_budget` (bytes) or `activation_fraction` (of the no-recompute saved bytes):
-    the 0/1 program; `checkpoint_layers` (a layer count): per-layer full checkpointing;
+    the 0/1 program; `checkpoint_layers` (a layer count): per-layer full checkpointing, of the
+    first `checkpoint_blocks` blocks only if given;
     otherwise the min-cut.
     """
     if options.get("checkpoint_layers"):
         tokens = next(v for v in graph.inputs if v.name == "tokens")
-        return layer_checkpoint_saved(boundary, tokens, int(options["checkpoint_layers"]))
+        n_layers = int(options["checkpoint_layers"])
+        checkpointed = int(options.get("checkpoint_blocks", n_layers))
+        return layer_checkpoint_saved(boundary, tokens, n_layers, checkpointed)
     budget = options.get("activation_budget")
     if options.get("activation_fraction") is not None:
         budget = options["activation_fraction"] * boundary.saved_bytes(boundary.needed)
