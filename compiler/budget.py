@@ -193,7 +193,7 @@ def sweep_budgets(traced: TracedStep, options: CompileOptions, n_layers: int) ->
     runs += [("per-layer checkpointing", _with_policy(options, checkpoint_layers=n_layers))]
     if n_layers > 1:
         last_kept = {"checkpoint_layers": n_layers, "checkpoint_blocks": n_layers - 1}
-        runs += [("checkpointing, last block kept", _with_policy(options, **last_kept))]
+        runs += [("checkpoint all but last", _with_policy(options, **last_kept))]
     points = []
     for label, opts in runs:
         step = optimize(traced, opts)

@@ -169,22 +169,22 @@ def plan_command(
 
 
 def _emit_sweep(points: list[SweepPoint], config: dict, fmt: str, path: Path | None) -> None:
-    if fmt == "table":
-        table = Table(title="peak memory vs recomputation: " + ", ".join(map(str, config.values())))
-        for column in ("plan", "step peak", "activations at peak", "extra FLOPs"):
-            table.add_column(column, justify="left" if column == "plan" else "right")
-        for p in points:
-            table.add_row(
-                p.label,
-                fmt_bytes(p.peak_bytes),
-                fmt_bytes(p.activation_bytes),
-                f"{p.extra_percent:.2f}%",
-            )
-        console.print(table)
-    elif fmt == "json":
+    if fmt == "json":
         doc = json.dumps({"config": config, "points": [asdict(p) for p in points]}, indent=1)
         click.echo(doc) if path is None else path.write_text(doc + "\n")
-    else:
+        return
+    table = Table(title="peak memory vs recomputation: " + ", ".join(map(str, config.values())))
+    for column in ("plan", "step peak", "activations at peak", "extra FLOPs"):
+        table.add_column(column, justify="left" if column == "plan" else "right")
+    for p in points:
+        table.add_row(
+            p.label,
+            fmt_bytes(p.peak_bytes),
+            fmt_bytes(p.activation_bytes),
+            f"{p.extra_percent:.2f}%",
+        )
+    console.print(table)
+    if fmt != "table":
         assert path is not None
         write_sweep_png(points, config, path.with_suffix(".png"))
         console.print(f"wrote {path.with_suffix('.png')}", highlight=False)

@@ -102,3 +102,29 @@ def test_json_output_is_the_plan() -> None:
     assert doc["config"] == {"model": "gpt2-tiny", "batch": 2, "seq": 16, "precision": "fp32"}
     assert doc["arena_bytes"] <= 1.05 * doc["lower_bound_bytes"]
     assert MemoryPlan.from_dict(doc).to_dict() == doc
+
+
+def test_sweep_prints_every_policy_and_draws_them(tmp_path: Path) -> None:
+    args = ["gpt2-tiny", "--batch", "2", "--seq", "16", "--sweep", "--format", "png"]
+    result = CliRunner().invoke(plan_command, [*args, "--out", str(tmp_path / "sweep.png")])
+    assert result.exit_code == 0, result.output
+    for label in (
+        "no recompute",
+        "budget 0.5",
+        "per-layer checkpointing",
+        "checkpoint all but last",
+    ):
+        assert label in result.output
+    assert (tmp_path / "sweep.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_byte_budget_plan_shows_what_was_recomputed() -> None:
+    base = ["gpt2-tiny", "--batch", "2", "--seq", "16"]
+    peak = json.loads(CliRunner().invoke(plan_command, [*base, "--format", "json"]).output)
+    budget = str(int(0.95 * peak["peak_bytes"]))
+    result = CliRunner().invoke(
+        plan_command, [*base, "--memory-budget", budget, "--format", "json"]
+    )
+    doc = json.loads(result.output)
+    assert doc["peak_bytes"] <= int(budget)
+    assert doc["recompute"]["extra_flops"] > 0 and doc["recompute"]["values"]
