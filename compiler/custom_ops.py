@@ -14,6 +14,7 @@ shapes. `passes/fusion.py` rewrites the traced loss head into these ops.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -68,18 +69,31 @@ def linear_cross_entropy_backward(
     d logits = grad · (onehot(index) − softmax(logits)), built chunk by chunk in place.
     """
     acc = accumulation_dtype(hidden.dtype)
+
+    def dlogits(rows: Tensor, start: int, end: int) -> Tensor:
+        logits = (rows @ weight.T).to(acc)
+        probs = logits.sub_(torch.logsumexp(logits, dim=1, keepdim=True)).exp_()
+        probs.scatter_add_(1, index[start:end], probs.new_full((end - start, 1), -1.0))
+        return probs.mul_(-grad[start:end].to(acc)).to(hidden.dtype)
+
+    return chunked_backward(hidden, weight, chunk, dlogits)
+
+
+def chunked_backward(
+    hidden: Tensor, weight: Tensor, chunk: int, dlogits: Callable[[Tensor, int, int], Tensor]
+) -> tuple[Tensor, Tensor]:
+    """The backward's loop over chunks of rows, for any way of making a chunk's d logits
+    (`dlogits(rows, start, end)`): one chunk of logits is alive at a time."""
+    acc = accumulation_dtype(hidden.dtype)
     grad_hidden = torch.empty_like(hidden)
     grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
     for start in range(0, hidden.shape[0], chunk):
         end = min(start + chunk, hidden.shape[0])
         rows = hidden[start:end]
-        logits = (rows @ weight.T).to(acc)
-        probs = logits.sub_(torch.logsumexp(logits, dim=1, keepdim=True)).exp_()
-        probs.scatter_add_(1, index[start:end], probs.new_full((end - start, 1), -1.0))
-        dlogits = probs.mul_(-grad[start:end].to(acc)).to(hidden.dtype)
-        grad_hidden[start:end] = dlogits @ weight
-        grad_weight.addmm_(dlogits.T.to(acc), rows.to(acc))
-        del logits, probs, dlogits  # else this chunk stays alive while the next one is computed
+        d = dlogits(rows, start, end)
+        grad_hidden[start:end] = d @ weight
+        grad_weight.addmm_(d.T.to(acc), rows.to(acc))
+        del d  # else this chunk stays alive while the next one is computed
     return grad_hidden, grad_weight.to(weight.dtype)
 
 

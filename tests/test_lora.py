@@ -3,7 +3,6 @@ gradients equal eager PyTorch's, merge/unmerge round-trip, and checkpoints hold 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,12 +30,7 @@ from runtime.program import Program, initial_state
 B, T = 2, 16
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SMALL = LoraConfig(r=4, alpha=8)

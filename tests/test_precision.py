@@ -4,7 +4,6 @@ once, trains like fp32, and fp16's in-graph loss scaling skips overflowing steps
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from itertools import islice
 
 import pytest
@@ -40,13 +39,7 @@ from tests.strategies import graphs, random_inputs
 BF16 = torch.bfloat16
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """The eager backend runs many small ops: threads only fight over the 2 shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 B, T = 4, 32  # every compiled step here; one compile per precision for the whole module

@@ -4,8 +4,6 @@ in the graph so pruned weights get zero gradient and stay zero through training,
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from click.testing import CliRunner
@@ -20,13 +18,7 @@ from memfit.models import resolve_model
 from memfit.prune_cmd import prune_command, revived
 from runtime.program import Program
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @given(

@@ -11,12 +11,11 @@ the kernels loop over the vocabulary in blocks. The torch reference is `compiler
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from compiler.custom_ops import accumulation_dtype
+from compiler.custom_ops import chunked_backward
 
 BLOCK = 1024
 
@@ -79,16 +78,12 @@ def linear_cross_entropy_backward(
     hidden: Tensor, weight: Tensor, index: Tensor, grad: Tensor, chunk: int
 ) -> tuple[Tensor, Tensor]:
     """Same contract as `memfit::linear_cross_entropy_backward`."""
-    acc = accumulation_dtype(hidden.dtype)
-    grad_hidden = torch.empty_like(hidden)
-    grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
-    for start in range(0, hidden.shape[0], chunk):
-        end = min(start + chunk, hidden.shape[0])
-        rows = hidden[start:end]
-        dlogits = rows @ weight.T
+
+    def dlogits(rows: Tensor, start: int, end: int) -> Tensor:
+        logits = rows @ weight.T
         cross_entropy_backward_kernel[(end - start,)](
-            dlogits, index[start:end], grad[start:end], weight.shape[0], BLOCK
+            logits, index[start:end], grad[start:end], weight.shape[0], BLOCK
         )
-        grad_hidden[start:end] = dlogits @ weight
-        grad_weight.addmm_(dlogits.T.to(acc), rows.to(acc))
-    return grad_hidden, grad_weight.to(weight.dtype)
+        return logits
+
+    return chunked_backward(hidden, weight, chunk, dlogits)
