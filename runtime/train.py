@@ -206,7 +206,7 @@ class Trainer:
     def train_step(self) -> float:
         self.step += 1
         lr = learning_rate(self.cfg, self.step)
-        hyper = self.train_program.hyper(lr, self.step)
+        hyper = self.train_program.hyper(lr, self.optimizer_step)
         if self.update_program is None:
             tokens, targets = next(self.loader)
             if self.parallel is not None:
@@ -222,8 +222,14 @@ class Trainer:
             total += float(loss)
         names = [v.name for v in self.update_program.graph.inputs if v.name.startswith("grad.")]
         feeds = {n: g.div_(self.cfg.grad_accum) for n, g in zip(names, grads, strict=True)}
-        self.update_program.run(**feeds, **self.update_program.hyper(lr, self.step))
+        self.update_program.run(**feeds, **self.update_program.hyper(lr, self.optimizer_step))
         return total / self.cfg.grad_accum
+
+    @property
+    def optimizer_step(self) -> int:
+        """AdamW's step for bias correction: an fp16 step that overflowed was skipped."""
+        scaler = self.train_program.loss_scaler
+        return self.step - (scaler.skipped_steps if scaler else 0)
 
     def validate(self) -> float | None:
         if self.val_dataset is None or self.eval_program is None:
@@ -284,6 +290,8 @@ class Trainer:
             "tokenizer": self.manifest.tokenizer,
             "config": _jsonable(asdict(self.cfg)),
         }
+        if self.train_program.loss_scaler is not None:
+            state["loss_scaler"] = self.train_program.loss_scaler.state_dict()
         if self.parallel is None:
             return save_checkpoint(self.checkpoints, self.step, self.state, state)
         full = self.parallel.to_full(self.state)  # every rank takes part; rank 0 writes
@@ -313,6 +321,8 @@ class Trainer:
             t.copy_(tensors[name])
         self.loader.load_state_dict(state["loader"])
         self.step = state["step"]
+        if self.train_program.loss_scaler is not None and "loss_scaler" in state:
+            self.train_program.loss_scaler.load_state_dict(state["loss_scaler"])
         if self.parallel is None or self.parallel.is_writer:
             _truncate_metrics(self.cfg.out / METRICS, self.step)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,12 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from memfit.cli import main
 from pipelines.prepare import prepare
-from runtime.checkpoint import latest_checkpoint
+from runtime.checkpoint import LATEST, latest_checkpoint
 
 ARGS = ["gpt2-tiny", "--batch", "4", "--seq", "32", "--steps", "40", "--warmup", "5"]
 
@@ -115,3 +117,30 @@ def test_a_new_run_never_overwrites_an_old_one(data: Path, tmp_path: Path) -> No
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2
     assert "already holds a run" in " ".join(result.output.split())
+
+
+def test_fp16_resume_restores_the_loss_scale(data: Path, tmp_path: Path) -> None:
+    """The dynamic loss scale and its counters are part of a checkpoint: a resumed fp16 run
+    carries on with the same scale (and so skips the same overflowing steps)."""
+    args = ["train", "gpt2-tiny", "--batch", "4", "--seq", "32", "--steps", "10"]
+    args += ["--warmup", "2", "--precision", "fp16", "--checkpoint-every", "5"]
+    args += ["--val-every", "0", "--data", str(data)]
+    straight = tmp_path / "straight"
+    result = CliRunner().invoke(main, [*args, "--out", str(straight)])
+    assert result.exit_code == 0, result.output
+    crashed = tmp_path / "crashed"
+    shutil.copytree(straight, crashed)
+    shutil.rmtree(crashed / "checkpoints" / "step-00000010")  # as if killed after step 5
+    (crashed / "checkpoints" / LATEST).write_text("step-00000005\n")
+    result = CliRunner().invoke(main, [*args, "--out", str(crashed), "--resume"])
+    assert result.exit_code == 0, result.output
+    scalers = [
+        json.loads((run / "checkpoints" / "step-00000010" / "state.json").read_text())
+        for run in (straight, crashed)
+    ]
+    assert scalers[0]["loss_scaler"]["clean_steps"] == 10
+    assert scalers[0]["loss_scaler"] == scalers[1]["loss_scaler"]
+    want, got = _final_tensors(straight), _final_tensors(crashed)
+    assert want.keys() == got.keys()
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    assert _losses(straight) == _losses(crashed)
