@@ -109,6 +109,13 @@ class MemoryPlan:
         """The whole step's footprint: the arena, everything the caller holds, kernel scratch."""
         return self.arena_bytes + sum(self.outside.values()) + self.workspace
 
+    @property
+    def extra_flops_percent(self) -> float:
+        """What recomputation adds, in % of the step's FLOPs (0 without the recompute pass)."""
+        if not self.recompute:
+            return 0.0
+        return 100 * self.recompute["extra_flops"] / max(self.recompute["step_flops"], 1)
+
     def timeline(self) -> dict[Role, list[int]]:
         """Arena bytes live at each step, per role."""
         return live_bytes(self.values, self.steps)
@@ -209,12 +216,11 @@ class MemoryPlan:
         table.add_row("lower bound", "most bytes live at once", fmt_bytes(self.lower_bound))
         table.add_row("arena / lower bound", "", f"{self.ratio:.4f}", style="bold")
         if self.recompute:
-            extra, total = self.recompute["extra_flops"], max(self.recompute["step_flops"], 1)
             table.add_section()
             table.add_row(
                 "recomputed",
                 f"{len(self.recompute['values'])} values",
-                f"+{100 * extra / total:.2f}% FLOPs",
+                f"+{self.extra_flops_percent:.2f}% FLOPs",
             )
         return table
 

@@ -1,9 +1,10 @@
 """Pictures of a MemoryPlan, for people: where the step's bytes are over its schedule.
 
 Top: the phase of each step (forward, backward, optimizer). Middle: the memory timeline, arena
-bytes live at each step stacked by role, against the arena size and the lower bound. Bottom: the
-arena map, each buffer a rectangle spanning its steps and its bytes. A PNG (matplotlib, Agg) or
-one self-contained HTML page: the same picture inline, the summary and the largest buffers.
+bytes live at each step stacked by role, against the arena size and the lower bound, and how
+much of it is recomputed values. Bottom: the arena map, each buffer a rectangle spanning its
+steps and its bytes, recomputed ones hatched. A PNG (matplotlib, Agg) or one self-contained
+HTML page: the same picture inline, the summary and the largest buffers.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from compiler.ir import Phase, Role
-from compiler.plan import MemoryPlan, fmt_bytes
+from compiler.liveness import live_bytes
+from compiler.plan import MemoryPlan, PlannedValue, fmt_bytes
 
 ROLE_COLORS = {
     Role.ACTIVATION: "#4C72B0",
@@ -31,6 +33,17 @@ PHASE_COLORS = {Phase.FORWARD: "#55A868", Phase.BACKWARD: "#8172B3", Phase.OPTIM
 MIB = 2**20
 
 
+def recomputed(plan: MemoryPlan) -> list[PlannedValue]:
+    """The arena buffers of values the recompute pass recomputes in the backward."""
+    names = set(plan.recompute.get("values", ()))
+    return [v for v in plan.values if v.name in names]
+
+
+def recompute_summary(plan: MemoryPlan) -> str:
+    count = len(plan.recompute["values"])
+    return f"{count} values recomputed for +{plan.extra_flops_percent:.2f}% of the step's FLOPs"
+
+
 def figure(plan: MemoryPlan) -> Figure:
     fig = Figure(figsize=(13, 8.5), dpi=110, layout="constrained")
     phase_ax, time_ax, map_ax = fig.subplots(
@@ -38,10 +51,11 @@ def figure(plan: MemoryPlan) -> Figure:
     )
     what = ", ".join(f"{k} {v}" for k, v in plan.config.items())
     fig.suptitle(
-        f"{what}\narena {fmt_bytes(plan.arena_bytes)} = {plan.ratio:.3f} × lower bound"
-        f" {fmt_bytes(plan.lower_bound)}; step peak {fmt_bytes(plan.peak_bytes)} with"
-        f" {fmt_bytes(plan.peak_bytes - plan.arena_bytes)} of parameters, optimizer states"
-        " and batch outside the arena",
+        f"{what}\nstep peak {fmt_bytes(plan.peak_bytes)} = arena {fmt_bytes(plan.arena_bytes)}"
+        f" ({plan.ratio:.3f} × lower bound {fmt_bytes(plan.lower_bound)})"
+        f" + {fmt_bytes(sum(plan.outside.values()))} parameters, optimizer states, batch"
+        + (f" + {fmt_bytes(plan.workspace)} kernel scratch" if plan.workspace else "")
+        + (f"\n{recompute_summary(plan)}" if plan.recompute else ""),
         fontsize=11,
     )
     for phase, first, last in plan.phases:
@@ -66,6 +80,10 @@ def figure(plan: MemoryPlan) -> Figure:
         step="post",
         lw=0,
     )
+    again = recomputed(plan)
+    if again:
+        live = [sum(at) / MIB for at in zip(*live_bytes(again, plan.steps).values(), strict=True)]
+        time_ax.step(steps, live, where="post", color="black", lw=0.8, label="of which recomputed")
     time_ax.axhline(plan.arena_bytes / MIB, color="black", ls="--", lw=1, label="arena")
     time_ax.axhline(plan.lower_bound / MIB, color="black", ls=":", lw=1, label="lower bound")
     time_ax.axvline(plan.peak_step, color="black", lw=0.6, alpha=0.5)
@@ -76,17 +94,33 @@ def figure(plan: MemoryPlan) -> Figure:
 
     boxes, colors = [], []
     for v in plan.values:
-        x0, x1 = v.start, v.last + 1
-        y0, y1 = v.offset / MIB, (v.offset + v.size) / MIB
-        boxes.append([(x0, y0), (x1, y0), (x1, y1), (x0, y1)])
+        boxes.append(_box(v))
         colors.append(ROLE_COLORS.get(v.role, "#8C8C8C"))
     map_ax.add_collection(PolyCollection(boxes, facecolors=colors, edgecolors="white", lw=0.2))
+    if again:
+        hatched = PolyCollection(
+            [_box(v) for v in again], facecolors="none", edgecolors="black", hatch="////", lw=0.3
+        )
+        map_ax.add_collection(hatched)
+        map_ax.legend(
+            handles=[Patch(facecolor="none", hatch="////", label="recomputed")],
+            loc="center left",
+            bbox_to_anchor=(1.0, 0.5),
+            fontsize=8,
+            frameon=False,
+        )
     map_ax.set_ylim(0, plan.arena_bytes / MIB or 1)
     map_ax.set_xlim(0, max(plan.steps, 1))
     map_ax.set_ylabel("arena offset (MiB)")
     map_ax.set_xlabel(f"step (node of the schedule; {plan.steps} in all)")
     map_ax.set_title(f"arena map ({plan.strategy})", fontsize=10, loc="left")
     return fig
+
+
+def _box(v: PlannedValue) -> list[tuple[float, float]]:
+    x0, x1 = v.start, v.last + 1
+    y0, y1 = v.offset / MIB, (v.offset + v.size) / MIB
+    return [(x0, y0), (x1, y0), (x1, y1), (x0, y1)]
 
 
 def png_bytes(plan: MemoryPlan) -> bytes:
@@ -111,6 +145,8 @@ def write_html(plan: MemoryPlan, path: Path, largest: int = 25) -> Path:
         ("lower bound", fmt_bytes(plan.lower_bound)),
         ("arena / lower bound", f"{plan.ratio:.4f}"),
     ]
+    if plan.recompute:
+        summary.append(("recomputation", recompute_summary(plan)))
     rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v}</td></tr>" for k, v in summary)
     biggest = sorted(plan.values, key=lambda v: -v.size)[:largest]
     cells = "".join(

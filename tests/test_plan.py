@@ -13,13 +13,16 @@ import pytest
 from click.testing import CliRunner
 from rich.console import Console
 
+from compiler.compile import CompileOptions, compile_model
 from compiler.errors import MemfitError
 from compiler.ir import Role
 from compiler.passes.buffers import plan_buffers
 from compiler.passes.manager import PassContext
 from compiler.passes.schedule import schedule
 from compiler.plan import MemoryPlan
-from compiler.plan_render import write_html, write_png
+from compiler.plan_render import figure, recomputed, write_html, write_png
+from examples import build_example
+from examples.loss import lm_loss
 from memfit.plan_cmd import plan_command
 from tests.test_schedule import traced_step
 
@@ -128,3 +131,18 @@ def test_a_byte_budget_plan_shows_what_was_recomputed() -> None:
     doc = json.loads(result.output)
     assert doc["peak_bytes"] <= int(budget)
     assert doc["recompute"]["extra_flops"] > 0 and doc["recompute"]["values"]
+
+
+def test_pictures_mark_what_was_recomputed(tmp_path: Path) -> None:
+    policy = {"activation_fraction": 0.5}
+    step = compile_model(
+        build_example("gpt2-tiny"), lm_loss, CompileOptions(2, 16, recompute_policy=policy)
+    )
+    plan = step.plan
+    assert plan is not None and recomputed(plan)
+    fig = figure(plan)
+    labels = {t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().texts}
+    assert {"of which recomputed", "recomputed"} <= labels
+    assert "values recomputed for +" in fig.get_suptitle()
+    page = write_html(plan, tmp_path / "plan.html").read_text()
+    assert f"+{plan.extra_flops_percent:.2f}% of the step" in page
