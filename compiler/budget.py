@@ -1,19 +1,22 @@
 """Fit a step into a memory budget, with the arena plan in the loop; and the Pareto sweep.
 
 A budget is bytes (`12GB`, `800MiB`: the planned step peak, arena plus parameters, optimizer
-states and batch) or a fraction (`0.5`: of the activation bytes the backward reads with no
-recomputation). Bytes are met by iterating the recompute program's activation budget on what
-the real plan measures, so the answer holds for the arena, not for an estimate.
+states, batch and kernel scratch) or a fraction (`0.5`: of the activation bytes the backward
+reads with no recomputation). Bytes are met by searching recompute policies on what the real
+plan measures (`fit_bytes`), so the answer holds for the arena, not for an estimate.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 from compiler.compile import CompiledStep, CompileOptions, TracedStep, optimize
 from compiler.errors import MemfitError
 from compiler.ir import Role
+from compiler.passes.recompute import InfeasibleBudgetError
 from compiler.plan import fmt_bytes
 
 MAX_ROUNDS = 8
@@ -61,28 +64,38 @@ def _with_policy(options: CompileOptions, **policy: object) -> CompileOptions:
     return replace(options, recompute=True, recompute_policy=dict(policy))
 
 
+Planner = Callable[[dict[str, Any]], CompiledStep]  # recompute policy → the planned step
+
+
 def compile_within(
     traced: TracedStep, options: CompileOptions, budget: Budget, n_layers: int | None = None
 ) -> CompiledStep:
-    """The least-recompute compilation of `traced` whose plan fits `budget`.
-
-    A fraction goes straight to the recompute program. Bytes are met two ways, and the
-    cheaper plan that fits wins: the program, its activation budget lowered round by round by
-    what the real plan is over; and (given `n_layers`) per-layer checkpointing of as few
-    leading blocks as fit. The program counts saved bytes, not the burst of values one
-    backward use recomputes at once, so where that burst sets the peak, checkpointing fits
-    budgets the program's plans miss.
-    """
+    """The least-recompute compilation of `traced` whose plan fits `budget`."""
     if budget.fraction is not None:
         return optimize(traced, _with_policy(options, activation_fraction=budget.fraction))
     assert budget.nbytes is not None
-    fits = [_programmed(traced, options, budget.nbytes)]
-    if n_layers:
-        fits.append(_checkpointed(traced, options, budget.nbytes, n_layers, fits[0]))
-    found = [step for step in fits if step is not None]
-    if not found:
+    step = fit_bytes(
+        lambda policy: optimize(traced, _with_policy(options, **policy)), budget.nbytes, n_layers
+    )
+    if step is None:
         raise _infeasible(traced, options, budget.nbytes, n_layers)
-    return min(found, key=_extra_flops)
+    return step
+
+
+def fit_bytes(plan: Planner, nbytes: int, n_layers: int | None = None) -> CompiledStep | None:
+    """The least-recompute plan whose step peak is at most `nbytes`, or None.
+
+    Two searches, the cheaper fit wins: the recompute program, its activation budget lowered
+    round by round by what the real plan is over; and (given `n_layers`) per-layer
+    checkpointing of as few leading blocks as fit. The program counts saved bytes, not the
+    burst of values one backward use recomputes at once, so where that burst sets the peak,
+    checkpointing fits budgets the program's plans miss.
+    """
+    fits = [_programmed(plan, nbytes)]
+    if n_layers:
+        fits.append(_checkpointed(plan, nbytes, n_layers, fits[0]))
+    found = [step for step in fits if step is not None]
+    return min(found, key=_extra_flops) if found else None
 
 
 def _extra_flops(step: CompiledStep) -> int:
@@ -94,51 +107,58 @@ def _fits(step: CompiledStep, nbytes: int) -> bool:
     return step.plan.peak_bytes <= nbytes
 
 
-def _programmed(traced: TracedStep, options: CompileOptions, nbytes: int) -> CompiledStep | None:
-    """The recompute program's plan, its activation budget iterated on the real plan's peak."""
-    step = optimize(traced, _with_policy(options))  # the min-cut: cheap ops only
-    activation = step.context.stats["recompute.saved_bytes_after"]
+def _programmed(plan: Planner, nbytes: int) -> CompiledStep | None:
+    """The recompute program's plan, its activation budget iterated on the real plan's peak
+    (from the min-cut down, at most to the fewest bytes any choice saves)."""
+    step = plan({})  # the min-cut: cheap ops only
+    activation = step.context.stats.get("recompute.saved_bytes_after", 0)
+    floor = 0  # until the program says how few bytes any choice saves
     for _ in range(MAX_ROUNDS):
         assert step.plan is not None
         over = step.plan.peak_bytes - nbytes
         if over <= 0:
             return step
-        activation -= over
-        if activation < 0:
+        if activation == floor:  # the fewest saved bytes are still over
             return None
+        activation = max(activation - over, floor)
         try:
-            step = optimize(traced, _with_policy(options, activation_budget=activation))
-        except MemfitError:
-            return None
-    return None
+            step = plan({"activation_budget": activation})
+        except InfeasibleBudgetError as e:
+            floor = activation = e.smallest
+            step = plan({"activation_budget": activation})
+    step = fewest_saved(plan)  # out of rounds: the last resort
+    return step if _fits(step, nbytes) else None
+
+
+def fewest_saved(plan: Planner) -> CompiledStep:
+    """The program's plan that saves the fewest bytes, whatever it recomputes."""
+    try:
+        return plan({"activation_budget": 0})
+    except InfeasibleBudgetError as e:
+        return plan({"activation_budget": e.smallest})
 
 
 def _checkpointed(
-    traced: TracedStep,
-    options: CompileOptions,
-    nbytes: int,
-    n_layers: int,
-    programmed: CompiledStep | None,
+    plan: Planner, nbytes: int, n_layers: int, programmed: CompiledStep | None
 ) -> CompiledStep | None:
     """Checkpointing of the fewest leading blocks that fits (bisection: fewer blocks, more
     bytes, fewer FLOPs); skipped when one block already costs more than `programmed`."""
 
-    def plan(blocks: int) -> CompiledStep:
-        policy = {"checkpoint_layers": n_layers, "checkpoint_blocks": blocks}
-        return optimize(traced, _with_policy(options, **policy))
+    def blocks(m: int) -> CompiledStep:
+        return plan({"checkpoint_layers": n_layers, "checkpoint_blocks": m})
 
-    fewest = plan(1)
+    fewest = blocks(1)
     if programmed is not None and _extra_flops(programmed) <= _extra_flops(fewest):
         return None
     if _fits(fewest, nbytes):
         return fewest
-    best = plan(n_layers)
+    best = blocks(n_layers)
     if not _fits(best, nbytes):
         return None
-    lo, hi = 1, n_layers  # plan(lo) does not fit, plan(hi) does
+    lo, hi = 1, n_layers  # blocks(lo) does not fit, blocks(hi) does
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        step = plan(mid)
+        step = blocks(mid)
         if _fits(step, nbytes):
             best, hi = step, mid
         else:

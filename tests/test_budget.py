@@ -11,11 +11,28 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from compiler.budget import Budget, BudgetError, compile_within, parse_size, sweep_budgets
-from compiler.compile import CompileOptions, TracedStep, optimize, trace_model
+from compiler.budget import (
+    Budget,
+    BudgetError,
+    Planner,
+    compile_within,
+    fewest_saved,
+    fit_bytes,
+    parse_size,
+    sweep_budgets,
+)
+from compiler.compile import CompiledStep, CompileOptions, TracedStep, optimize, trace_model
+from compiler.ir import Graph, dump, parse
+from compiler.passes.buffers import plan_buffers
+from compiler.passes.manager import PassContext, PassManager
+from compiler.passes.recompute import recompute_pass
+from compiler.passes.schedule import schedule
 from examples import build_example
 from examples.loss import lm_loss
+from runtime.eager import run_graph
 from runtime.program import Program
+from tests.strategies import random_inputs
+from tests.test_recompute import joint_graphs
 
 OPTIONS = CompileOptions(batch_size=4, seq_len=32, return_grads=True)
 
@@ -100,3 +117,33 @@ def test_fraction_budget_saves_less_and_keeps_results() -> None:
 def test_infeasible_budget_names_the_smallest_peak() -> None:
     with pytest.raises(BudgetError, match=r"smallest achievable step peak is .* largest single"):
         compile_within(traced(), OPTIONS, Budget(nbytes=2**20))
+
+
+def planner(graph: Graph) -> Planner:
+    """Recompute, schedule and plan a fresh copy of `graph` under a recompute policy."""
+
+    def plan(policy: dict) -> CompiledStep:
+        ctx = PassContext(options=policy)
+        passes = [("recompute", recompute_pass), ("schedule", schedule), ("buffers", plan_buffers)]
+        out = PassManager(passes).run(parse(dump(graph)), ctx)
+        return CompiledStep(out, ctx, 0, 0, ctx.plan)
+
+    return plan
+
+
+@given(joint_graphs(), st.floats(0, 1))
+@settings(max_examples=30, deadline=None)
+def test_random_graphs_fit_feasible_byte_budgets_bit_identically(graph: Graph, frac: float) -> None:
+    """Feasible: at least the peak of the min-cut or of the fewest saved bytes, the two ends
+    of the program's search. The plan found fits the budget and runs bit for bit like the
+    graph without recomputation; one byte fits nothing."""
+    plan = planner(graph)
+    ends = [p.plan.peak_bytes for p in (plan({}), fewest_saved(plan)) if p.plan is not None]
+    nbytes = int(min(ends) + frac * (max(ends) - min(ends)))
+    step = fit_bytes(plan, nbytes)
+    assert step is not None and step.plan is not None and step.plan.peak_bytes <= nbytes
+    inputs = random_inputs(graph)
+    expected = run_graph(graph, {k: t.clone() for k, t in inputs.items()})
+    for a, b in zip(expected, run_graph(step.graph, inputs), strict=True):
+        assert torch.equal(a, b) or (a.isnan() == b.isnan()).all()
+    assert fit_bytes(plan, 1) is None

@@ -35,7 +35,11 @@ ANY_FORWARD = CHEAP | {Kind.MATMUL, Kind.INDEX}
 
 
 class InfeasibleBudgetError(MemfitError):
-    """No choice of saved values fits the budget."""
+    """No choice of saved values fits the budget; `smallest` is the fewest saved bytes."""
+
+    def __init__(self, message: str, smallest: int) -> None:
+        super().__init__(message)
+        self.smallest = smallest
 
 
 @dataclass(frozen=True)
@@ -151,7 +155,8 @@ def budget_saved(
         smallest = boundary.saved_bytes(budget_floor(boundary, recomputable))
         raise InfeasibleBudgetError(
             f"no recomputation fits an activation budget of {activation_budget:,} bytes; the"
-            f" smallest achievable is {smallest:,} bytes of saved activations"
+            f" smallest achievable is {smallest:,} bytes of saved activations",
+            smallest,
         )
     return [v for v in values if result.x[x[id(v)]] > 0.5]
 
