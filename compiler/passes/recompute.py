@@ -262,9 +262,8 @@ def choose_saved(graph: Graph, boundary: Boundary, options: dict) -> list[Value]
     """The saved set the options ask for.
 
     `activation_budget` (bytes) or `activation_fraction` (of the no-recompute saved bytes):
-    the 0/1 program; `checkpoint_layers` (a layer count): per-layer full checkpointing, of the
-    first `checkpoint_blocks` blocks only if given;
-    otherwise the min-cut.
+    the 0/1 program; `checkpoint_layers` (a layer count): per-layer full checkpointing (of the
+    first `checkpoint_blocks` blocks only, if given); otherwise the min-cut.
     """
     if options.get("checkpoint_layers"):
         tokens = next(v for v in graph.inputs if v.name == "tokens")
