@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from benchmarks.bench_memory import batch, held
 from compiler.budget import Budget, compile_within
-from compiler.compile import CompiledStep, CompileOptions, optimize, trace_model
+from compiler.compile import CompileOptions, optimize, trace_model
 from compiler.plan import fmt_bytes
 from examples.loss import lm_loss
 from memfit.models import resolve_model
@@ -68,13 +68,6 @@ def torch_checkpoint_peak(name: str, b: int, t: int, device: torch.device) -> in
     return persistent + allocations(lambda: step(x, y)).peak_bytes
 
 
-def extra_percent(step: CompiledStep) -> float:
-    stats = step.context.stats
-    return (
-        100 * stats.get("recompute.extra_flops", 0) / max(stats.get("recompute.step_flops", 1), 1)
-    )
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("configs", nargs="*", default=["gpt2-small:4:512", "llama-small:4:512"])
@@ -95,7 +88,7 @@ def main() -> None:
         policy = {"checkpoint_layers": n_layers}
         ckpt = optimize(traced, replace(options, recompute_policy=policy))
         assert ckpt.plan is not None
-        ckpt_extra = extra_percent(ckpt)
+        ckpt_extra = ckpt.plan.extra_flops_percent
         rows = [
             ("torch.utils.checkpoint, each block", torch_peak, ckpt_extra),
             ("memfit, per-layer checkpointing", ckpt.plan.peak_bytes, ckpt_extra),
@@ -107,7 +100,11 @@ def main() -> None:
             fit = compile_within(traced, options, Budget(nbytes=peak), n_layers=n_layers)
             assert fit.plan is not None
             rows.append(
-                (f"memfit --memory-budget {label} peak", fit.plan.peak_bytes, extra_percent(fit))
+                (
+                    f"memfit --memory-budget {label} peak",
+                    fit.plan.peak_bytes,
+                    fit.plan.extra_flops_percent,
+                )
             )
         for k, (label, peak, extra) in enumerate(rows):
             ratio = f"{extra / ckpt_extra:.2f}" if k >= 2 else ""
