@@ -44,8 +44,14 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, index: Tensor, chunk: i
 
     hidden [M, K], weight [V, K] (nn.Linear layout), index int64 [M, 1].
     """
+    return forward_into(hidden, weight, index, chunk, hidden.new_empty(hidden.shape[0], 1))
+
+
+def forward_into(
+    hidden: Tensor, weight: Tensor, index: Tensor, chunk: int, picked: Tensor
+) -> Tensor:
+    """The forward, written into `picked` (the arena passes its planned buffer)."""
     rows, acc = hidden.shape[0], accumulation_dtype(hidden.dtype)
-    picked = hidden.new_empty(rows, 1)
     for start in range(0, rows, chunk):
         end = min(start + chunk, rows)
         logits = (hidden[start:end] @ weight.T).to(acc)
@@ -68,6 +74,20 @@ def linear_cross_entropy_backward(
 
     d logits = grad · (onehot(index) − softmax(logits)), built chunk by chunk in place.
     """
+    outs = torch.empty_like(hidden), torch.empty_like(weight)
+    return backward_into(hidden, weight, index, grad, chunk, *outs)
+
+
+def backward_into(
+    hidden: Tensor,
+    weight: Tensor,
+    index: Tensor,
+    grad: Tensor,
+    chunk: int,
+    grad_hidden: Tensor,
+    grad_weight: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """The backward, written into `grad_hidden` and `grad_weight`."""
     acc = accumulation_dtype(hidden.dtype)
 
     def dlogits(rows: Tensor, start: int, end: int) -> Tensor:
@@ -76,25 +96,33 @@ def linear_cross_entropy_backward(
         probs.scatter_add_(1, index[start:end], probs.new_full((end - start, 1), -1.0))
         return probs.mul_(-grad[start:end].to(acc)).to(hidden.dtype)
 
-    return chunked_backward(hidden, weight, chunk, dlogits)
+    return chunked_backward(hidden, weight, chunk, dlogits, grad_hidden, grad_weight)
 
 
 def chunked_backward(
-    hidden: Tensor, weight: Tensor, chunk: int, dlogits: Callable[[Tensor, int, int], Tensor]
+    hidden: Tensor,
+    weight: Tensor,
+    chunk: int,
+    dlogits: Callable[[Tensor, int, int], Tensor],
+    grad_hidden: Tensor,
+    grad_weight: Tensor,
 ) -> tuple[Tensor, Tensor]:
     """The backward's loop over chunks of rows, for any way of making a chunk's d logits
-    (`dlogits(rows, start, end)`): one chunk of logits is alive at a time."""
+    (`dlogits(rows, start, end)`), into the given gradients: one chunk of logits is alive at a
+    time, and the weight's gradient is summed in place unless it is narrower than fp32."""
     acc = accumulation_dtype(hidden.dtype)
-    grad_hidden = torch.empty_like(hidden)
-    grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+    wide = grad_weight.dtype == acc
+    summed = grad_weight.zero_() if wide else torch.zeros_like(grad_weight, dtype=acc)
     for start in range(0, hidden.shape[0], chunk):
         end = min(start + chunk, hidden.shape[0])
         rows = hidden[start:end]
         d = dlogits(rows, start, end)
-        grad_hidden[start:end] = d @ weight
-        grad_weight.addmm_(d.T.to(acc), rows.to(acc))
+        torch.mm(d, weight, out=grad_hidden[start:end])
+        summed.addmm_(d.T.to(acc), rows.to(acc))
         del d  # else this chunk stays alive while the next one is computed
-    return grad_hidden, grad_weight.to(weight.dtype)
+    if not wide:
+        grad_weight.copy_(summed)
+    return grad_hidden, grad_weight
 
 
 @linear_cross_entropy_backward.register_fake
@@ -119,6 +147,13 @@ def flops(node: Node) -> int:
 
 def workspace_bytes(node: Node) -> int:
     """Scratch a call holds besides its inputs and outputs: one fp32 chunk of logits and the
-    temporary of its logsumexp."""
+    temporary of its logsumexp, and for a weight narrower than fp32 the backward's fp32 sum of
+    its gradient."""
     hidden, weight, chunk = node.args[0], node.args[1], node.args[-1]
-    return 2 * chunk * weight.shape[0] * accumulation_dtype(hidden.dtype).itemsize
+    acc = accumulation_dtype(hidden.dtype)
+    summed = weight.numel * acc.itemsize if node.op == BACKWARD and weight.dtype != acc else 0
+    return 2 * chunk * weight.shape[0] * acc.itemsize + summed
+
+
+# The ops' computations writing into given outputs: the arena's form of them (their out=).
+INTO: dict[str, Callable[..., object]] = {FORWARD: forward_into, BACKWARD: backward_into}

@@ -5,12 +5,12 @@ Each op writes through its ATen `out=` overload into its planned view; view ops 
 copy_ writes persistent state. Where ATen's out= would allocate, the op is run a way that does
 not: creation ops fill their view, clone/_to_copy copy into it, embedding is index_select,
 `x.Scalar` ops run as `x.Tensor` with the scalar made a 0-dim tensor once, here (as ATen would
-make one on every call), and the scatter-like ops copy `self` into their view and update it in
-place. An op with no allocation-free form computes, then copies into its view: `fallbacks` names
-them (the allocation test counts them). Graph outputs are views into the arena, valid until the
-next step. Results equal `runtime.eager.run_graph` bit for bit. A Program runs out of an arena
-with `Program.from_module(compiled.graph, model, backend=Arena(compiled.graph, compiled.plan))`.
-"""
+make one on every call), the scatter-like ops copy `self` into their view and update it in
+place, and memfit's own ops (the fused loss head) write into their views themselves. An op
+with no allocation-free form computes, then copies into its view: `fallbacks` names them (the
+allocation test counts them). Graph outputs are views into the arena, valid until the next
+step. Results equal `runtime.eager.run_graph` bit for bit. A Program runs out of an arena with
+`Program.from_module(compiled.graph, model, backend=Arena(compiled.graph, compiled.plan))`."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from torch import Tensor
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
+from compiler import custom_ops
 from compiler.ir import Graph, Node, Value
 from compiler.ops import OP_KINDS, Kind, kind, resolve
 from compiler.passes.buffers import UPDATES_SELF
@@ -116,6 +117,8 @@ class Arena:
             )
         if op in _IN_PLACE:
             return partial(_update_copy, out, _IN_PLACE[op], args, kwargs)
+        if op in custom_ops.INTO:
+            return partial(_run_into, custom_ops.INTO[op], outs, args)
         if _TENSOR_FORM.get(op) in OP_KINDS:
             op = _TENSOR_FORM[op]
         args = self._wrap_scalars(node, op)
@@ -161,6 +164,11 @@ def _run_out(
 ) -> None:
     """The usual case: the op's out= overload writes into the planned views."""
     fn(*_bind(args, env), **_bind(kwargs, env), **{n: env[o] for n, o in outs.items()})
+
+
+def _run_into(fn: Callable[..., Any], outs: list[int], args: Any, env: Env) -> None:
+    """memfit's own ops: their computation, given the planned views as its outputs."""
+    fn(*_bind(args, env), *(env[o] for o in outs))
 
 
 def _compute_then_copy(

@@ -24,7 +24,7 @@ import importlib.util
 import os
 import sys
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,14 +142,15 @@ def steps(graph: Graph) -> list[Step]:
     return plan
 
 
-def _run_custom(node: Node, args: list[Any]) -> list[Tensor]:
+def _run_custom(node: Node, args: list[Any], outs: Sequence[Tensor] = ()) -> list[Tensor]:
+    """A fused cross-entropy op through its Triton kernels, written into `outs` if given."""
     from compiler.codegen import cross_entropy  # imports triton: only once the mode is set
 
     fn = {
         custom_ops.FORWARD: cross_entropy.linear_cross_entropy,
         custom_ops.BACKWARD: cross_entropy.linear_cross_entropy_backward,
     }[node.op]
-    result = fn(*args)
+    result = fn(*args, *outs)
     return list(result) if isinstance(result, tuple) else [result]
 
 
@@ -270,11 +271,6 @@ class TritonArena(Arena):
         return launch
 
     def _custom(self, node: Node) -> Callable[[Env], None]:
-        """The fused cross-entropy ops: Triton row kernels on chunks, results copied in."""
+        """The fused cross-entropy ops: Triton row kernels on chunks, into the planned views."""
         outs = [id(v) for v in node.outputs]
-
-        def run(env: Env) -> None:
-            for o, t in zip(outs, _run_custom(node, _bind(node.args, env)), strict=True):
-                env[o].copy_(t)
-
-        return run
+        return lambda env: _run_custom(node, _bind(node.args, env), [env[o] for o in outs])

@@ -12,9 +12,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from compiler import custom_ops
 from compiler.ir import Graph
 from compiler.passes.buffers import plan_buffers
+from compiler.passes.fusion import linear_cross_entropy
 from compiler.passes.manager import PassContext
+from compiler.passes.noop_views import eliminate_noop_views
 from compiler.passes.precision import precision_pass
 from compiler.passes.schedule import schedule
 from runtime.arena import Arena, allocations
@@ -85,3 +88,22 @@ def test_low_precision_steps_match_eager_bit_for_bit(precision: str) -> None:
     got = arena(arena.graph, inputs)
     assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))
     assert all(torch.equal(reference[k], inputs[k]) for k in reference)
+
+
+def test_fused_loss_head_writes_into_the_arena() -> None:
+    """The fused linear cross-entropy ops compute straight into their planned views: no
+    allocation in the step is as large as the weight's gradient they write."""
+    graph, model = traced_step("gpt2-tiny")
+    graph = linear_cross_entropy(eliminate_noop_views(graph, PassContext()), PassContext())
+    heads = [n for n in graph.nodes if n.op in custom_ops.OPS]
+    assert len(heads) == 2
+    arena = planned(graph)
+    assert not arena.fallbacks
+    expected_in, got_in = feeds(graph, model), feeds(graph, model)
+    expected = run_graph(graph, expected_in)
+    got: list[torch.Tensor] = []
+    seen = allocations(lambda: got.extend(arena(arena.graph, got_in)))
+    assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))
+    assert all(torch.equal(expected_in[k], got_in[k]) for k in expected_in)
+    grad_weight = heads[1].outputs[1]  # the largest thing the head makes
+    assert max(b for sizes in seen.sizes.values() for b in sizes) < grad_weight.nbytes

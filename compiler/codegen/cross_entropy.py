@@ -11,6 +11,7 @@ the kernels loop over the vocabulary in blocks. The torch reference is `compiler
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -62,22 +63,33 @@ def cross_entropy_backward_kernel(logits, index, grad, n_cols, BLOCK: tl.constex
         tl.store(base + start + cols, scale * (onehot - probs), mask)
 
 
-def linear_cross_entropy(hidden: Tensor, weight: Tensor, index: Tensor, chunk: int) -> Tensor:
-    """Same contract as `memfit::linear_cross_entropy` (compiler/custom_ops.py)."""
-    picked = hidden.new_empty(hidden.shape[0], 1)
+def linear_cross_entropy(
+    hidden: Tensor, weight: Tensor, index: Tensor, chunk: int, picked: Tensor | None = None
+) -> Tensor:
+    """Same contract as `memfit::linear_cross_entropy` (compiler/custom_ops.py), written into
+    `picked` if given."""
+    picked = hidden.new_empty(hidden.shape[0], 1) if picked is None else picked
     for start in range(0, hidden.shape[0], chunk):
         end = min(start + chunk, hidden.shape[0])
         logits = hidden[start:end] @ weight.T
         cross_entropy_forward_kernel[(end - start,)](
             logits, index[start:end], picked[start:end], weight.shape[0], BLOCK
         )
+        del logits  # else this chunk stays alive while the next one is computed
     return picked
 
 
 def linear_cross_entropy_backward(
-    hidden: Tensor, weight: Tensor, index: Tensor, grad: Tensor, chunk: int
+    hidden: Tensor,
+    weight: Tensor,
+    index: Tensor,
+    grad: Tensor,
+    chunk: int,
+    grad_hidden: Tensor | None = None,
+    grad_weight: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Same contract as `memfit::linear_cross_entropy_backward`."""
+    """Same contract as `memfit::linear_cross_entropy_backward`, written into the given
+    gradients if any."""
 
     def dlogits(rows: Tensor, start: int, end: int) -> Tensor:
         logits = rows @ weight.T
@@ -86,4 +98,6 @@ def linear_cross_entropy_backward(
         )
         return logits
 
-    return chunked_backward(hidden, weight, chunk, dlogits)
+    grad_hidden = torch.empty_like(hidden) if grad_hidden is None else grad_hidden
+    grad_weight = torch.empty_like(weight) if grad_weight is None else grad_weight
+    return chunked_backward(hidden, weight, chunk, dlogits, grad_hidden, grad_weight)
