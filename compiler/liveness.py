@@ -157,11 +157,16 @@ def live_bytes(lifetimes: Sequence[Interval], steps: int) -> dict[Role, list[int
     return {r: list(accumulate(d[:steps])) for r, d in delta.items()}
 
 
-def lower_bound(lifetimes: Sequence[Interval], steps: int) -> tuple[int, int]:
-    """(max bytes simultaneously live, the first step where that peak is reached)."""
+def live_total(lifetimes: Sequence[Interval], steps: int) -> np.ndarray:
+    """Bytes live at each step, all roles together."""
     delta = np.zeros(steps + 1, dtype=np.int64)
     np.add.at(delta, [lt.start for lt in lifetimes], [lt.size for lt in lifetimes])
     np.add.at(delta, [lt.last + 1 for lt in lifetimes], [-lt.size for lt in lifetimes])
-    totals = np.cumsum(delta[:steps]) if steps else np.zeros(1, dtype=np.int64)
+    return np.cumsum(delta[:steps])
+
+
+def lower_bound(lifetimes: Sequence[Interval], steps: int) -> tuple[int, int]:
+    """(max bytes simultaneously live, the first step where that peak is reached)."""
+    totals = live_total(lifetimes, steps) if steps else np.zeros(1, dtype=np.int64)
     step = int(np.argmax(totals))
     return int(totals[step]), step

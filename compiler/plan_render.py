@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from compiler.ir import Phase, Role
-from compiler.liveness import live_bytes
+from compiler.liveness import live_total
 from compiler.plan import MemoryPlan, PlannedValue, fmt_bytes
 
 ROLE_COLORS = {
@@ -31,6 +31,8 @@ ROLE_COLORS = {
 }
 PHASE_COLORS = {Phase.FORWARD: "#55A868", Phase.BACKWARD: "#8172B3", Phase.OPTIMIZER: "#CCB974"}
 MIB = 2**20
+# every legend sits to the right of its axes
+BESIDE: dict = {"loc": "center left", "bbox_to_anchor": (1.0, 0.5), "fontsize": 8, "frameon": False}
 
 
 def recomputed(plan: MemoryPlan) -> list[PlannedValue]:
@@ -62,11 +64,7 @@ def figure(plan: MemoryPlan) -> Figure:
         phase_ax.axvspan(first, last + 1, color=PHASE_COLORS[Phase(phase)], lw=0)
     phase_ax.set_yticks([])
     phase_ax.legend(
-        handles=[Patch(color=c, label=str(p)) for p, c in PHASE_COLORS.items()],
-        loc="center left",
-        bbox_to_anchor=(1.0, 0.5),
-        fontsize=8,
-        frameon=False,
+        handles=[Patch(color=c, label=str(p)) for p, c in PHASE_COLORS.items()], **BESIDE
     )
 
     series = plan.timeline()
@@ -82,14 +80,14 @@ def figure(plan: MemoryPlan) -> Figure:
     )
     again = recomputed(plan)
     if again:
-        live = [sum(at) / MIB for at in zip(*live_bytes(again, plan.steps).values(), strict=True)]
+        live = live_total(again, plan.steps) / MIB
         time_ax.step(steps, live, where="post", color="black", lw=0.8, label="of which recomputed")
     time_ax.axhline(plan.arena_bytes / MIB, color="black", ls="--", lw=1, label="arena")
     time_ax.axhline(plan.lower_bound / MIB, color="black", ls=":", lw=1, label="lower bound")
     time_ax.axvline(plan.peak_step, color="black", lw=0.6, alpha=0.5)
     time_ax.set_ylabel("live in the arena (MiB)")
     time_ax.set_title("memory timeline", fontsize=10, loc="left")
-    time_ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
+    time_ax.legend(**BESIDE)
     time_ax.set_ylim(0, plan.arena_bytes / MIB * 1.05 or 1)
 
     boxes, colors = [], []
@@ -102,13 +100,7 @@ def figure(plan: MemoryPlan) -> Figure:
             [_box(v) for v in again], facecolors="none", edgecolors="black", hatch="////", lw=0.3
         )
         map_ax.add_collection(hatched)
-        map_ax.legend(
-            handles=[Patch(facecolor="none", hatch="////", label="recomputed")],
-            loc="center left",
-            bbox_to_anchor=(1.0, 0.5),
-            fontsize=8,
-            frameon=False,
-        )
+        map_ax.legend(handles=[Patch(facecolor="none", hatch="////", label="recomputed")], **BESIDE)
     map_ax.set_ylim(0, plan.arena_bytes / MIB or 1)
     map_ax.set_xlim(0, max(plan.steps, 1))
     map_ax.set_ylabel("arena offset (MiB)")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from compiler.compile import CompiledStep, CompileOptions, compile_model
-from compiler.liveness import live_bytes, liveness, scratch
+from compiler.liveness import live_total, liveness, scratch
 from examples import build_example
 from examples.loss import lm_loss
 from runtime.arena import allocations
@@ -28,7 +28,7 @@ def eager_peak(step: CompiledStep) -> int:
     """The most bytes the planned schedule holds at once when nothing is written in place,
     with each kernel's own scratch (the fused loss head's chunk of logits) at its step."""
     sizes = [lt._replace(size=lt.value.nbytes) for lt in liveness(step.graph)]
-    live = np.sum(list(live_bytes(sizes, len(step.graph.nodes)).values()), axis=0)
+    live = live_total(sizes, len(step.graph.nodes))
     return int((live + np.array(scratch(step.graph))).max())
 
 
