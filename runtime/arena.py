@@ -70,10 +70,22 @@ def out_variant(op: str) -> tuple[torch._ops.OpOverload, tuple[str, ...]] | None
 class Arena:
     """Runs `graph` as `plan` lays it out; callable as a `runtime.program.Backend`."""
 
-    def __init__(self, graph: Graph, plan: MemoryPlan, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        graph: Graph,
+        plan: MemoryPlan,
+        device: torch.device | str = "cpu",
+        buffer: Tensor | None = None,
+    ) -> None:
+        """`buffer`: uint8 bytes to lay the plan out in (steps that never run at once share
+        one, e.g. a micro-step and the step that applies the update); default: a new one."""
         self.graph = graph
         self.device = torch.device(device)
-        self.buffer = torch.empty(plan.arena_bytes, dtype=torch.uint8, device=self.device)
+        if buffer is None:
+            buffer = torch.empty(plan.arena_bytes, dtype=torch.uint8, device=self.device)
+        if buffer.numel() < plan.arena_bytes:
+            raise ValueError(f"the buffer holds {buffer.numel()} bytes, the plan needs more")
+        self.buffer = buffer
         placed = {v.name: v for v in plan.values}
         self.views: Env = {}
         for node in graph.nodes:

@@ -210,8 +210,14 @@ class TritonArena(Arena):
     before writing it); a group planned any other overlapping way runs as its nodes.
     """
 
-    def __init__(self, graph: Graph, plan: MemoryPlan, device: torch.device | str = "cpu") -> None:
-        super().__init__(graph, plan, device)
+    def __init__(
+        self,
+        graph: Graph,
+        plan: MemoryPlan,
+        device: torch.device | str = "cpu",
+        buffer: Tensor | None = None,
+    ) -> None:
+        super().__init__(graph, plan, device, buffer)
         if self.device.type == "cpu":
             require_interpreter()
         by_node = {id(n): step for n, step in zip(graph.nodes, self.steps, strict=True)}
