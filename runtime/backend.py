@@ -27,13 +27,24 @@ class BackendError(MemfitError):
     """The backend asked for cannot run here."""
 
 
-def resolve_backend(name: str, device: torch.device | str) -> str:
-    """`auto` made concrete for `device`; a backend this machine cannot run is an error."""
-    device = torch.device(device)
+def planned_backend(name: str, device: torch.device | str) -> str:
+    """`auto` made concrete for `device` (a plan may be made for a backend not runnable here)."""
     if name not in BACKENDS:
         raise BackendError(f"--backend {name!r} is not one of {', '.join(BACKENDS)}")
     if name == "auto":
-        return "triton" if device.type == "cuda" else "arena"
+        return "triton" if torch.device(device).type == "cuda" else "arena"
+    return name
+
+
+def fusion_of(backend: str) -> str:
+    """The compile option for a concrete backend: triton groups nodes into kernels."""
+    return "triton" if backend == "triton" else "eager"
+
+
+def resolve_backend(name: str, device: torch.device | str) -> str:
+    """`auto` made concrete for `device`; a backend this machine cannot run is an error."""
+    device = torch.device(device)
+    name = planned_backend(name, device)
     if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise BackendError(
             f"--backend triton generates GPU kernels, and this run is on {device.type} (no"
