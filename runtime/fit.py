@@ -44,14 +44,16 @@ def state_bytes(step: CompiledStep) -> int:
 
 def check_fit(
     step: CompiledStep,
+    peak: int,
     capacity: int,
     batch: int,
     grad_accum: int,
     budget: Budget | None,
     replan: Replan,
 ) -> None:
-    """Raise a FitError naming what would fit if `step`'s planned peak exceeds `capacity`."""
-    if step.peak_bytes <= capacity:
+    """Raise a FitError naming what would fit if `step`'s planned `peak` (its validation
+    included) exceeds `capacity`."""
+    if peak <= capacity:
         return
     where = f"--device-memory {fmt_bytes(capacity)}"
     state = state_bytes(step)
@@ -68,7 +70,7 @@ def check_fit(
     ways = _what_fits(capacity, batch, grad_accum, budget, replan)
     advice = "; ".join(ways) if ways else "nothing smaller fits either (batch 1 included)"
     raise FitError(
-        f"the planned step peaks at {fmt_bytes(step.peak_bytes)}, more than {where}"
+        f"the planned step peaks at {fmt_bytes(peak)}, more than {where}"
         f" (state {fmt_bytes(state)}); nothing was allocated. What fits, as planned: {advice}"
     )
 
@@ -78,29 +80,44 @@ def _what_fits(
 ) -> list[str]:
     ways = []
     if budget is None or budget.nbytes is None or budget.nbytes > capacity:
-        mib = capacity // 2**20  # as the flag will be written
-        fitted = _plan_or_none(replan, Budget(nbytes=mib * 2**20)) if mib else None
+        kib = capacity // 1024  # as the flag will be written
+        fitted = _plan_or_none(replan, Budget(nbytes=kib * 1024)) if kib else None
         if fitted is not None:
             ways.append(
-                f"--memory-budget {mib}MiB (recomputes +{_extra(fitted):.1f}% FLOPs,"
+                f"--memory-budget {kib}KiB (recomputes +{_extra(fitted):.1f}% FLOPs,"
                 f" peak {fmt_bytes(fitted.peak_bytes)})"
             )
+    found = _largest_batch(batch, capacity, lambda b: _plan_or_none(replan, budget, batch_size=b))
+    if found is not None:
+        ways.append(f"--batch {found[0]} (peak {fmt_bytes(found[1].peak_bytes)})")
+    tokens = batch * grad_accum
+
+    def accumulated(b: int) -> CompiledStep | None:
+        if tokens % b:
+            return None
+        return _plan_or_none(replan, budget, batch_size=b, grad_accum=tokens // b)
+
+    found = _largest_batch(batch, capacity, accumulated)
+    if found is not None:
+        b, step = found
+        ways.append(
+            f"--batch {b} --grad-accum {tokens // b} (the same tokens per step, peak"
+            f" {fmt_bytes(step.peak_bytes)})"
+        )
+    return ways
+
+
+def _largest_batch(
+    batch: int, capacity: int, plan: Callable[[int], CompiledStep | None]
+) -> tuple[int, CompiledStep] | None:
+    """The largest of batch/2, batch/4, ..., 1 whose plan fits, with that plan."""
     smaller = batch // 2
     while smaller >= 1:
-        fitted = _plan_or_none(replan, budget, batch_size=smaller)
-        if fitted is not None and fitted.peak_bytes <= capacity:
-            ways.append(f"--batch {smaller} (peak {fmt_bytes(fitted.peak_bytes)})")
-            break
+        step = plan(smaller)
+        if step is not None and step.peak_bytes <= capacity:
+            return smaller, step
         smaller //= 2
-    if smaller >= 1 and (batch * grad_accum) % smaller == 0 and smaller < batch:
-        k = batch * grad_accum // smaller
-        fitted = _plan_or_none(replan, budget, batch_size=smaller, grad_accum=k)
-        if fitted is not None and fitted.peak_bytes <= capacity:
-            ways.append(
-                f"--batch {smaller} --grad-accum {k} (the same tokens per step, peak"
-                f" {fmt_bytes(fitted.peak_bytes)})"
-            )
-    return ways
+    return None
 
 
 def _plan_or_none(replan: Replan, budget: Budget | None, **changes: Any) -> CompiledStep | None:

@@ -7,9 +7,11 @@ with `resume=True` logs the same loss at every step as a run that was never inte
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -185,7 +187,15 @@ class Trainer:
         self.compiled_eval = self._compile_eval(example, options) if self.val_dataset else None
         if capacity is not None:
             say("checking that the plan fits")
-            check_fit(self.compiled, capacity, cfg.batch_size, cfg.grad_accum, budget, self._replan)
+            check_fit(
+                self.compiled,
+                self.planned_peak,
+                capacity,
+                cfg.batch_size,
+                cfg.grad_accum,
+                budget,
+                self._replan,
+            )
         self.loader = WindowLoader(
             TokenDataset.open(data_dir, "train"), cfg.batch_size, self.seq_len, seed=cfg.seed
         )
@@ -243,7 +253,7 @@ class Trainer:
     def _build_programs(self, example: ExampleModel) -> None:
         """State on the device, then one program per graph, all over one shared arena."""
         cfg, compiled = self.cfg, self.compiled
-        steps = [s for s in (compiled, compiled.micro, self.compiled_eval) if s is not None]
+        steps = self._planned_steps()
         if self.parallel is None:
             self.state = initial_state(compiled.graph, example.module, cfg.device)
         else:
@@ -349,15 +359,18 @@ class Trainer:
 
     @property
     def planned_peak(self) -> int:
-        """The plan's peak of one optimizer step, the validation forward's arena included
-        (programs share the larger arena)."""
-        peak = self.compiled.peak_bytes if self.compiled.plan else 0
-        if self.arena is not None and self.compiled.plan is not None:
-            peak += self.arena.numel() - max(
-                self.compiled.plan.arena_bytes,
-                self.compiled.micro.plan.arena_bytes if self.compiled.micro else 0,
-            )
-        return peak
+        """The plan's peak of one optimizer step; programs share the largest arena, so a
+        validation forward's larger arena counts too."""
+        if self.compiled.plan is None:
+            return 0
+        arenas = [s.plan.arena_bytes for s in self._planned_steps() if s.plan is not None]
+        train = [s.plan.arena_bytes for s in (self.compiled, self.compiled.micro) if s and s.plan]
+        return self.compiled.peak_bytes + max(arenas) - max(train)
+
+    def _planned_steps(self) -> list[CompiledStep]:
+        """The train step, its micro-step, the validation forward: the ones that exist."""
+        steps = (self.compiled, self.compiled.micro, self.compiled_eval)
+        return [s for s in steps if s is not None]
 
     def _measured_step(self) -> float:
         """One step; the device's peak bytes recorded (on CPU, for the first two steps, from
@@ -374,7 +387,8 @@ class Trainer:
             held = sum(t.nbytes for t in self.state.values())
             held += self.arena.nbytes if self.arena is not None else 0
             result: list[float] = []
-            during = allocations(lambda: result.append(self.train_step())).peak_bytes
+            with _quiet_stderr():  # the profiler logs its start and stop there
+                during = allocations(lambda: result.append(self.train_step())).peak_bytes
             self.measured_peak = max(self.measured_peak or 0, held + during)
             return result[0]
         except torch.OutOfMemoryError:
@@ -439,6 +453,20 @@ class Trainer:
             self.train_program.loss_scaler.load_state_dict(state["loss_scaler"])
         if self.parallel is None or self.parallel.is_writer:
             _truncate_metrics(self.cfg.out / METRICS, self.step)
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence file descriptor 2 (C++ libraries write there, past sys.stderr)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _layers(example: ExampleModel) -> int:
