@@ -14,6 +14,7 @@ step. Results equal `runtime.eager.run_graph` bit for bit. A Program runs out of
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cache, partial
@@ -113,16 +114,18 @@ class Arena:
         outs = [id(v) for v in node.outputs]
         out = outs[0] if outs else 0
         if kind(op) is Kind.WRITE:
-            return lambda env: _bind(args[0], env).copy_(_bind(args[1], env))
+            dst, src = _binder(args[0]), _binder(args[1])
+            return lambda env: dst(env).copy_(src(env))
         if kind(op) is Kind.VIEW:
-            return partial(_define, outs, resolve(op), args, kwargs)
+            return partial(_define, outs, _call(resolve(op), args, kwargs))
         if op in _FILL or op in _CONSTANT:
             value = args[_FILL[op]] if op in _FILL else _CONSTANT[op]
             return lambda env: env[out].fill_(value)
         if op == "empty.memory_format":
             return lambda env: None
         if op in ("clone", "_to_copy"):
-            return lambda env: env[out].copy_(_bind(args[0], env))
+            src = _binder(args[0])
+            return lambda env: env[out].copy_(src(env))
         if op == "embedding":
             return lambda env: torch.index_select(
                 _bind(args[0], env), 0, _bind(args[1], env).reshape(-1), out=env[out].flatten(0, -2)
@@ -137,9 +140,9 @@ class Arena:
         found = out_variant(op)
         if found is None:
             self.fallbacks.add(node.op)
-            return partial(_compute_then_copy, outs, resolve(op), args, kwargs)
+            return partial(_compute_then_copy, outs, _call(resolve(op), args, kwargs))
         fn, names = found
-        return partial(_run_out, fn, dict(zip(names, outs, strict=True)), args, kwargs)
+        return _run_out(fn, dict(zip(names, outs, strict=True)), args, kwargs)
 
     def _wrap_scalars(self, node: Node, op: str) -> tuple[Any, ...]:
         """Python numbers passed where `op` takes a Tensor become 0-dim CPU tensors, made once
@@ -166,16 +169,17 @@ class Arena:
         return tuple(args)
 
 
-def _define(outs: list[int], fn: Callable[..., Any], args: Any, kwargs: Any, env: Env) -> None:
+def _define(outs: list[int], call: Callable[[Env], Any], env: Env) -> None:
     """Run a view op: its results alias its input, nothing is written."""
-    env.update(zip(outs, _results(fn(*_bind(args, env), **_bind(kwargs, env))), strict=True))
+    env.update(zip(outs, _results(call(env)), strict=True))
 
 
-def _run_out(
-    fn: Callable[..., Any], outs: dict[str, int], args: Any, kwargs: Any, env: Env
-) -> None:
+def _run_out(fn: torch._ops.OpOverload, outs: dict[str, int], args: Any, kwargs: Any) -> Step:
     """The usual case: the op's out= overload writes into the planned views."""
-    fn(*_bind(args, env), **_bind(kwargs, env), **{n: env[o] for n, o in outs.items()})
+    if len(outs) == 1 and "out" in outs:  # most ops: one closure, no dict built per call
+        out = outs["out"]
+        return _call(fn, args, kwargs, lambda env: {"out": env[out]})
+    return _call(fn, args, kwargs, lambda env: {n: env[o] for n, o in outs.items()})
 
 
 def _run_into(fn: Callable[..., Any], outs: list[int], args: Any, env: Env) -> None:
@@ -183,11 +187,9 @@ def _run_into(fn: Callable[..., Any], outs: list[int], args: Any, env: Env) -> N
     fn(*_bind(args, env), *(env[o] for o in outs))
 
 
-def _compute_then_copy(
-    outs: list[int], fn: Callable[..., Any], args: Any, kwargs: Any, env: Env
-) -> None:
+def _compute_then_copy(outs: list[int], call: Callable[[Env], Any], env: Env) -> None:
     """The fallback for ops with no allocation-free form: their results are allocated."""
-    for o, t in zip(outs, _results(fn(*_bind(args, env), **_bind(kwargs, env))), strict=True):
+    for o, t in zip(outs, _results(call(env)), strict=True):
         env[o].copy_(t)
 
 
@@ -202,6 +204,63 @@ def _update_copy(out: int, update: Callable[..., Any], args: Any, kwargs: Any, e
 
 def _results(result: Any) -> list[Tensor]:
     return list(result) if isinstance(result, list | tuple) else [result]
+
+
+def _call(
+    fn: Callable[..., Any],
+    args: Any,
+    kwargs: Any,
+    extra: Callable[[Env], dict[str, Tensor]] | None = None,
+) -> Step:
+    """`fn(*args, **kwargs, **extra)` bound to the environment, with the walk over the
+    arguments made once, here: what a node costs in Python on every step is this call."""
+    fn = getattr(fn, "_op", fn)  # an OpOverload's C++ callable, past its Python __call__
+    bind_args, bind_kwargs = _binder(list(args)), _binder(dict(kwargs))
+    if extra is None and not kwargs:
+        return lambda env: fn(*bind_args(env))
+    if extra is None:
+        return lambda env: fn(*bind_args(env), **bind_kwargs(env))
+    if not kwargs:
+        return lambda env: fn(*bind_args(env), **extra(env))
+    return lambda env: fn(*bind_args(env), **bind_kwargs(env), **extra(env))
+
+
+def _binder(obj: Any) -> Callable[[Env], Any]:
+    """`lambda env: _bind(obj, env)`, the structure of `obj` walked once; lists stay lists
+    (ATen takes them for tuples too)."""
+    if isinstance(obj, Value):
+        return operator.itemgetter(id(obj))
+    if not _holds_value(obj):
+        return lambda env: obj
+    if isinstance(obj, dict):
+        parts = {k: _binder(v) for k, v in obj.items()}
+        return lambda env: {k: p(env) for k, p in parts.items()}
+    items = list(obj)
+    if all(isinstance(x, Value) for x in items) and len(items) > 1:
+        getter = operator.itemgetter(*(id(x) for x in items))
+        return lambda env: list(getter(env))
+    slots = [(i, _binder(x)) for i, x in enumerate(items) if _holds_value(x)]
+    if len(slots) == len(items):
+        binders = [b for _, b in slots]
+        return lambda env: [b(env) for b in binders]
+
+    def bind(env: Env) -> list[Any]:
+        filled = items.copy()
+        for i, b in slots:
+            filled[i] = b(env)
+        return filled
+
+    return bind
+
+
+def _holds_value(obj: Any) -> bool:
+    if isinstance(obj, Value):
+        return True
+    if isinstance(obj, list | tuple):
+        return any(_holds_value(x) for x in obj)
+    if isinstance(obj, dict):
+        return any(_holds_value(x) for x in obj.values())
+    return False
 
 
 def _bind(obj: Any, env: Env) -> Any:

@@ -8,6 +8,7 @@ with `resume=True` logs the same loss at every step as a run that was never inte
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -196,10 +197,16 @@ class Trainer:
                 budget,
                 self._replan,
             )
+        self.example, self.data_dir = example, data_dir
+        self._start()
+
+    def _start(self) -> None:
+        """Everything that runs: the loader, the state on the device, the programs; resumed."""
+        cfg = self.cfg
         self.loader = WindowLoader(
-            TokenDataset.open(data_dir, "train"), cfg.batch_size, self.seq_len, seed=cfg.seed
+            TokenDataset.open(self.data_dir, "train"), cfg.batch_size, self.seq_len, seed=cfg.seed
         )
-        self._build_programs(example)
+        self._build_programs(self.example)
         self.step = 0
         self.measured_peak: int | None = None
         self._profiled = 0
@@ -211,6 +218,18 @@ class Trainer:
                 f"{cfg.out} already holds a run (checkpoint {done.name}); pass --resume to"
                 " continue it or --out for a new run (nothing was overwritten)"
             )
+
+    def with_backend(self, name: str, out: Path) -> Trainer:
+        """A new run of the same compiled steps from the same initial weights on another
+        backend, into `out`: one compilation serves a comparison of runtimes."""
+        backend = resolve_backend(name, self.cfg.device)
+        if fusion_of(backend) != fusion_of(self.backend) or self.parallel is not None:
+            raise TrainingError(f"the {name} backend needs its own compilation: a new Trainer")
+        other = copy.copy(self)
+        other.cfg = replace(self.cfg, backend=name, out=out, resume=False)
+        other.backend = backend
+        other._start()
+        return other
 
     def compile_options(
         self, mesh: Mesh | None, batch_size: int | None = None, grad_accum: int | None = None

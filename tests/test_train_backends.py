@@ -32,11 +32,12 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _run(data: Path, out: Path, model: str, backend: str, **options: object) -> Trainer:
+def _arena_then_eager(data: Path, out: Path, model: str, **options: object) -> list[Trainer]:
+    """The same compiled steps trained on the arena, then from the same weights on eager."""
     cfg = TrainConfig(
         model=model,
         data=data,
-        out=out / backend,
+        out=out / "arena",
         steps=STEPS,
         batch_size=2,
         seq_len=16,
@@ -44,12 +45,14 @@ def _run(data: Path, out: Path, model: str, backend: str, **options: object) -> 
         val_every=STEPS,
         val_batches=1,
         checkpoint_every=0,
-        backend=backend,
+        backend="arena",
         **options,  # type: ignore[arg-type]
     )
-    trainer = Trainer(cfg)
-    trainer.records = list(trainer.run())  # type: ignore[attr-defined]
-    return trainer
+    arena = Trainer(cfg)
+    eager = arena.with_backend("eager", out / "eager")
+    for trainer in (arena, eager):
+        trainer.records = list(trainer.run())  # type: ignore[attr-defined]
+    return [arena, eager]
 
 
 CASES = {
@@ -72,8 +75,7 @@ def test_arena_trains_like_eager_within_its_plan(
         from compiler.lora import LoraConfig
 
         options["lora"] = LoraConfig.parse(str(options["lora"]))
-    arena = _run(data, tmp_path, model, "arena", **options)
-    eager = _run(data, tmp_path, model, "eager", **options)
+    arena, eager = _arena_then_eager(data, tmp_path, model, **options)
     got = [(r.loss, r.val_loss) for r in arena.records]  # type: ignore[attr-defined]
     want = [(r.loss, r.val_loss) for r in eager.records]  # type: ignore[attr-defined]
     assert len(got) == STEPS
