@@ -94,8 +94,8 @@ def model_flops(model_name: str, batch: int, seq: int) -> int:
     by PyTorch's FlopCounterMode on the meta device: the numerator of MFU."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from compiler.models import resolve_model
     from examples.loss import lm_loss
-    from memfit.models import resolve_model
 
     model = resolve_model(model_name, device="meta")
     tokens = torch.zeros(batch, seq, dtype=torch.long, device="meta")
@@ -117,8 +117,8 @@ def build_step(
     system: str, model_name: str, batch: int, seq: int, device: torch.device
 ) -> tuple[Callable[[], object], frozenset[str]]:
     """(step function, names of the optimizer's kernels) for one system, built on `device`."""
+    from compiler.models import resolve_model
     from examples.loss import lm_loss
-    from memfit.models import resolve_model
 
     torch.manual_seed(0)
     model = resolve_model(model_name, device="cpu")
