@@ -9,7 +9,7 @@ Part 1, per fused group kind (Triton tutorials style): the generated kernel agai
 nodes run one ATen op at a time (what eager does), as time and effective bandwidth.
 Part 2, the whole training step: eager, triton (fresh tensors) and triton on the planned arena:
 median step time and peak device memory; plus the loss head's peak with and without the fused
-linear cross-entropy (`passes/fusion.py:loss_head_peak`, from the graph: no device needed).
+linear cross-entropy (`passes/linear_cross_entropy.py:loss_head_peak`, from the graph: no device needed).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from rich.table import Table
 from compiler.codegen.triton import Kernel, group_kernels, group_members
 from compiler.compile import CompileOptions, compile_model
 from compiler.ir import Graph
-from compiler.passes.fusion import loss_head_peak
+from compiler.passes.linear_cross_entropy import loss_head_peak
 from examples.loss import lm_loss
 from memfit.models import resolve_model
 from runtime import eager, triton_backend

@@ -41,8 +41,10 @@ class GraphBuilder:
 
     @classmethod
     def rewriting(cls, graph: Graph) -> GraphBuilder:
-        """A builder for a graph made from `graph`: its names stay taken."""
-        return cls(v.name for v in graph.values())
+        """A builder for a graph made from `graph`: same inputs, its names stay taken."""
+        builder = cls(v.name for v in graph.values())
+        builder.inputs = list(graph.inputs)
+        return builder
 
     def graph(self, outputs: Sequence[Value]) -> Graph:
         return Graph(list(self.inputs), list(self.nodes), list(outputs))

@@ -26,8 +26,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from compiler import custom_ops
 from compiler.ir import Graph, Node, Value
+from compiler.liveness import UPDATES_SELF
 from compiler.ops import OP_KINDS, Kind, kind, resolve
-from compiler.passes.buffers import UPDATES_SELF
 from compiler.plan import MemoryPlan
 
 Env = dict[int, Tensor]

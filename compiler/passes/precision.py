@@ -207,7 +207,6 @@ class _Lowering:
                 self.weights.update(id(v) for v in node.outputs)
         self.fixed: set[int] = set()  # values that must be cast, never re-created (the seed)
         self.b = GraphBuilder.rewriting(graph)
-        self.b.inputs = list(graph.inputs)
         self.loss_scale: Value | None = None
         self.found_inf: Value | None = None
         self.inv_scale: Value | None = None
