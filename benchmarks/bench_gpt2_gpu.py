@@ -9,7 +9,8 @@ Part 1, per fused group kind (Triton tutorials style): the generated kernel agai
 nodes run one ATen op at a time (what eager does), as time and effective bandwidth.
 Part 2, the whole training step: eager, triton (fresh tensors) and triton on the planned arena:
 median step time and peak device memory; plus the loss head's peak with and without the fused
-linear cross-entropy (`passes/linear_cross_entropy.py:loss_head_peak`, from the graph: no device needed).
+linear cross-entropy (`passes/linear_cross_entropy.py:loss_head_peak`, from the graph: no device
+needed).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from compiler.codegen.triton import Kernel, group_kernels, group_members
+from compiler.codegen.fusibility import group_members
+from compiler.codegen.triton import Kernel, group_kernels
 from compiler.compile import CompileOptions, compile_model
 from compiler.ir import Graph
 from compiler.passes.linear_cross_entropy import loss_head_peak

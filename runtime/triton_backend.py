@@ -32,7 +32,8 @@ import torch
 from torch import Tensor
 
 from compiler import custom_ops
-from compiler.codegen.triton import Kernel, group_kernels, group_members
+from compiler.codegen.fusibility import group_members
+from compiler.codegen.triton import Kernel, group_kernels
 from compiler.ir import Graph, Node, Value
 from compiler.ops import Kind, kind
 from compiler.plan import MemoryPlan

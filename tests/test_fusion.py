@@ -8,7 +8,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from torch.testing import assert_close
 
-from compiler.codegen.triton import group_domain, group_members, stored_values
+from compiler.codegen.fusibility import group_domain, group_members, stored_values
 from compiler.compile import CompileOptions, compile_model
 from compiler.ir import dump, parse
 from compiler.passes.fusion import fuse, internal_values

@@ -17,7 +17,7 @@ import heapq
 import math
 from collections.abc import Iterable
 
-from compiler.codegen.triton import Fit, fusible, group_domain, row_shape, stored_values
+from compiler.codegen.fusibility import Fit, fusible, group_domain, row_shape, stored_values
 from compiler.ir import Graph, Node, Value
 from compiler.passes.manager import PassContext
 
@@ -52,7 +52,7 @@ class _Groups:
         return i
 
     def domain(self, root: int) -> tuple[int, ...]:
-        """The shape a group's kernel iterates over (see codegen.triton.group_domain)."""
+        """The shape a group's kernel iterates over (see codegen.fusibility.group_domain)."""
         nodes = [self.nodes[i] for i in self.members[root]]
         rows = [n for n in nodes if fusible(n) is Fit.ROW]
         if rows:
