@@ -1,12 +1,6 @@
-"""GraphBuilder: the one way the tracer and the passes make new nodes and values.
-
-A rewriting pass walks its source graph and appends to a new node list. Two things must hold
-for every node it makes, whichever pass makes it: its outputs' shapes and dtypes are what the
-op computes (so the verifier, the planner and the runtime agree), and its value names are
-unique in the graph (so the text form round-trips and a dump reads unambiguously). The builder
-does both: `emit` types the outputs by running the op on meta tensors, and every name it hands
-out comes from one namespace that starts with the names already in use.
-"""
+"""GraphBuilder: the one way the tracer and the passes make nodes, so every new node's outputs
+have the types its op computes (`emit` runs the op on meta tensors) and every value name is
+unique in the graph (one namespace, starting from the names already in use)."""
 
 from __future__ import annotations
 
@@ -31,13 +25,11 @@ def infer_types(node: Node) -> list[tuple[tuple[int, ...], torch.dtype]]:
 class GraphBuilder:
     """Appends typed nodes under one namespace; `phase` and `source` stamp each new node."""
 
-    def __init__(
-        self, taken: Iterable[str] = (), *, phase: Phase = Phase.FORWARD, source: str = ""
-    ) -> None:
+    def __init__(self, taken: Iterable[str] = ()) -> None:
         self.taken = set(taken)
         self.inputs: list[Value] = []
         self.nodes: list[Node] = []
-        self.phase, self.source = phase, source
+        self.phase, self.source = Phase.FORWARD, ""
 
     @classmethod
     def rewriting(cls, graph: Graph) -> GraphBuilder:
@@ -60,8 +52,6 @@ class GraphBuilder:
         finally:
             self.phase, self.source = saved
 
-    # --- names ----------------------------------------------------------------------------
-
     def fresh(self, name: str) -> str:
         """`name`, or `name_`, `name__`... whichever is free first; it is taken from now on."""
         while name in self.taken:
@@ -77,14 +67,6 @@ class GraphBuilder:
         value = Value(name, shape, dtype, role)
         self.inputs.append(value)
         return value
-
-    def value(
-        self, name: str, shape: tuple[int, ...], dtype: torch.dtype, role: Role = Role.TEMPORARY
-    ) -> Value:
-        """A value of a known type under a fresh name (for nodes typed elsewhere)."""
-        return Value(self.fresh(name), shape, dtype, role)
-
-    # --- nodes ----------------------------------------------------------------------------
 
     def append(self, node: Node) -> Node:
         """Append a node whose outputs already exist (a copy, a replacement op)."""

@@ -128,7 +128,7 @@ def _run_custom(node: Node, args: list[Any], outs: Sequence[Tensor] = ()) -> lis
     return list(result) if isinstance(result, tuple) else [result]
 
 
-def _launch(
+def launch(
     kernel: Kernel, fn: Callable[..., Any], ins: list[Tensor], outs: list[Tensor]
 ) -> list[Tensor]:
     """Launch a group's kernel on its inputs (made contiguous: it indexes with static
@@ -156,7 +156,7 @@ class Triton(Eager):
     def run_kernel(self, kernel: Kernel, env: Env) -> list[Tensor]:
         outs = [torch.empty(v.shape, dtype=v.dtype, device=self.device) for v in kernel.outputs]
         ins = [env[id(v)] for v in kernel.inputs]
-        return _launch(kernel, load_kernel(kernel, self.device), ins, outs)
+        return launch(kernel, load_kernel(kernel, self.device), ins, outs)
 
 
 def run_graph(
@@ -203,7 +203,7 @@ class TritonArena(Arena):
     def compile(self, step: Step) -> Run:
         if isinstance(step, Kernel):
             fn, outs = load_kernel(step, self.device), [self.views[id(v)] for v in step.outputs]
-            return lambda env: _launch(step, fn, [env[id(v)] for v in step.inputs], outs)
+            return lambda env: launch(step, fn, [env[id(v)] for v in step.inputs], outs)
         if step.op in custom_ops.OPS:  # the fused loss head: Triton row kernels on chunks
             outs = [self.views[id(v)] for v in step.outputs]
             return lambda env: _run_custom(step, bind(step.args, env), outs)
