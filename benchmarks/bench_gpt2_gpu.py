@@ -30,9 +30,9 @@ from compiler.codegen.fusibility import group_members
 from compiler.codegen.triton import group_kernels
 from compiler.compile import CompileOptions, compile_model
 from compiler.ir import Graph
+from compiler.models import resolve_model
 from compiler.passes.linear_cross_entropy import loss_head_peak
 from examples.loss import lm_loss
-from memfit.models import resolve_model
 from runtime import eager, triton_backend
 from runtime.program import Program
 

@@ -11,15 +11,7 @@ from typing import Any
 import torch
 
 from compiler.ir import Graph, Node, Phase, Role, Value
-from runtime.eager import run_node
-
-_META = torch.device("meta")
-
-
-def infer_types(node: Node) -> list[tuple[tuple[int, ...], torch.dtype]]:
-    """(shape, dtype) of each output `node` computes, from the op run on meta tensors."""
-    metas = {id(v): torch.empty(v.shape, dtype=v.dtype, device=_META) for v in node.inputs}
-    return [(tuple(t.shape), t.dtype) for t in run_node(node, metas, _META)]
+from compiler.meta import infer_outputs
 
 
 class GraphBuilder:
@@ -91,14 +83,14 @@ class GraphBuilder:
         node = Node(op, args, dict(kwargs or {}), [], self.phase, self.source)
         if read is not None:
             node.map_args(read)
-        types = infer_types(node)
+        metas = infer_outputs(node)
         if isinstance(names, str):
-            names = [names] if len(types) == 1 else [f"{names}.{i}" for i in range(len(types))]
+            names = [names] if len(metas) == 1 else [f"{names}.{i}" for i in range(len(metas))]
         if isinstance(roles, Role):
-            roles = [roles] * len(types)
+            roles = [roles] * len(metas)
         node.outputs = [
-            Value(self.fresh(n) if fresh else n, shape, dtype, r)
-            for n, (shape, dtype), r in zip(names, types, roles, strict=True)
+            Value(self.fresh(n) if fresh else n, tuple(t.shape), t.dtype, r)
+            for n, t, r in zip(names, metas, roles, strict=True)
         ]
         self.nodes.append(node)
         return node.outputs

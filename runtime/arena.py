@@ -27,9 +27,10 @@ from torch.profiler import ProfilerActivity, profile
 from compiler import custom_ops
 from compiler.ir import Graph, Node, Value
 from compiler.liveness import UPDATES_SELF
+from compiler.meta import bind
 from compiler.ops import OP_KINDS, Kind, kind, resolve
 from compiler.plan import MemoryPlan
-from runtime.interpreter import Env, Interpreter, Step, bind
+from runtime.interpreter import Env, Interpreter, Step
 
 Run = Callable[[Env], list[Tensor]]
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from functools import cached_property
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -25,17 +24,6 @@ from compiler.ops import Kind, kind
 
 Env = dict[int, Tensor]
 Step = Node | Kernel
-
-
-def bind(obj: Any, env: Mapping[int, Tensor]) -> Any:
-    """`obj` (a node's args or kwargs) with every Value replaced by its tensor in `env`."""
-    if isinstance(obj, Value):
-        return env[id(obj)]
-    if isinstance(obj, list | tuple):
-        return type(obj)(bind(x, env) for x in obj)
-    if isinstance(obj, dict):
-        return {k: bind(v, env) for k, v in obj.items()}
-    return obj
 
 
 def reads(step: Step) -> Sequence[Value]:

@@ -35,11 +35,12 @@ from compiler import custom_ops
 from compiler.codegen.fusibility import group_members
 from compiler.codegen.triton import Kernel, group_kernels
 from compiler.ir import Graph, Node, Value
+from compiler.meta import bind
 from compiler.ops import Kind, kind
 from compiler.plan import MemoryPlan
 from runtime.arena import Arena, Run
 from runtime.eager import Eager
-from runtime.interpreter import Env, Step, bind
+from runtime.interpreter import Env, Step
 
 CACHE_ENV = "MEMFIT_KERNEL_CACHE"
 _RESHAPES = ("view", "_unsafe_view")
