@@ -26,9 +26,9 @@ import torch
 from torch import Tensor
 
 from compiler.compile import CompileOptions, compile_model
+from compiler.models import resolve_model
 from compiler.trace import AdamW
 from examples.loss import lm_loss
-from memfit.models import resolve_model
 from runtime.backend import backend_for, fusion_of
 from runtime.program import Program, initial_state
 

@@ -14,8 +14,7 @@ step. Results equal `runtime.eager.run_graph` bit for bit. A Program runs out of
 
 from __future__ import annotations
 
-import operator
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache, partial
 from typing import Any
@@ -27,12 +26,13 @@ from torch.profiler import ProfilerActivity, profile
 
 from compiler import custom_ops
 from compiler.ir import Graph, Node, Value
+from compiler.liveness import UPDATES_SELF
+from compiler.meta import bind
 from compiler.ops import OP_KINDS, Kind, kind, resolve
-from compiler.passes.buffers import UPDATES_SELF
 from compiler.plan import MemoryPlan
+from runtime.interpreter import Env, Interpreter, Step
 
-Env = dict[int, Tensor]
-Step = Callable[[Env], Any]
+Run = Callable[[Env], list[Tensor]]
 
 _ARITHMETIC = ("add", "sub", "mul", "div", "eq", "ne", "lt", "gt", "le", "ge")
 _TENSOR_FORM = {f"{p}.Scalar": f"{p}.Tensor" for p in _ARITHMETIC} | {
@@ -68,7 +68,7 @@ def out_variant(op: str) -> tuple[torch._ops.OpOverload, tuple[str, ...]] | None
     return None
 
 
-class Arena:
+class Arena(Interpreter):
     """Runs `graph` as `plan` lays it out; callable as a `runtime.program.Backend`."""
 
     def __init__(
@@ -80,8 +80,7 @@ class Arena:
     ) -> None:
         """`buffer`: uint8 bytes to lay the plan out in (steps that never run at once share
         one, e.g. a micro-step and the step that applies the update); default: a new one."""
-        self.graph = graph
-        self.device = torch.device(device)
+        super().__init__(graph, device)
         if buffer is None:
             buffer = torch.empty(plan.arena_bytes, dtype=torch.uint8, device=self.device)
         if buffer.numel() < plan.arena_bytes:
@@ -95,43 +94,35 @@ class Arena:
                     raw = self.buffer[p.offset : p.offset + v.nbytes]
                     self.views[id(v)] = raw.view(v.dtype).view(v.shape)
         self.fallbacks: set[str] = set()
-        self.steps = [self._compile(node) for node in graph.nodes]
+        self.steps = self.schedule()
+        self.compiled = {id(step): self.compile(step) for step in self.steps}
 
-    def __call__(
-        self, graph: Graph, feeds: Mapping[str, Tensor], device: torch.device | None = None
-    ) -> list[Tensor]:
-        if graph is not self.graph:
-            raise ValueError("this arena was planned for another graph")
-        env = dict(self.views)
-        env.update((id(v), feeds[v.name]) for v in graph.inputs)
-        for step in self.steps:
-            step(env)
-        return [env[id(v)] for v in graph.outputs]
+    def schedule(self) -> list[Step]:
+        """What runs, in order: every node (a subclass may launch groups as kernels)."""
+        return list(self.graph.nodes)
 
-    def _compile(self, node: Node) -> Step:
-        """One node as a closure over the environment of tensors."""
+    def run_node(self, node: Node, env: Env) -> list[Tensor]:
+        return self.compiled[id(node)](env)
+
+    def compile(self, node: Node) -> Run:
+        """One node as a function of the environment of tensors, writing into its views."""
         op, args, kwargs = node.op, node.args, node.kwargs
-        outs = [id(v) for v in node.outputs]
-        out = outs[0] if outs else 0
         if kind(op) is Kind.WRITE:
-            dst, src = _binder(args[0]), _binder(args[1])
-            return lambda env: dst(env).copy_(src(env))
+            return partial(_write, args)
         if kind(op) is Kind.VIEW:
-            return partial(_define, outs, _call(resolve(op), args, kwargs))
+            return partial(_define, resolve(op), args, kwargs)
+        if op == "empty.memory_format":
+            return lambda env: [self.views.get(id(node.outputs[0]))]
+        outs = [self.views[id(v)] for v in node.outputs]
         if op in _FILL or op in _CONSTANT:
             value = args[_FILL[op]] if op in _FILL else _CONSTANT[op]
-            return lambda env: env[out].fill_(value)
-        if op == "empty.memory_format":
-            return lambda env: None
+            return lambda env: [outs[0].fill_(value)]
         if op in ("clone", "_to_copy"):
-            src = _binder(args[0])
-            return lambda env: env[out].copy_(src(env))
+            return lambda env: [outs[0].copy_(bind(args[0], env))]
         if op == "embedding":
-            return lambda env: torch.index_select(
-                _bind(args[0], env), 0, _bind(args[1], env).reshape(-1), out=env[out].flatten(0, -2)
-            )
+            return partial(_embedding, outs, args)
         if op in _IN_PLACE:
-            return partial(_update_copy, out, _IN_PLACE[op], args, kwargs)
+            return partial(_update_copy, outs, _IN_PLACE[op], args, kwargs)
         if op in custom_ops.INTO:
             return partial(_run_into, custom_ops.INTO[op], outs, args)
         if _TENSOR_FORM.get(op) in OP_KINDS:
@@ -140,9 +131,9 @@ class Arena:
         found = out_variant(op)
         if found is None:
             self.fallbacks.add(node.op)
-            return partial(_compute_then_copy, outs, _call(resolve(op), args, kwargs))
+            return partial(_compute_then_copy, outs, resolve(op), args, kwargs)
         fn, names = found
-        return _run_out(fn, dict(zip(names, outs, strict=True)), args, kwargs)
+        return partial(_run_out, fn, dict(zip(names, outs, strict=True)), args, kwargs)
 
     def _wrap_scalars(self, node: Node, op: str) -> tuple[Any, ...]:
         """Python numbers passed where `op` takes a Tensor become 0-dim CPU tensors, made once
@@ -169,108 +160,61 @@ class Arena:
         return tuple(args)
 
 
-def _define(outs: list[int], call: Callable[[Env], Any], env: Env) -> None:
+def _write(args: Any, env: Env) -> list[Tensor]:
+    """copy_: the new value into the persistent tensor (no outputs)."""
+    bind(args[0], env).copy_(bind(args[1], env))
+    return []
+
+
+def _define(fn: Callable[..., Any], args: Any, kwargs: Any, env: Env) -> list[Tensor]:
     """Run a view op: its results alias its input, nothing is written."""
-    env.update(zip(outs, _results(call(env)), strict=True))
+    return _results(fn(*bind(args, env), **bind(kwargs, env)))
 
 
-def _run_out(fn: torch._ops.OpOverload, outs: dict[str, int], args: Any, kwargs: Any) -> Step:
+def _run_out(
+    fn: Callable[..., Any], outs: dict[str, Tensor], args: Any, kwargs: Any, env: Env
+) -> list[Tensor]:
     """The usual case: the op's out= overload writes into the planned views."""
-    if len(outs) == 1 and "out" in outs:  # most ops: one closure, no dict built per call
-        out = outs["out"]
-        return _call(fn, args, kwargs, lambda env: {"out": env[out]})
-    return _call(fn, args, kwargs, lambda env: {n: env[o] for n, o in outs.items()})
+    fn(*bind(args, env), **bind(kwargs, env), **outs)
+    return list(outs.values())
 
 
-def _run_into(fn: Callable[..., Any], outs: list[int], args: Any, env: Env) -> None:
+def _embedding(outs: list[Tensor], args: Any, env: Env) -> list[Tensor]:
+    """embedding as index_select, which has an out= form that does not allocate."""
+    weight, ids = bind(args[:2], env)
+    torch.index_select(weight, 0, ids.reshape(-1), out=outs[0].flatten(0, -2))
+    return outs
+
+
+def _run_into(fn: Callable[..., Any], outs: list[Tensor], args: Any, env: Env) -> list[Tensor]:
     """memfit's own ops: their computation, given the planned views as its outputs."""
-    fn(*_bind(args, env), *(env[o] for o in outs))
+    fn(*bind(args, env), *outs)
+    return outs
 
 
-def _compute_then_copy(outs: list[int], call: Callable[[Env], Any], env: Env) -> None:
+def _compute_then_copy(
+    outs: list[Tensor], fn: Callable[..., Any], args: Any, kwargs: Any, env: Env
+) -> list[Tensor]:
     """The fallback for ops with no allocation-free form: their results are allocated."""
-    for o, t in zip(outs, _results(call(env)), strict=True):
-        env[o].copy_(t)
+    for o, t in zip(outs, _results(fn(*bind(args, env), **bind(kwargs, env))), strict=True):
+        o.copy_(t)
+    return outs
 
 
-def _update_copy(out: int, update: Callable[..., Any], args: Any, kwargs: Any, env: Env) -> None:
+def _update_copy(
+    outs: list[Tensor], update: Callable[..., Any], args: Any, kwargs: Any, env: Env
+) -> list[Tensor]:
     """A scatter-like op: `self` copied into the planned view (unless planned in place), then
     updated there."""
-    dst, src = env[out], _bind(args[0], env)
+    dst, src = outs[0], bind(args[0], env)
     if dst.data_ptr() != src.data_ptr():
         dst.copy_(src)
-    update(dst, *_bind(args[1:], env), **_bind(kwargs, env))
+    update(dst, *bind(args[1:], env), **bind(kwargs, env))
+    return outs
 
 
 def _results(result: Any) -> list[Tensor]:
     return list(result) if isinstance(result, list | tuple) else [result]
-
-
-def _call(
-    fn: Callable[..., Any],
-    args: Any,
-    kwargs: Any,
-    extra: Callable[[Env], dict[str, Tensor]] | None = None,
-) -> Step:
-    """`fn(*args, **kwargs, **extra)` bound to the environment, with the walk over the
-    arguments made once, here: what a node costs in Python on every step is this call."""
-    fn = getattr(fn, "_op", fn)  # an OpOverload's C++ callable, past its Python __call__
-    bind_args, bind_kwargs = _binder(list(args)), _binder(dict(kwargs))
-    if extra is None and not kwargs:
-        return lambda env: fn(*bind_args(env))
-    if extra is None:
-        return lambda env: fn(*bind_args(env), **bind_kwargs(env))
-    if not kwargs:
-        return lambda env: fn(*bind_args(env), **extra(env))
-    return lambda env: fn(*bind_args(env), **bind_kwargs(env), **extra(env))
-
-
-def _binder(obj: Any) -> Callable[[Env], Any]:
-    """`lambda env: _bind(obj, env)`, the structure of `obj` walked once; lists stay lists
-    (ATen takes them for tuples too)."""
-    if isinstance(obj, Value):
-        return operator.itemgetter(id(obj))
-    if not _holds_value(obj):
-        return lambda env: obj
-    if isinstance(obj, dict):
-        parts = {k: _binder(v) for k, v in obj.items()}
-        return lambda env: {k: p(env) for k, p in parts.items()}
-    items = list(obj)
-    if all(isinstance(x, Value) for x in items) and len(items) > 1:
-        getter = operator.itemgetter(*(id(x) for x in items))
-        return lambda env: list(getter(env))
-    slots = [(i, _binder(x)) for i, x in enumerate(items) if _holds_value(x)]
-    if len(slots) == len(items):
-        binders = [b for _, b in slots]
-        return lambda env: [b(env) for b in binders]
-
-    def bind(env: Env) -> list[Any]:
-        filled = items.copy()
-        for i, b in slots:
-            filled[i] = b(env)
-        return filled
-
-    return bind
-
-
-def _holds_value(obj: Any) -> bool:
-    if isinstance(obj, Value):
-        return True
-    if isinstance(obj, list | tuple):
-        return any(_holds_value(x) for x in obj)
-    if isinstance(obj, dict):
-        return any(_holds_value(x) for x in obj.values())
-    return False
-
-
-def _bind(obj: Any, env: Env) -> Any:
-    if isinstance(obj, Value):
-        return env[id(obj)]
-    if isinstance(obj, list | tuple):
-        return type(obj)(_bind(x, env) for x in obj)
-    if isinstance(obj, dict):
-        return {k: _bind(v, env) for k, v in obj.items()}
-    return obj
 
 
 @dataclass(frozen=True)
