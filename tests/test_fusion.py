@@ -15,6 +15,7 @@ from compiler.codegen.triton import group_domain, group_members, stored_values
 from compiler.compile import CompileOptions, compile_model
 from compiler.ir import dump, parse
 from compiler.passes.fusion import (
+    FusionOptions,
     fuse,
     internal_values,
     linear_cross_entropy,
@@ -28,7 +29,7 @@ from examples.loss import lm_loss
 from runtime.eager import run_graph
 from tests.strategies import graphs, random_inputs
 
-TRITON = PassContext(options={"backend": "triton"})
+TRITON = FusionOptions("triton")
 
 
 def compiled(name: str, **options: object):
@@ -103,14 +104,14 @@ def test_eager_backend_gets_no_groups(gpt2_triton) -> None:
     plain = gpt2_triton.copy()
     for node in plain.nodes:
         node.group = None
-    assert fuse(plain, PassContext(options={"backend": "eager"})) is plain
+    assert fuse(plain, PassContext(), FusionOptions("eager")) is plain
     assert not internal_values(plain)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(graphs(max_nodes=16))
 def test_fusion_on_random_graphs_keeps_verifier_and_numbers(graph) -> None:
-    fused = fuse(graph, TRITON)
+    fused = fuse(graph, PassContext(), TRITON)
     verify(fused)
     stored = stored_values(fused)
     for group, members in group_members(fused).items():
@@ -127,7 +128,7 @@ def test_fusion_on_random_graphs_keeps_verifier_and_numbers(graph) -> None:
 
 @pytest.mark.parametrize("name", ["gpt2-tiny", "llama-tiny"])
 def test_linear_cross_entropy_rewrite_matches_traced_head(name: str) -> None:
-    model, plain = compiled(name, fused_cross_entropy=False, optimizer=None, recompute=False)
+    model, plain = compiled(name, fused_cross_entropy=False, optimizer=None, recompute=None)
     fused = verify(linear_cross_entropy(plain, PassContext()))
     assert len(match_loss_heads(plain)) == 1
     assert {n.op for n in fused.nodes} >= {custom_ops.FORWARD, custom_ops.BACKWARD}
@@ -192,7 +193,7 @@ def test_fused_loss_head_cuts_peak_at_gpt2_small_head_by_4x() -> None:
     """Batch 8 × 1024 tokens × 50257 vocabulary × 768: GPT-2 small's head, on the meta device,
     against the traced head with its logits materialised (no recompute)."""
     with torch.device("meta"):
-        plain = compile_head(50257, 768, 8, 1024, fused_cross_entropy=False, recompute=False)
+        plain = compile_head(50257, 768, 8, 1024, fused_cross_entropy=False, recompute=None)
         fused = compile_head(50257, 768, 8, 1024)
     logits = 8 * 1024 * 50257
     assert any(v.numel == logits for v in plain.graph.values())

@@ -34,6 +34,8 @@ from compiler.liveness import liveness
 from compiler.passes.manager import PassContext
 from compiler.trace import eliminate_dead_nodes, mark_activations
 
+COMPILE_BACKENDS = ("eager", "triton")  # `fuse` groups nodes for triton only
+
 # --- linear + cross-entropy -------------------------------------------------------------------
 
 _VIEWS = ("view", "_unsafe_view")
@@ -198,11 +200,7 @@ def _grad_mms(
 
 
 def linear_cross_entropy(graph: Graph, ctx: PassContext) -> Graph:
-    """Replace each matched LM head by the chunked fused ops; the rest of the graph is kept.
-
-    Off when `ctx.options["fused_cross_entropy"]` is False."""
-    if not ctx.options.get("fused_cross_entropy", True):
-        return graph
+    """Replace each matched LM head by the chunked fused ops; the rest of the graph is kept."""
     out = graph.copy()
     names = {v.name for v in out.values()}
     for head in match_loss_heads(out):
@@ -478,12 +476,24 @@ def _contiguous_order(graph: Graph, groups: list[list[Node]]) -> list[Node]:
     return order
 
 
-def fuse(graph: Graph, ctx: PassContext) -> Graph:
+@dataclass(frozen=True)
+class FusionOptions:
+    """The backend the step is compiled for: fusion groups nodes only for `triton`."""
+
+    backend: str = "eager"
+
+    def __post_init__(self) -> None:
+        if self.backend not in COMPILE_BACKENDS:
+            choices = ", ".join(COMPILE_BACKENDS)
+            raise ValueError(f"unknown backend {self.backend!r}; choose one of {choices}")
+
+
+def fuse(graph: Graph, ctx: PassContext, options: FusionOptions = FusionOptions()) -> Graph:
     """Tag every fused group's nodes with one group id and make each group contiguous.
 
-    Only for `ctx.options["backend"] == "triton"`: the eager backend materialises every value,
-    so grouping would only mislead the memory plan (see `internal_values`)."""
-    if ctx.options.get("backend", "eager") != "triton":
+    Only for the triton backend: the eager backend materialises every value, so grouping would
+    only mislead the memory plan (see `internal_values`)."""
+    if options.backend != "triton":
         return graph
     out = graph.copy()
     for node in out.nodes:
