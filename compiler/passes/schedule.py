@@ -22,9 +22,8 @@ import heapq
 from dataclasses import dataclass
 
 from compiler.ir import Graph, Phase
-from compiler.liveness import Storage, liveness, lower_bound, storage
+from compiler.liveness import Storage, in_place, liveness, lower_bound, storage
 from compiler.ops import Kind, kind
-from compiler.passes.buffers import in_place
 from compiler.passes.manager import PassContext
 
 
