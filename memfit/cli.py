@@ -25,17 +25,35 @@ console = Console(stderr=True)
 
 
 class _Group(click.Group):
-    """Turns MemfitError/DataError into one readable paragraph unless --debug."""
+    """Turns MemfitError/DataError/OSError into one readable paragraph unless --debug.
+
+    `--debug` is accepted anywhere on the command line (`memfit train … --debug` too): it is
+    taken out of the arguments before click parses them.
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if "--debug" in args[1:]:
+            args = ["--debug", *(a for a in args if a != "--debug")]
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except (MemfitError, DataError, ValueError, KeyError) as exc:
+        except (MemfitError, DataError, OSError, ValueError, KeyError) as exc:
             if ctx.params.get("debug"):
                 raise
-            message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-            console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+            console.print(f"[bold red]error:[/] {_message(exc)}", highlight=False, markup=True)
             sys.exit(2)
+
+
+def _message(exc: Exception) -> str:
+    """The paragraph a user reads: an OSError names its file and the system's reason."""
+    if isinstance(exc, KeyError) and exc.args:
+        return str(exc.args[0])
+    if isinstance(exc, OSError) and exc.strerror and not isinstance(exc, MemfitError):
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{exc.strerror} (rerun with --debug for the traceback)"
+    return str(exc)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -63,6 +63,13 @@ DEFAULT = TrainConfig()
     show_default=True,
     help="Checkpoint every N steps (and at the end).",
 )
+@click.option(
+    "--keep-checkpoints",
+    type=click.IntRange(min=1),
+    default=DEFAULT.keep_checkpoints,
+    show_default=True,
+    help="How many of the newest checkpoints to keep.",
+)
 @click.option("--seed", type=int, default=DEFAULT.seed, show_default=True)
 @lowering_options
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out.")
@@ -95,6 +102,8 @@ def train_command(
         console.quiet = True
     with console.status("preparing data and compiling the step") as status:
         trainer = Trainer(cfg, progress=status.update)
+    for notice in trainer.notices:
+        console.print(f"[bold]note:[/] {notice}", highlight=False)
     first: float | None = None
     last = None
     columns = (

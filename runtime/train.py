@@ -28,16 +28,21 @@ from compiler.trace import AdamW, trace, trace_update
 from examples.loss import lm_loss
 from memfit.models import resolve_model
 from pipelines.commands import default_dataset
+from pipelines.integrity import verified_dataset
 from pipelines.loader import TokenDataset, WindowLoader
 from pipelines.manifest import Manifest, token_mismatch_check
 from runtime.checkpoint import (
+    checkpoints,
+    find_resumable,
     latest_checkpoint,
     load_checkpoint,
+    remove_stale,
     save_checkpoint,
     write_text_atomic,
 )
 from runtime.distributed import Parallel, launched_world
 from runtime.program import Program, initial_state
+from runtime.run_settings import check_resume, run_settings
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
@@ -63,6 +68,7 @@ class TrainConfig:
     val_every: int = 100
     val_batches: int = 4
     checkpoint_every: int = 100
+    keep_checkpoints: int = 3
     seed: int = 0
     resume: bool = False
     device: str = "cpu"
@@ -77,19 +83,22 @@ class TrainConfig:
 
     def check(self) -> None:
         bad = [
-            f"{name} must be ≥ {low}, got {getattr(self, name)}"
+            f"--{name.removesuffix('_size').removesuffix('_len').replace('_', '-')} must be"
+            f" ≥ {low}, got {getattr(self, name)}"
             for name, low in [
                 ("steps", 1),
                 ("batch_size", 1),
+                ("seq_len", 1),
                 ("grad_accum", 1),
                 ("warmup", 0),
                 ("val_every", 0),
                 ("checkpoint_every", 0),
+                ("keep_checkpoints", 1),
             ]
-            if getattr(self, name) < low
+            if getattr(self, name) is not None and getattr(self, name) < low
         ]
         if not (self.lr > 0 and math.isfinite(self.lr)):
-            bad.append(f"lr must be a positive number, got {self.lr}")
+            bad.append(f"--lr must be a positive number, got {self.lr}")
         if bad:
             raise TrainingError("bad training options: " + "; ".join(bad))
 
@@ -134,6 +143,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         mesh = cfg.mesh()
         self.parallel = Parallel.from_env(mesh, cfg.device) if mesh else None
+        if self.is_writer:  # before minutes of compiling: --out must be writable
+            _make_run_dir(cfg.out)
         example = resolve_model(cfg.model)
         self.seq_len = cfg.seq_len or example.block_size
         data_dir = cfg.data or default_dataset(cfg.cache_dir)
@@ -144,11 +155,10 @@ class Trainer:
                 f"the data in {data_dir} has a vocabulary of {vocab} tokens but {cfg.model}"
                 f" embeds only {example.vocab_size}"
             )
-        self.loader = WindowLoader(
-            TokenDataset.open(data_dir, "train"), cfg.batch_size, self.seq_len, seed=cfg.seed
-        )
+        train_data = verified_dataset(data_dir, "train", cfg.cache_dir)
+        self.loader = WindowLoader(train_data, cfg.batch_size, self.seq_len, seed=cfg.seed)
         window_tokens = cfg.batch_size * self.seq_len
-        self.val_dataset = _optional_split(data_dir, "val", window_tokens)
+        self.val_dataset = _optional_split(data_dir, "val", window_tokens, cfg.cache_dir)
         optimizer = AdamW(weight_decay=cfg.weight_decay)
         accumulate = cfg.grad_accum > 1
         say(f"tracing {cfg.model} (batch {cfg.batch_size} × {self.seq_len})")
@@ -192,12 +202,16 @@ class Trainer:
                 self.train_program.backend,
             )
         self.step = 0
+        self.notices: list[str] = []  # what the run decided that the user must hear
+        self.settings = run_settings(cfg, self.seq_len, self.manifest)
         self.checkpoints = cfg.out / CHECKPOINTS
+        if self.is_writer and self.checkpoints.is_dir():
+            remove_stale(self.checkpoints)
         if cfg.resume:
             self._resume()
-        elif (done := latest_checkpoint(self.checkpoints)) is not None:
+        elif done := checkpoints(self.checkpoints):
             raise TrainingError(
-                f"{cfg.out} already holds a run (checkpoint {done.name}); pass --resume to"
+                f"{cfg.out} already holds a run (checkpoint {done[-1].name}); pass --resume to"
                 " continue it or --out for a new run (nothing was overwritten)"
             )
 
@@ -247,8 +261,9 @@ class Trainer:
         """Train to `cfg.steps`, yielding a record per step; checkpoints as configured."""
         cfg = self.cfg
         cfg.out.mkdir(parents=True, exist_ok=True)
-        writer = self.parallel is None or self.parallel.is_writer
-        metrics = open(cfg.out / METRICS if writer else os.devnull, "a")  # noqa: SIM115
+        # A fresh run replaces the lines of one killed before its first checkpoint.
+        mode = "a" if self.step else "w"
+        metrics = open(cfg.out / METRICS if self.is_writer else os.devnull, mode)  # noqa: SIM115
         tokens_per_step = cfg.batch_size * self.seq_len * cfg.grad_accum
         try:
             while self.step < cfg.steps:
@@ -283,30 +298,39 @@ class Trainer:
 
     # --- checkpoints ----------------------------------------------------------------------
 
+    @property
+    def is_writer(self) -> bool:
+        """Only one process writes checkpoints and metrics."""
+        return self.parallel is None or self.parallel.is_writer
+
     def save(self) -> Path:
         state = {
             "step": self.step,
             "loader": self.loader.state_dict(),
             "tokenizer": self.manifest.tokenizer,
             "config": _jsonable(asdict(self.cfg)),
+            "settings": self.settings,
         }
         if self.train_program.loss_scaler is not None:
             state["loss_scaler"] = self.train_program.loss_scaler.state_dict()
+        keep = self.cfg.keep_checkpoints
         if self.parallel is None:
-            return save_checkpoint(self.checkpoints, self.step, self.state, state)
+            return save_checkpoint(self.checkpoints, self.step, self.state, state, keep)
         full = self.parallel.to_full(self.state)  # every rank takes part; rank 0 writes
         path = self.checkpoints / f"step-{self.step:08d}"
         if self.parallel.is_writer:
-            path = save_checkpoint(self.checkpoints, self.step, full, state)
+            path = save_checkpoint(self.checkpoints, self.step, full, state, keep)
         self.parallel.barrier()
         return path
 
     def _resume(self) -> None:
-        path = latest_checkpoint(self.checkpoints)
-        if path is None:
-            raise TrainingError(f"--resume: no checkpoint in {self.checkpoints}")
+        found = find_resumable(self.checkpoints)
+        path = found.path
+        if found.skipped:
+            self.notices.append(found.report())
         tensors, state = load_checkpoint(path)
         token_mismatch_check(self.manifest, state["tokenizer"])
+        check_resume(state.get("settings"), self.settings, path)
         if self.parallel is not None:  # the checkpoint is full: take this rank's pieces
             tensors = self.parallel.to_local(tensors, self.state)
         missing = self.state.keys() - tensors.keys()
@@ -323,15 +347,29 @@ class Trainer:
         self.step = state["step"]
         if self.train_program.loss_scaler is not None and "loss_scaler" in state:
             self.train_program.loss_scaler.load_state_dict(state["loss_scaler"])
-        if self.parallel is None or self.parallel.is_writer:
+        if self.is_writer:
             _truncate_metrics(self.cfg.out / METRICS, self.step)
 
 
-def _optional_split(directory: Path, split: str, window_tokens: int) -> TokenDataset | None:
+def _optional_split(
+    directory: Path, split: str, window_tokens: int, cache_dir: Path
+) -> TokenDataset | None:
     """The split, if it holds at least one batch of windows; validation is skipped otherwise."""
     info = Manifest.load(Path(directory)).splits.get(split)
     enough = info is not None and info.tokens > window_tokens
-    return TokenDataset.open(directory, split) if enough else None
+    return verified_dataset(Path(directory), split, cache_dir) if enough else None
+
+
+def _make_run_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise TrainingError(
+            f"--out {out}: cannot write the run directory there ({e.strerror}: {e.filename})"
+        ) from e
 
 
 def _take(loader: WindowLoader, n: int) -> Iterator[tuple[Tensor, Tensor]]:
