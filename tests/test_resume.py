@@ -29,12 +29,8 @@ def _quiet(one_thread: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = Path(__file__).resolve().parents[1]
-    files = sorted(p for p in (root / "compiler" / "passes").glob("*.py") if p.stat().st_size)
-    out = tmp_path_factory.mktemp("data") / "prepared"
-    prepare(files, out, "byte", val_fraction=0.0, progress=False)
-    return out
+def data(passes_data: Path) -> Path:
+    return passes_data
 
 
 @pytest.fixture(scope="module")
