@@ -131,7 +131,9 @@ def train_command(
         trainer.parallel.close()
     if last is not None and first is not None:
         console.print(
-            f"trained {cfg.model} to step {last.step}: loss {first:.4f} → {last.loss:.4f}"
+            f"trained {cfg.model} ({trainer.vocab_size:,}-token vocabulary"
+            f"{', from the data' if trainer.vocab_from_data else ''}) to step {last.step}:"
+            f" loss {first:.4f} → {last.loss:.4f}"
             f" (validation {'n/a' if last.val_loss is None else f'{last.val_loss:.4f}'});"
             f" run directory {cfg.out}"
         )

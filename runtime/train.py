@@ -22,9 +22,10 @@ from torch import Tensor
 from compiler.compile import CompileOptions, compile_model, example_batch
 from compiler.errors import MemfitError
 from compiler.lora import LoraConfig
-from compiler.mesh import Mesh
+from compiler.mesh import Mesh, MeshError
 from compiler.passes.shard import DEFAULT_BUCKET_BYTES, parallel_loss
 from compiler.trace import AdamW, trace, trace_update
+from examples import EXAMPLES
 from examples.loss import lm_loss
 from memfit.models import resolve_model
 from pipelines.commands import default_dataset
@@ -104,10 +105,17 @@ class TrainConfig:
 
     def mesh(self) -> Mesh | None:
         """The mesh to run on; None for one process. Checked against the batch."""
-        dp = launched_world() // max(self.tp, 1) if self.dp is None else self.dp
+        world = launched_world()
+        if self.dp is None and world % max(self.tp, 1):
+            raise MeshError(
+                f"--tp {self.tp} does not divide the {world} process(es) launched; launch a"
+                f" multiple of {self.tp} with torchrun --nproc-per-node"
+            )
+        dp = max(world // max(self.tp, 1), 1) if self.dp is None else self.dp
         mesh = Mesh(dp, self.tp, self.zero)
-        if mesh.world == 1 and launched_world() == 1:
+        if mesh.world == 1 and world == 1:
             return None
+        mesh.check_world(world)  # before the batch: a missing torchrun is the first problem
         mesh.check_batch(self.batch_size)
         if self.grad_accum > 1:
             raise TrainingError("--grad-accum with --dp/--tp is not supported yet")
@@ -145,11 +153,14 @@ class Trainer:
         self.parallel = Parallel.from_env(mesh, cfg.device) if mesh else None
         if self.is_writer:  # before minutes of compiling: --out must be writable
             _make_run_dir(cfg.out)
-        example = resolve_model(cfg.model)
-        self.seq_len = cfg.seq_len or example.block_size
         data_dir = cfg.data or default_dataset(cfg.cache_dir)
         self.manifest = Manifest.load(Path(data_dir))
         vocab = int(self.manifest.tokenizer.get("vocab_size", 0))
+        example = resolve_model(cfg.model, vocab_size=vocab or None)
+        self.seq_len = cfg.seq_len or example.block_size
+        self.notices: list[str] = []  # what the run decided that the user must hear
+        self.vocab_from_data = cfg.model in EXAMPLES  # a built-in example embeds the data's
+        self.vocab_size = example.vocab_size
         if vocab > example.vocab_size:
             raise TrainingError(
                 f"the data in {data_dir} has a vocabulary of {vocab} tokens but {cfg.model}"
@@ -202,7 +213,6 @@ class Trainer:
                 self.train_program.backend,
             )
         self.step = 0
-        self.notices: list[str] = []  # what the run decided that the user must hear
         self.settings = run_settings(cfg, self.seq_len, self.manifest)
         self.checkpoints = cfg.out / CHECKPOINTS
         if self.is_writer and self.checkpoints.is_dir():
@@ -381,7 +391,14 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop records after `step`: they are recomputed, identically, after a resume."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] > step:
+                break
+        except ValueError:  # a line a kill tore in half: the last one written
+            break
+        kept.append(line)
     write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 

@@ -302,6 +302,8 @@ def test_prepare_of_an_empty_directory_never_replaces_data(data: Path, tmp_path:
         (["--seq", "-5"], "--seq must be ≥ 1, got -5"),
         (["--batch", "0"], "--batch must be ≥ 1, got 0"),
         (["--grad-accum", "0"], "--grad-accum must be ≥ 1, got 0"),
+        (["--dp", "3"], "--dp 3 --tp 1 needs 3 processes, but 1 was launched"),
+        (["--tp", "3"], "--tp 3 does not divide the 1 process(es) launched"),
     ],
 )
 def test_bad_numbers_name_the_flag(data: Path, tmp_path: Path, args: list[str], named: str) -> None:
@@ -322,3 +324,24 @@ def test_debug_is_accepted_after_the_subcommand(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["compile", "gpt3-huge", "--debug"])
     assert result.exit_code != 0 and result.exception is not None
     assert "MODEL 'gpt3-huge'" in str(result.exception)
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (
+            ["--format", "png", "--out", "p.png"],
+            "--format png, --out p.png: not planned with a mesh",
+        ),
+        (["--lora", "r=8"], "--lora r=8: not planned with a mesh"),
+        (["--sweep"], "--sweep: not planned with a mesh"),
+        (["--memory-budget", "0.5"], "--memory-budget 0.5: a fraction of the activation memory"),
+    ],
+)
+def test_plan_refuses_what_a_mesh_plan_would_ignore(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str], named: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, text = _run("plan", "gpt2-tiny", "--dp", "2", *args)
+    assert code == 2 and _says(text, named), text
+    assert list(tmp_path.iterdir()) == []  # refused before planning: no half-written file
