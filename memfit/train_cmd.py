@@ -74,6 +74,11 @@ DEFAULT = TrainConfig()
 @lowering_options
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out.")
 @click.option(
+    "--deterministic",
+    is_flag=True,
+    help="Bit-identical runs whatever the thread count (trains on one thread).",
+)
+@click.option(
     "--dp",
     type=click.IntRange(min=1),
     default=None,

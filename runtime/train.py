@@ -72,6 +72,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     seed: int = 0
     resume: bool = False
+    deterministic: bool = False  # bit-identical runs whatever the thread count (one thread)
     device: str = "cpu"
     dp: int | None = None  # data-parallel ranks; None: every launched rank not used by tp
     tp: int = 1  # tensor-parallel ranks
@@ -122,6 +123,15 @@ class TrainConfig:
         return mesh
 
 
+def make_deterministic() -> None:
+    """One intra-op thread and deterministic kernels: every run of the same command computes
+    the same bits. A CPU reduction split over N threads sums in an order that depends on N
+    (and MKL may change N under load), which moves losses by ~1e-7 from run to run."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+
+
 def learning_rate(cfg: TrainConfig, step: int) -> float:
     """Linear warmup to `lr`, then cosine decay to `min_lr_ratio · lr` at the last step."""
     if step <= cfg.warmup:
@@ -149,6 +159,8 @@ class Trainer:
         self.cfg = cfg
         say = progress or (lambda _msg: None)
         torch.manual_seed(cfg.seed)
+        if cfg.deterministic:
+            make_deterministic()
         mesh = cfg.mesh()
         self.parallel = Parallel.from_env(mesh, cfg.device) if mesh else None
         if self.is_writer:  # before minutes of compiling: --out must be writable
