@@ -13,7 +13,8 @@ from compiler.ir import Graph, dump, parse
 from compiler.lora import LoraConfig, apply_lora
 from compiler.mesh import Mesh, MeshError
 from compiler.passes.buffers import plan_buffers
-from compiler.passes.fusion import fuse, linear_cross_entropy
+from compiler.passes.fusion import fuse
+from compiler.passes.linear_cross_entropy import linear_cross_entropy
 from compiler.passes.manager import PassContext, PassManager
 from compiler.passes.noop_views import eliminate_noop_views
 from compiler.passes.precision import precision_pass

@@ -41,7 +41,7 @@ COMMANDS = {
         "Train MODEL (default: gpt2-tiny on the embedded corpus, CPU) with a compiled step.",
     ),
     "prepare": (
-        "pipelines.commands",
+        "memfit.prepare_cmd",
         "prepare_command",
         "Tokenize text, JSONL or Parquet INPUTS (files or directories) into Arrow files in --out.",
     ),

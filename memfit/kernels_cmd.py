@@ -14,7 +14,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from compiler.codegen.triton import Kernel, group_kernels, group_members
+from compiler.codegen.fusibility import group_members
+from compiler.codegen.triton import Kernel, group_kernels
 from compiler.ir import Graph, parse
 
 console = Console()

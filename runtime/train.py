@@ -23,12 +23,12 @@ from compiler.compile import CompileOptions, compile_model, example_batch
 from compiler.errors import MemfitError
 from compiler.lora import LoraConfig
 from compiler.mesh import Mesh, MeshError
+from compiler.models import resolve_model
 from compiler.passes.shard import DEFAULT_BUCKET_BYTES, parallel_loss
 from compiler.trace import AdamW, trace, trace_update
 from examples import EXAMPLES
 from examples.loss import lm_loss
-from memfit.models import resolve_model
-from pipelines.commands import default_dataset
+from pipelines.corpus import default_dataset
 from pipelines.integrity import verified_dataset
 from pipelines.loader import TokenDataset, WindowLoader
 from pipelines.manifest import Manifest, token_mismatch_check

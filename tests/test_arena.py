@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from compiler import custom_ops
 from compiler.ir import Graph
 from compiler.passes.buffers import plan_buffers
-from compiler.passes.fusion import linear_cross_entropy
+from compiler.passes.linear_cross_entropy import linear_cross_entropy
 from compiler.passes.manager import PassContext
 from compiler.passes.noop_views import eliminate_noop_views
 from compiler.passes.precision import precision_pass

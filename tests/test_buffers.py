@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from compiler.ir import Graph, Node, Role, Value
-from compiler.liveness import ALIGN, liveness, storage
-from compiler.passes.buffers import STRATEGIES, in_place, plan_buffers
+from compiler.liveness import ALIGN, in_place, liveness, storage
+from compiler.passes.buffers import STRATEGIES, plan_buffers
 from compiler.passes.manager import PassContext
 from compiler.passes.schedule import schedule
 from compiler.passes.verify import verify

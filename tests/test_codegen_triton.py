@@ -10,14 +10,8 @@ import pytest
 from click.testing import CliRunner
 from rich.console import Console
 
-from compiler.codegen.triton import (
-    _linear_offset,
-    emit,
-    fusible,
-    group_domain,
-    group_kernels,
-    group_members,
-)
+from compiler.codegen.fusibility import fusible, group_domain, group_members
+from compiler.codegen.triton import _linear_offset, emit, group_kernels
 from compiler.ir import Graph, dump, parse
 from compiler.passes.fusion import fuse, internal_values
 from compiler.passes.manager import PassContext

@@ -28,7 +28,8 @@ from compiler import custom_ops  # noqa: E402
 from compiler.codegen import cross_entropy  # noqa: E402
 from compiler.codegen.triton import group_kernels  # noqa: E402
 from compiler.ir import Graph, parse  # noqa: E402
-from compiler.passes.fusion import fuse, linear_cross_entropy  # noqa: E402
+from compiler.passes.fusion import fuse  # noqa: E402
+from compiler.passes.linear_cross_entropy import linear_cross_entropy  # noqa: E402
 from compiler.passes.manager import PassContext, PassManager  # noqa: E402
 from compiler.passes.noop_views import eliminate_noop_views  # noqa: E402
 from compiler.plan import MemoryPlan, PlannedValue  # noqa: E402

@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from torch.testing import assert_close  # noqa: E402
 
-from compiler.codegen.triton import group_members  # noqa: E402
+from compiler.codegen.fusibility import group_members  # noqa: E402
 from compiler.ir import Graph  # noqa: E402
 from compiler.passes.fusion import fuse  # noqa: E402
 from compiler.passes.manager import PassContext  # noqa: E402

@@ -15,7 +15,6 @@ backward use. Views are never saved (recomputing one is free; its base is what c
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -24,6 +23,7 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import lil_matrix
 
+from compiler.builder import GraphBuilder
 from compiler.errors import MemfitError
 from compiler.ir import Graph, Node, Phase, Value
 from compiler.ops import Kind, flops, kind
@@ -221,39 +221,31 @@ def rewrite(graph: Graph, saved: Iterable[Value]) -> tuple[Graph, list[Node]]:
     keep = {id(v) for v in saved}
     remap: dict[int, Value] = {}
     clones: list[Node] = []
-    taken = {v.name for v in out.values()}
-    counter = itertools.count()
+    b = GraphBuilder.rewriting(out)
+    b.phase = Phase.BACKWARD
 
-    def ensure(v: Value, emit: list[Node]) -> Value:
+    def ensure(v: Value) -> Value:
         if id(v) not in boundary.producer or id(v) in keep:
             return v
         if id(v) in remap:
             return remap[id(v)]
         node = boundary.producer[id(v)]
-        args_ready = {id(u): ensure(u, emit) for u in boundary.forward_inputs(node)}
-        clone = Node(node.op, node.args, dict(node.kwargs), [], Phase.BACKWARD, node.source)
-        clone.map_args(lambda u: args_ready.get(id(u), u))
-        for old in node.outputs:
-            name = f"{old.name}.r"
-            while name in taken:
-                name = f"{old.name}.r{next(counter)}"
-            taken.add(name)
-            new = Value(name, old.shape, old.dtype)
-            clone.outputs.append(new)
-            remap[id(old)] = new
-        emit.append(clone)
+        ready = {id(u): ensure(u) for u in boundary.forward_inputs(node)}
+        with b.at(source=node.source):
+            names = [f"{old.name}.r" for old in node.outputs]
+            news = b.emit(
+                node.op, node.args, node.kwargs, names=names, read=lambda u: ready.get(id(u), u)
+            )
+        remap.update(zip(map(id, node.outputs), news, strict=True))
+        clones.append(b.nodes[-1])
         return remap[id(v)]
 
-    nodes: list[Node] = []
     for node in out.nodes:
         if node.phase is Phase.BACKWARD:
-            emit: list[Node] = []
-            fresh = {id(u): ensure(u, emit) for u in node.inputs}
+            fresh = {id(u): ensure(u) for u in node.inputs}
             node.map_args(lambda u, fresh=fresh: fresh.get(id(u), u))
-            nodes += emit
-            clones += emit
-        nodes.append(node)
-    out.nodes = nodes
+        b.append(node)
+    out.nodes = b.nodes
     mark_activations(out)
     return out, clones
 

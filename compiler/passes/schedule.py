@@ -21,9 +21,8 @@ from __future__ import annotations
 import heapq
 
 from compiler.ir import Graph, Phase
-from compiler.liveness import Storage, liveness, lower_bound, storage
+from compiler.liveness import Storage, in_place, liveness, lower_bound, storage
 from compiler.ops import Kind, kind
-from compiler.passes.buffers import in_place
 from compiler.passes.manager import PassContext
 
 
