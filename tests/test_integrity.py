@@ -341,7 +341,9 @@ def test_debug_is_accepted_after_the_subcommand(tmp_path: Path) -> None:
 def test_plan_refuses_what_a_mesh_plan_would_ignore(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str], named: str
 ) -> None:
-    monkeypatch.chdir(tmp_path)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
     code, text = _run("plan", "gpt2-tiny", "--dp", "2", *args)
     assert code == 2 and _says(text, named), text
-    assert list(tmp_path.iterdir()) == []  # refused before planning: no half-written file
+    assert list(cwd.iterdir()) == []  # refused before planning: no half-written file
