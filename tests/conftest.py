@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
+
+from tests.strategies import DEEP_EXAMPLES
+
+# HYPOTHESIS_PROFILE=deep: ≥ 1000 examples for every property (see tests.strategies.examples)
+settings.register_profile("deep", max_examples=DEEP_EXAMPLES, deadline=None)
+if os.environ.get("HYPOTHESIS_PROFILE"):
+    settings.load_profile(os.environ["HYPOTHESIS_PROFILE"])
 
 
 @pytest.fixture
