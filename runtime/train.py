@@ -304,7 +304,7 @@ class Trainer:
         if options.mesh is not None:  # collectives of the tensor-parallel forward: unplanned
             return CompiledStep(graph, PassContext(), options.batch_size, self.seq_len)
         eval_options = replace(options, grad_accum=1)
-        return optimize(TracedStep(graph, self.seq_len, {}), eval_options)
+        return optimize(TracedStep(graph, self.seq_len, None), eval_options)
 
     def _build_programs(self, example: ExampleModel) -> None:
         """State on the device, then one program per graph, all over one shared arena."""

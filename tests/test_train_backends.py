@@ -87,6 +87,7 @@ def test_arena_trains_like_eager_within_its_plan(
     # the step ran out of one arena, within what was planned
     assert arena.arena is not None and eager.arena is None
     assert arena.measured_peak is not None
+    assert all(r.tokens_per_s > 0 and r.peak_bytes for r in arena.records)  # type: ignore[attr-defined]
     assert arena.measured_peak <= 1.02 * arena.planned_peak, (
         arena.measured_peak,
         arena.planned_peak,
@@ -142,4 +143,5 @@ def test_a_plan_too_big_names_what_fits_and_that_fits(data: Path, tmp_path: Path
     for i, fix in enumerate(fixes):
         code, text = _cli(data, tmp_path / f"b{i}", "--device-memory", "3.5MiB", *fix)
         assert code == 0, (fix, text)
-        assert "measured peak" in text
+        assert "backend arena (one arena)" in text and "measured peak" in text  # plan, then run
+        assert ("grad_accum" in text) == ("--grad-accum" in fix)  # the sums are in the plan
