@@ -21,6 +21,7 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -41,9 +42,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def plain_step(
-    name: str, device: torch.device, precision: str
-) -> Callable[[Tensor, Tensor], float]:
+Step = Callable[[Tensor, Tensor], float]
+
+
+def plain_step(name: str, device: torch.device, precision: str) -> Step:
     torch.manual_seed(0)
     model = resolve_model(name).module.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
@@ -61,13 +63,18 @@ def plain_step(
 
 
 def memfit_step(
-    name: str, backend: str, b: int, t: int, device: torch.device, precision: str
-) -> tuple[Callable[[Tensor, Tensor], float], Program]:
+    name: str, spec: str, b: int, t: int, device: torch.device, precision: str
+) -> tuple[Step, Program]:
+    """`spec`: a backend, or BACKEND:lean for the step without recomputation and without the
+    chunked loss head (more memory, fewer FLOPs: the head's logits are not computed twice)."""
+    backend, _, variant = spec.partition(":")
     torch.manual_seed(0)
     example = resolve_model(name)
     options = CompileOptions(
         b, t, AdamW(weight_decay=WEIGHT_DECAY), precision=precision, backend=fusion_of(backend)
     )
+    if variant == "lean":
+        options = replace(options, recompute=None, fused_cross_entropy=False)
     compiled = compile_model(example, lm_loss, options)
     state = initial_state(compiled.graph, example.module, device)
     program = Program(compiled.graph, state, device, backend_for(compiled, backend, device))
@@ -84,7 +91,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32")
-    parser.add_argument("--backends", default="arena,eager")
+    parser.add_argument("--backends", default="arena,eager,arena:lean")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     name, b, t = args.config.split(":")
@@ -95,7 +102,7 @@ def main() -> None:
     x = torch.randint(0, vocab, (b, t + 1), generator=gen)
     tokens, targets = x[:, :-1].contiguous().to(device), x[:, 1:].contiguous().to(device)
 
-    steps: dict[str, Callable[[Tensor, Tensor], float]] = {}
+    steps: dict[str, Step] = {}
     programs: dict[str, Program] = {}
     for backend in args.backends.split(","):
         start = time.perf_counter()
@@ -118,7 +125,7 @@ def main() -> None:
     base = statistics.median(times["pytorch"])
     print(f"\n{name} {b}x{t} {args.device} {args.precision}, {args.rounds} interleaved rounds,")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"{'step':<10}{'median s':>10}{'min s':>10}{'tokens/s':>12}{'/ pytorch':>11}  losses")
+    print(f"{'step':<12}{'median s':>10}{'min s':>10}{'tokens/s':>12}{'/ pytorch':>11}  losses")
     for k, ts in times.items():
         med = statistics.median(ts)
         shown = " ".join(f"{v:.4f}" for v in losses[k][:3])
@@ -127,7 +134,7 @@ def main() -> None:
         )
 
     if args.profile:
-        for backend in [k for k in programs if k != "triton"]:
+        for backend in [k for k in programs if not k.startswith("triton")]:
             profile(backend, steps[backend], tokens, targets, len(programs[backend].graph.nodes))
 
 
