@@ -13,7 +13,6 @@ from click.testing import CliRunner
 
 from compiler.ir import Role
 from memfit.cli import main
-from pipelines.prepare import prepare
 from runtime.train import TrainConfig, Trainer
 
 STEPS = 3
@@ -23,13 +22,8 @@ RTOL = 1e-6
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small byte-level corpus (this repository's compiler sources) with a validation split."""
-    root = Path(__file__).resolve().parents[1]
-    files = sorted(p for p in (root / "compiler").rglob("*.py") if p.stat().st_size)
-    out = tmp_path_factory.mktemp("data") / "prepared"
-    prepare(files, out, "byte", val_fraction=0.2, progress=False)
-    return out
+def data(compiler_data: Path) -> Path:
+    return compiler_data
 
 
 def _arena_then_eager(data: Path, out: Path, model: str, **options: object) -> list[Trainer]:
