@@ -39,8 +39,7 @@ from compiler.meta import bind
 from compiler.ops import Kind, kind
 from compiler.plan import MemoryPlan
 from runtime.arena import Arena, Run
-from runtime.eager import Eager
-from runtime.interpreter import Env, Step
+from runtime.interpreter import Env, Interpreter, Step
 
 CACHE_ENV = "MEMFIT_KERNEL_CACHE"
 _RESHAPES = ("view", "_unsafe_view")
@@ -139,7 +138,7 @@ def launch(
     return outs
 
 
-class Triton(Eager):
+class Triton(Interpreter):
     """Fused groups as kernels, the fused loss head through its Triton kernels, every other
     node as ATen; each result a fresh tensor."""
 

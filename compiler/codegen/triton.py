@@ -67,7 +67,7 @@ class Kernel:
 
 
 @dataclass
-class _Emitter:
+class Emitter:
     domain: tuple[int, ...]
     rowwise: bool
     lines: list[str] = field(default_factory=list)
@@ -136,7 +136,7 @@ def emit(group: int, nodes: Sequence[Node], stored: Sequence[Value]) -> Kernel:
     if domain is None:
         raise ValueError(f"group {group} cannot be one kernel: {[n.op for n in nodes]}")
     rowwise = any(fusible(n) is Fit.ROW for n in nodes)
-    e = _Emitter(domain, rowwise)
+    e = Emitter(domain, rowwise)
     produced = {id(v) for n in nodes for v in n.outputs}
     inputs: list[Value] = []
     for node in nodes:
