@@ -32,6 +32,7 @@ from compiler.compile import CompileOptions, compile_model
 from compiler.ir import Graph
 from compiler.models import resolve_model
 from compiler.passes.linear_cross_entropy import loss_head_peak
+from compiler.passes.recompute import RecomputePolicy
 from examples.loss import lm_loss
 from runtime import eager, triton_backend
 from runtime.interpreter import Interpreter
@@ -106,8 +107,8 @@ def step_rows(args: argparse.Namespace, device: torch.device) -> Table:
         table.add_column(column, justify="left" if column == "backend" else "right")
     torch.manual_seed(0)
     model = resolve_model(args.model, device=device)
-    policy = {"activation_fraction": args.memory_budget} if args.memory_budget else {}
-    options = CompileOptions(args.batch, args.seq, backend="triton", recompute_policy=policy)
+    policy = RecomputePolicy(activation_fraction=args.memory_budget or None)
+    options = CompileOptions(args.batch, args.seq, backend="triton", recompute=policy)
     compiled = compile_model(model, lm_loss, options)
     assert compiled.plan is not None
     backends: dict[str, Callable[[], object]] = {
@@ -134,11 +135,13 @@ def step_rows(args: argparse.Namespace, device: torch.device) -> Table:
     plain = compile_model(
         resolve_model(args.model, device="meta"),
         lm_loss,
-        CompileOptions(args.batch, args.seq, fused_cross_entropy=False, recompute=False),
+        CompileOptions(args.batch, args.seq, fused_cross_entropy=False, recompute=None),
     )
+    report = compiled.context.recompute
+    extra = report.extra_flops if report else 0
     table.caption = (
         f"planned step peak {compiled.plan.peak_bytes / 2**30:.2f} GiB"
-        f" (+{compiled.context.stats.get('recompute.extra_flops', 0) / 1e9:.0f} GFLOP recomputed);"
+        f" (+{extra / 1e9:.0f} GFLOP recomputed);"
         f" loss head peak: {loss_head_peak(plain.graph) / 2**30:.2f} GiB materialised →"
         f" {loss_head_peak(compiled.graph) / 2**30:.2f} GiB fused linear cross-entropy;"
         f" {len(group_kernels(compiled.graph))} fused groups"
