@@ -1,11 +1,9 @@
-"""The one walk over a graph that every backend shares (in the manner of torch.fx.Interpreter).
-
-`Interpreter.run` binds the named inputs, runs the steps in schedule order, drops each value
-after the last step that reads its bytes, and returns the graph's outputs. A step is a node,
-or a fused group's kernel (`compiler.codegen.Kernel`, which reads its inputs and defines its
-stored outputs like a node). Here each node runs as its ATen op (`runtime.eager`, the
-numerical reference); `runtime.arena` overrides `run_node` to write into planned views, and
-`runtime.triton_backend` also chooses the steps and overrides `run_kernel`.
+"""The one walk over a graph that every backend shares (as torch.fx.Interpreter): bind the
+named inputs, run the steps in schedule order, drop each value after the last step reading its
+bytes, return the outputs. A step is a node, or a fused group's `Kernel` (inputs and stored
+outputs, like a node). Here a node runs as its ATen op (`runtime.eager`); `runtime.arena`
+overrides `run_node` to write into planned views, `runtime.triton_backend` also picks the
+steps and overrides `run_kernel`.
 """
 
 from __future__ import annotations
@@ -67,10 +65,8 @@ class Interpreter:
         env: Env = {id(v): feeds[v.name] for v in self.graph.inputs}
         last = self.last_use
         for i, step in enumerate(self.steps):
-            if isinstance(step, Kernel):
-                results = self.run_kernel(step, env)
-            else:
-                results = self.run_node(step, env)
+            kernel = isinstance(step, Kernel)
+            results = self.run_kernel(step, env) if kernel else self.run_node(step, env)
             for v, t in zip(step.outputs, results, strict=True):
                 if id(v) in last:  # a dead output is dropped at once
                     env[id(v)] = t

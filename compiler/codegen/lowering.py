@@ -1,13 +1,10 @@
 """Lowering: each fusible ATen op as Triton (`tl`) expressions, ONE table entry per op.
 
-A pointwise op maps its prepared operands (values cast to the compute dtype, literals as text)
-to one expression; a row op (a reduction over the last dim, a gather or scatter along it)
-says which nodes it accepts and writes its expressions into the kernel body being emitted
-(`Emitter`: it may add named temporaries; reduced values live as one scalar per row).
-Everything is computed in the op's own result dtype so it matches eager PyTorch (fp16/bf16
-ops compute in fp32 and round their result, as ATen's CPU and CUDA kernels do). What may
-join a group is decided from these tables in `compiler.codegen.fusibility`; the kernel text
-around the expressions is written by `compiler.codegen.triton`.
+A pointwise op maps its operands (cast to the compute dtype; literals as text) to one
+expression; a row op (over the last dim) says which nodes it accepts and writes its
+expressions into the kernel body, where reduced values live as one scalar per row. Each op
+computes in its result dtype so it matches eager PyTorch (fp16/bf16 in fp32, rounded, as
+ATen's kernels do).
 """
 
 from __future__ import annotations

@@ -1,9 +1,6 @@
-"""Emission: Triton source for fused groups, one readable kernel per group.
-
-The kernel shape and domain come from `compiler.codegen.fusibility` (pointwise: BLOCK
-elements of the domain per program; row-wise: one row per program); the body is the group's
-nodes in order, each lowered to `tl` expressions by `compiler.codegen.lowering`. Values that
-never leave the group never touch memory.
+"""Emission: Triton source for fused groups, one readable kernel per group: the domain and
+kernel shape from `codegen.fusibility`, the body the group's nodes in order, each lowered by
+`codegen.lowering`. Values that never leave the group never touch memory.
 
 Shapes are static, so the domain and every stride are baked into the source as constants;
 inputs are expected contiguous. The kernel text names values canonically (in0, t3, out1) so
