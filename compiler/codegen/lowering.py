@@ -161,6 +161,7 @@ def _not(a: list[str], n: Node) -> str:
     return f"{a[0]} == 0" if n.args[0].dtype == torch.bool else f"~{a[0]}"
 
 
+_MASKED_FILL = Pointwise(lambda a, n: f"tl.where({a[1]}, {a[2]}, {a[0]})", keep=frozenset({1}))
 POINTWISE: dict[str, Pointwise] = {
     "abs": Pointwise(_call("tl.abs")),
     "add.Tensor": Pointwise(_add_like("+")),
@@ -208,12 +209,8 @@ POINTWISE: dict[str, Pointwise] = {
     "addcdiv": Pointwise(
         lambda a, n: f"{a[0]} + {literal(n.kwargs.get('value', 1))} * ({a[1]} / {a[2]})"
     ),
-    "masked_fill.Scalar": Pointwise(
-        lambda a, n: f"tl.where({a[1]}, {a[2]}, {a[0]})", keep=frozenset({1})
-    ),
-    "masked_fill.Tensor": Pointwise(
-        lambda a, n: f"tl.where({a[1]}, {a[2]}, {a[0]})", keep=frozenset({1})
-    ),
+    "masked_fill.Scalar": _MASKED_FILL,
+    "masked_fill.Tensor": _MASKED_FILL,
     "isnan": Pointwise(lambda a, n: f"{a[0]} != {a[0]}", promote=True, bool_ok=True),
     "isinf": Pointwise(lambda a, n: f'tl.abs({a[0]}) == float("inf")', promote=True, bool_ok=True),
     "bitwise_not": Pointwise(_not, bool_ok=True),

@@ -167,24 +167,15 @@ def emit(group: int, nodes: Sequence[Node], stored: Sequence[Value]) -> Kernel:
         stores.append(f"tl.store({where}, {e.names[id(v)]}{', mask' if varies else ''})")
         header.append(f"#   out{i} = %{v.name}: {v.type_str}")
 
-    block = (
-        next_power_of_2(domain[-1])
-        if rowwise
-        else min(FLAT_BLOCK, next_power_of_2(math.prod(domain)))
-    )
-    grid = math.prod(domain[:-1]) if rowwise else math.ceil(math.prod(domain) / block)
     if rowwise:
-        prologue = [
-            "row = tl.program_id(0).to(tl.int64)",
-            "cols = tl.arange(0, BLOCK)",
-            f"mask = cols < {domain[-1]}",
-        ]
+        block, grid = next_power_of_2(domain[-1]), math.prod(domain[:-1])
+        rows = ["row = tl.program_id(0).to(tl.int64)", "cols = tl.arange(0, BLOCK)"]
+        prologue = [*rows, f"mask = cols < {domain[-1]}"]
     else:
-        prologue = [
-            "offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)",
-            f"mask = offs < {math.prod(domain)}",
-        ]
-    ops = tuple(n.op for n in nodes)
+        block = min(FLAT_BLOCK, next_power_of_2(math.prod(domain)))
+        grid = math.ceil(math.prod(domain) / block)
+        offs = "offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)"
+        prologue = [offs, f"mask = offs < {math.prod(domain)}"]
     name = _kernel_name(nodes, rowwise)
     params = [f"in{i}" for i in range(len(inputs))] + [f"out{i}" for i in range(len(stored))]
     body = "\n".join(f"    {line}" for line in prologue + loads + e.lines + stores)
@@ -205,7 +196,7 @@ def emit(group: int, nodes: Sequence[Node], stored: Sequence[Value]) -> Kernel:
         grid=grid,
         block=block,
         num_warps=8 if block >= 2048 else 4,
-        ops=ops,
+        ops=tuple(n.op for n in nodes),
         bytes_moved=sum(v.nbytes for v in (*inputs, *stored)),
         flops=sum(flops(n) for n in nodes if n.op not in CONSTANTS),
     )
