@@ -103,6 +103,16 @@ def plan_command(
     With --dp/--tp/--zero (or --device-memory) it plans one rank of that mesh from shapes only.
     """
     if dp * tp > 1 or zero or device_memory:
+        _refuse_with_a_mesh(
+            {
+                "--format": fmt if fmt in ("png", "html") else None,
+                "--out": out,
+                "--lora": lora,
+                "--quantize-base": quantize_base,
+                "--sweep": sweep or None,
+            },
+            memory_budget,
+        )
         click.get_current_context().invoke(
             parallel_plan_command,
             model=model,
@@ -207,3 +217,22 @@ def _emit(plan: MemoryPlan, fmt: str, path: Path | None) -> None:
         assert path is not None
         (write_png if fmt == "png" else write_html)(plan, path)
         console.print(f"wrote {path}", highlight=False)
+
+
+def _refuse_with_a_mesh(given: dict[str, object], memory_budget: str | None) -> None:
+    """Flags the per-rank plan of a mesh does not honour yet: refused before any planning,
+    rather than planned without them."""
+    ignored = [
+        flag if value is True else f"{flag} {value}" for flag, value in given.items() if value
+    ]
+    if ignored:
+        raise PlanError(
+            f"{', '.join(ignored)}: not planned with a mesh (--dp/--tp/--zero/--device-memory)"
+            " yet; the per-rank plan prints a table or json (--format json). Drop the flag, or"
+            " plan one process without the mesh flags"
+        )
+    if memory_budget is not None and Budget.parse(memory_budget).fraction is not None:
+        raise PlanError(
+            f"--memory-budget {memory_budget}: a fraction of the activation memory is planned"
+            " for one process; with a mesh give the rank's size, e.g. --memory-budget 40GB"
+        )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from compiler import custom_ops
@@ -23,7 +23,7 @@ from compiler.passes.schedule import schedule
 from runtime.arena import Arena, allocations
 from runtime.eager import run_graph
 from runtime.program import Program
-from tests.strategies import random_inputs
+from tests.strategies import examples, random_inputs
 from tests.test_schedule import feeds, shuffled, steps, traced_step
 
 SCALAR = 8  # bytes: a 0-dim f64 scalar (lr, step arithmetic) cast inside an f32 kernel
@@ -37,7 +37,7 @@ def planned(graph: Graph) -> Arena:
 
 
 @given(steps(), st.data())
-@settings(max_examples=30, deadline=None)
+@examples(30)
 def test_random_graphs_run_bit_for_bit_like_eager(graph: Graph, data: st.DataObject) -> None:
     arena = planned(shuffled(graph, data))
     expected_in, got_in = random_inputs(graph), random_inputs(graph)

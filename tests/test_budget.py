@@ -8,7 +8,7 @@ from functools import cache, partial
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from compiler.budget import (
@@ -31,7 +31,7 @@ from examples import build_example
 from examples.loss import lm_loss
 from runtime.eager import run_graph
 from runtime.program import Program
-from tests.strategies import random_inputs
+from tests.strategies import examples, random_inputs
 from tests.test_recompute import joint_graphs
 
 OPTIONS = CompileOptions(batch_size=4, seq_len=32, return_grads=True)
@@ -77,7 +77,7 @@ def peak_range() -> tuple[int, int]:
 
 
 @given(st.floats(0.1, 1.0))
-@settings(max_examples=3, deadline=None)
+@examples(3)
 def test_byte_budgets_hold_for_the_real_plan(frac: float) -> None:
     floor, default = peak_range()
     nbytes = int(floor + frac * (default - floor))
@@ -136,7 +136,7 @@ def planner(graph: Graph) -> Planner:
 
 
 @given(joint_graphs(), st.floats(0, 1))
-@settings(max_examples=30, deadline=None)
+@examples(30)
 def test_random_graphs_fit_feasible_byte_budgets_bit_identically(graph: Graph, frac: float) -> None:
     """Feasible: at least the peak of the min-cut or of the fewest saved bytes, the two ends
     of the program's search. The plan found fits the budget and runs bit for bit like the

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given
 from torch.testing import assert_close
 
 from compiler.codegen.fusibility import group_domain, group_members, stored_values
@@ -17,7 +17,7 @@ from compiler.passes.verify import verify
 from examples import build_example
 from examples.loss import lm_loss
 from runtime.eager import run_graph
-from tests.strategies import graphs, random_inputs
+from tests.strategies import examples, graphs, random_inputs
 
 TRITON = FusionOptions("triton")
 
@@ -98,7 +98,7 @@ def test_eager_backend_gets_no_groups(gpt2_triton) -> None:
     assert not internal_values(plain)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@examples(40, suppress_health_check=[HealthCheck.too_slow])
 @given(graphs(max_nodes=16))
 def test_fusion_on_random_graphs_keeps_verifier_and_numbers(graph) -> None:
     fused = fuse(graph, PassContext(), TRITON)

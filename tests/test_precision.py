@@ -8,7 +8,7 @@ from itertools import islice
 
 import pytest
 import torch
-from hypothesis import assume, given, settings
+from hypothesis import assume, given
 from torch.testing import assert_close
 
 from compiler.compile import CompiledStep, CompileOptions, compile_model
@@ -35,7 +35,7 @@ from runtime.corpus_runs import corpus_batches, train_steps
 from runtime.eager import run_graph
 from runtime.loss_scale import LossScaler
 from runtime.program import Program, initial_state
-from tests.strategies import graphs, random_inputs
+from tests.strategies import examples, graphs, random_inputs
 
 BF16 = torch.bfloat16
 
@@ -79,7 +79,7 @@ def batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @given(graphs())
-@settings(max_examples=40, deadline=None)
+@examples(40)
 def test_random_graphs_accumulate_in_fp32_and_never_cast_twice_in_a_row(graph: Graph) -> None:
     low = check_precision(verify(lower_precision(graph, BF16)))
     producers = low.producers()
@@ -96,7 +96,7 @@ def test_random_graphs_accumulate_in_fp32_and_never_cast_twice_in_a_row(graph: G
 
 
 @given(graphs())
-@settings(max_examples=30, deadline=None)
+@examples(30)
 def test_random_graphs_compute_the_same_numbers_when_the_low_dtype_is_exact(graph: Graph) -> None:
     """Lowered to float64 every inserted cast is exact, so any difference from the fp32
     original would be a value wired to the wrong place, not rounding."""

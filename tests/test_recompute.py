@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from compiler.ir import Graph, Phase
@@ -26,7 +26,7 @@ from examples import build_example
 from examples.loss import lm_loss
 from runtime.eager import run_graph
 from runtime.program import Program
-from tests.strategies import graphs, random_inputs
+from tests.strategies import examples, graphs, random_inputs
 
 
 @st.composite
@@ -46,14 +46,14 @@ def _same(a: Graph, b: Graph) -> None:
 
 
 @given(joint_graphs())
-@settings(max_examples=50, deadline=None)
+@examples(50)
 def test_min_cut_keeps_results_bit_identical(graph: Graph) -> None:
     out = verify(recompute_pass(graph, PassContext()))
     _same(graph, out)
 
 
 @given(joint_graphs(), st.floats(0, 1))
-@settings(max_examples=50, deadline=None)
+@examples(50)
 def test_feasible_budget_holds_and_infeasible_raises(graph: Graph, frac: float) -> None:
     boundary = Boundary.of(graph)
     floor = boundary.saved_bytes(budget_floor(boundary))

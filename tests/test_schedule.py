@@ -13,7 +13,7 @@ from functools import cache
 import networkx as nx
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
@@ -29,7 +29,7 @@ from examples import build_example
 from examples.loss import lm_loss
 from runtime.eager import run_graph
 from runtime.program import initial_state
-from tests.strategies import graphs, random_inputs
+from tests.strategies import examples, graphs, random_inputs
 
 
 @st.composite
@@ -82,7 +82,7 @@ def assert_same_numbers(a: Graph, b: Graph) -> None:
 
 
 @given(steps(), st.data())
-@settings(max_examples=30, deadline=None)
+@examples(30)
 def test_any_input_order_gives_a_valid_schedule_with_the_same_numbers(
     graph: Graph, data: st.DataObject
 ) -> None:
@@ -99,7 +99,7 @@ def test_any_input_order_gives_a_valid_schedule_with_the_same_numbers(
 
 
 @given(steps(), st.data())
-@settings(max_examples=25, deadline=None)
+@examples(25)
 def test_the_update_waits_for_every_read_of_the_parameter_through_views(
     graph: Graph, data: st.DataObject
 ) -> None:
@@ -116,7 +116,7 @@ def test_the_update_waits_for_every_read_of_the_parameter_through_views(
 
 
 @given(steps(), st.data())
-@settings(max_examples=25, deadline=None)
+@examples(25)
 def test_never_worse_than_the_order_it_was_given(graph: Graph, data: st.DataObject) -> None:
     ctx = PassContext()
     schedule(shuffled(graph, data), ctx)

@@ -30,7 +30,6 @@ from compiler.passes.manager import PassContext
 
 COMPILE_BACKENDS = ("eager", "triton")  # `fuse` groups nodes for triton only
 
-
 # --- grouping ---------------------------------------------------------------------------------
 
 
