@@ -43,7 +43,11 @@ def run_node(node: Node, env: Mapping[int, Tensor], device: torch.device) -> lis
         return []
     if creation:
         kwargs["device"] = device
-    result = resolve(node.op)(*args, **kwargs)
+    return results(resolve(node.op)(*args, **kwargs))
+
+
+def results(result: Any) -> list[Tensor]:
+    """An op's outputs as a list, whether it returned one tensor or several."""
     return list(result) if isinstance(result, tuple | list) else [result]
 
 
