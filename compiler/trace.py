@@ -276,8 +276,8 @@ def _convert(fx_node: fx.Node, env: dict[fx.Node, object], builder: GraphBuilder
             " tensor values. memfit compiles static graphs: nonzero, masked_select, boolean"
             " indexing and .item() cannot be traced; use masks of static shape instead"
         )
-    with builder.at(Phase.FORWARD, source):
-        outputs = builder.emit(op, tuple(arg(a) for a in fx_node.args), kwargs, names=fx_node.name)
+    builder.source = source  # phases are assigned once the whole step is traced
+    outputs = builder.emit(op, tuple(arg(a) for a in fx_node.args), kwargs, names=fx_node.name)
     env[fx_node] = outputs if isinstance(meta, list | tuple) else outputs[0]
 
 
