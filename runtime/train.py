@@ -101,6 +101,8 @@ class TrainConfig:
         ]
         if not (self.lr > 0 and math.isfinite(self.lr)):
             bad.append(f"--lr must be a positive number, got {self.lr}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            bad.append(f"--weight-decay must be a number ≥ 0, got {self.weight_decay}")
         if bad:
             raise TrainingError("bad training options: " + "; ".join(bad))
 
