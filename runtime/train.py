@@ -33,6 +33,7 @@ from pipelines.integrity import verified_dataset
 from pipelines.loader import TokenDataset, WindowLoader
 from pipelines.manifest import Manifest, token_mismatch_check
 from runtime.checkpoint import (
+    CheckpointError,
     checkpoints,
     find_resumable,
     latest_checkpoint,
@@ -342,9 +343,15 @@ class Trainer:
             return save_checkpoint(self.checkpoints, self.step, self.state, state, keep)
         full = self.parallel.to_full(self.state)  # every rank takes part; rank 0 writes
         path = self.checkpoints / f"step-{self.step:08d}"
+        failure: CheckpointError | None = None
         if self.parallel.is_writer:
-            path = save_checkpoint(self.checkpoints, self.step, full, state, keep)
-        self.parallel.barrier()
+            try:
+                path = save_checkpoint(self.checkpoints, self.step, full, state, keep)
+            except CheckpointError as e:
+                failure = e
+        # every rank stops together: one left waiting in the next step's collective would hang
+        if self.parallel.any_rank(failure is not None):
+            raise failure or CheckpointError(f"rank 0 could not write {path}; see its error")
         return path
 
     def _resume(self) -> None:
