@@ -86,6 +86,9 @@ def _flip(path: Path, offset: int) -> None:
         (["--seq", "8"], "--seq 16 (this command: 8)"),
         (["--precision", "bf16"], "--precision fp32 (this command: bf16)"),
         (["--lora", "r=4"], "--lora none (this command: r=4,alpha=16,targets=q,k,v,o)"),
+        (["--batch", "4"], "--batch 2 (this command: 4)"),
+        (["--lora", "r=8", "--quantize-base", "int8"], "--quantize-base none (this command: int8)"),
+        (["--model", "llama-tiny"], "MODEL gpt2-tiny (this command: llama-tiny)"),
     ],
 )
 def test_resume_with_other_settings_is_refused_by_flag(
@@ -93,7 +96,10 @@ def test_resume_with_other_settings_is_refused_by_flag(
 ) -> None:
     out = _copy(finished, tmp_path)
     before = _snapshot(out)
-    code, text = _run(*RUN, *change, "--data", str(data), "--out", str(out), "--resume")
+    args = [*RUN, *change]
+    if change[0] == "--model":
+        args = [RUN[0], change[1], *RUN[2:]]
+    code, text = _run(*args, "--data", str(data), "--out", str(out), "--resume")
     assert code == 2, text
     assert "Traceback" not in text and _says(text, "step-00000004 was written with")
     assert _says(text, flag), text
