@@ -6,10 +6,11 @@ copy_ writes persistent state. Where ATen's out= would allocate, the op is run a
 not: creation ops fill their view, clone/_to_copy copy into it, embedding is index_select,
 `x.Scalar` ops run as `x.Tensor` with the scalar made a 0-dim tensor once, here (as ATen would
 make one on every call), the scatter-like ops copy `self` into their view and update it in
-place, and memfit's own ops (the fused loss head) write into their views themselves. An op
-with no allocation-free form computes, then copies into its view: `fallbacks` names them (the
-allocation test counts them). Graph outputs are views into the arena, valid until the next
-step. Results equal `runtime.eager.run_graph` bit for bit. A Program runs out of an arena with
+place, and memfit's own ops (the fused loss head, attention) write into their views
+themselves. An op with no allocation-free form computes, then copies into its view:
+`fallbacks` names them (the allocation test counts them). Graph outputs are views into the
+arena, valid until the next step. Results equal `runtime.eager.run_graph` bit for bit. A
+Program runs out of an arena with
 `Program.from_module(compiled.graph, model, backend=Arena(compiled.graph, compiled.plan))`."""
 
 from __future__ import annotations
@@ -24,9 +25,8 @@ from torch import Tensor
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
-from compiler import custom_ops
 from compiler.ir import Graph, Node, Value
-from compiler.ops import OP_KINDS, Kind, kind, resolve
+from compiler.ops import INTO, OP_KINDS, Kind, kind, resolve
 from compiler.passes.buffers import UPDATES_SELF
 from compiler.plan import MemoryPlan
 
@@ -117,8 +117,8 @@ class Arena:
             )
         if op in _IN_PLACE:
             return partial(_update_copy, out, _IN_PLACE[op], args, kwargs)
-        if op in custom_ops.INTO:
-            return partial(_run_into, custom_ops.INTO[op], outs, args)
+        if op in INTO:
+            return partial(_run_into, INTO[op], outs, args)
         if _TENSOR_FORM.get(op) in OP_KINDS:
             op = _TENSOR_FORM[op]
         args = self._wrap_scalars(node, op)
