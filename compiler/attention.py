@@ -138,7 +138,7 @@ def _forward_outputs(
 ) -> tuple[Tensor, Tensor]:
     _check(q, k, v, segment_ids)
     b, h, t, _ = q.shape
-    out = q.new_empty(b, h, t, v.shape[-1])
+    out = q.new_empty(b, h, t, v.shape[-1])  # contiguous, as the arena's planned view
     return out, q.new_empty(b, h, t, dtype=accumulation_dtype(q.dtype))
 
 
@@ -205,7 +205,7 @@ def attention_backward(
     chunk: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) given grad = d loss / d out, from the forward's out and lse."""
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = _gradients(q, k, v)
     args = (grad, q, k, v, out, lse, segment_ids, causal, scale, window, softcap, chunk)
     return backward_into(*args, dq, dk, dv)
 
@@ -277,7 +277,13 @@ def _(
     softcap: float,
     chunk: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return _gradients(q, k, v)
+
+
+def _gradients(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Contiguous, whatever the inputs' strides: the arena's planned views are, and the trace
+    must record the layout every backend gives."""
+    return tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
 
 
 def _setup_context(ctx: object, inputs: tuple, output: tuple) -> None:
