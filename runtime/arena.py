@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch._C._profiler import _EventType
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
 
 from compiler.ir import Graph, Node, Value
 from compiler.ops import INTO, OP_KINDS, Kind, kind, resolve
@@ -118,7 +118,7 @@ class Arena:
         if op in _IN_PLACE:
             return partial(_update_copy, out, _IN_PLACE[op], args, kwargs)
         if op in INTO:
-            return partial(_run_into, INTO[op], outs, args)
+            return partial(_run_into, op, INTO[op], outs, args)
         if _TENSOR_FORM.get(op) in OP_KINDS:
             op = _TENSOR_FORM[op]
         args = self._wrap_scalars(node, op)
@@ -166,9 +166,11 @@ def _run_out(
     fn(*_bind(args, env), **_bind(kwargs, env), **{n: env[o] for n, o in outs.items()})
 
 
-def _run_into(fn: Callable[..., Any], outs: list[int], args: Any, env: Env) -> None:
-    """memfit's own ops: their computation, given the planned views as its outputs."""
-    fn(*_bind(args, env), *(env[o] for o in outs))
+def _run_into(name: str, fn: Callable[..., Any], outs: list[int], args: Any, env: Env) -> None:
+    """memfit's own ops: their computation, given the planned views as its outputs; under the
+    op's name in a profile, so their scratch is told apart from the rest (see `allocations`)."""
+    with record_function(name):
+        fn(*_bind(args, env), *(env[o] for o in outs))
 
 
 def _compute_then_copy(
