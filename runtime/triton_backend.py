@@ -3,7 +3,8 @@
 For each fused group (`Node.group`, set by `passes/fusion.py`) it launches the kernel
 `compiler/codegen/triton.py` wrote; values internal to a group are never written. Matmuls,
 views and index ops run as ATen nodes (cuBLAS on a GPU), the fused linear + cross-entropy ops
-as `compiler/codegen/cross_entropy.py`. Two forms:
+as `compiler/codegen/cross_entropy.py`, attention as `compiler/codegen/flash_attention.py`.
+Two forms:
 - `run_graph`, a `Backend` like `runtime.eager.run_graph`: each result is a fresh tensor;
 - `TritonArena`, the `runtime.arena.Arena` runtime: kernels write into the planned views of the
   one arena allocation.
@@ -32,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from compiler import custom_ops
+from compiler import attention, custom_ops
 from compiler.codegen.triton import Kernel, group_kernels, group_members
 from compiler.ir import Graph, Node, Value
 from compiler.ops import Kind, kind
@@ -143,15 +144,21 @@ def steps(graph: Graph) -> list[Step]:
 
 
 def _run_custom(node: Node, args: list[Any], outs: Sequence[Tensor] = ()) -> list[Tensor]:
-    """A fused cross-entropy op through its Triton kernels, written into `outs` if given."""
-    from compiler.codegen import cross_entropy  # imports triton: only once the mode is set
+    """A fused cross-entropy or attention op through its Triton kernels, written into `outs`
+    if given."""
+    from compiler.codegen import cross_entropy, flash_attention  # import triton: mode is set
 
     fn = {
         custom_ops.FORWARD: cross_entropy.linear_cross_entropy,
         custom_ops.BACKWARD: cross_entropy.linear_cross_entropy_backward,
+        attention.FORWARD: flash_attention.attention,
+        attention.BACKWARD: flash_attention.attention_backward,
     }[node.op]
     result = fn(*args, *outs)
     return list(result) if isinstance(result, tuple) else [result]
+
+
+_KERNEL_OPS = custom_ops.OPS.keys() | attention.OPS.keys()  # memfit's ops with Triton kernels
 
 
 def _bind(args: tuple[Any, ...], env: Mapping[int, Tensor]) -> list[Any]:
@@ -179,7 +186,7 @@ def run_graph(
     for i, step in enumerate(plan):
         if isinstance(step, _Launch):
             results = _launch(step.kernel, env, device)
-        elif step.node.op in custom_ops.OPS:
+        elif step.node.op in _KERNEL_OPS:
             results = _run_custom(step.node, _bind(step.node.args, env))
         else:
             results = run_node(step.node, env, device)
@@ -227,7 +234,7 @@ class TritonArena(Arena):
             elif isinstance(step, _Launch):
                 self.steps += [by_node[id(n)] for n in members[step.kernel.group]]
                 self.unfused.append(step.kernel.group)
-            elif step.node.op in custom_ops.OPS:
+            elif step.node.op in _KERNEL_OPS:
                 self.steps.append(self._custom(step.node))
             else:
                 self.steps.append(by_node[id(step.node)])
@@ -271,6 +278,7 @@ class TritonArena(Arena):
         return launch
 
     def _custom(self, node: Node) -> Callable[[Env], None]:
-        """The fused cross-entropy ops: Triton row kernels on chunks, into the planned views."""
+        """The fused cross-entropy and attention ops: their Triton kernels, into the planned
+        views."""
         outs = [id(v) for v in node.outputs]
         return lambda env: _run_custom(node, _bind(node.args, env), [env[o] for o in outs])

@@ -11,9 +11,9 @@ import torch
 from hypothesis import assume, given, settings
 from torch.testing import assert_close
 
+from compiler import attention
 from compiler.compile import CompiledStep, CompileOptions, compile_model
 from compiler.errors import VerifyError
-from compiler import attention
 from compiler.ir import Graph, Node, Phase, Role, Value
 from compiler.ops import Kind, kind
 from compiler.passes.manager import PassContext
