@@ -6,10 +6,11 @@ copy_ writes persistent state. Where ATen's out= would allocate, the op is run a
 not: creation ops fill their view, clone/_to_copy copy into it, embedding is index_select,
 `x.Scalar` ops run as `x.Tensor` with the scalar made a 0-dim tensor once, here (as ATen would
 make one on every call), the scatter-like ops copy `self` into their view and update it in
-place, and memfit's own ops (the fused loss head) write into their views themselves. An op
-with no allocation-free form computes, then copies into its view: `fallbacks` names them (the
-allocation test counts them). Graph outputs are views into the arena, valid until the next
-step. Results equal `runtime.eager.run_graph` bit for bit. A Program runs out of an arena with
+place, and memfit's own ops (the fused loss head, attention) write into their views
+themselves. An op with no allocation-free form computes, then copies into its view:
+`fallbacks` names them (the allocation test counts them). Graph outputs are views into the
+arena, valid until the next step. Results equal `runtime.eager.run_graph` bit for bit. A
+Program runs out of an arena with
 `Program.from_module(compiled.graph, model, backend=Arena(compiled.graph, compiled.plan))`."""
 
 from __future__ import annotations
@@ -22,13 +23,12 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch._C._profiler import _EventType
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
 
-from compiler import custom_ops
 from compiler.ir import Graph, Node, Value
 from compiler.liveness import UPDATES_SELF
 from compiler.meta import bind, results, run_node
-from compiler.ops import OP_KINDS, Kind, kind, resolve
+from compiler.ops import INTO, OP_KINDS, Kind, kind, resolve
 from compiler.plan import MemoryPlan
 from runtime.interpreter import Env, Interpreter, Step
 
@@ -109,8 +109,8 @@ class Arena(Interpreter):
             return partial(_embedding, outs, args)
         if op in _IN_PLACE:
             return partial(_update_copy, outs, _IN_PLACE[op], args, kwargs)
-        if op in custom_ops.INTO:
-            return partial(_run_into, custom_ops.INTO[op], outs, args)
+        if op in INTO:
+            return partial(_run_into, op, INTO[op], outs, args)
         if _TENSOR_FORM.get(op) in OP_KINDS:
             op = _TENSOR_FORM[op]
         args = self._wrap_scalars(node, op)
@@ -161,9 +161,13 @@ def _embedding(outs: list[Tensor], args: Any, env: Env) -> list[Tensor]:
     return outs
 
 
-def _run_into(fn: Callable[..., Any], outs: list[Tensor], args: Any, env: Env) -> list[Tensor]:
-    """memfit's own ops: their computation, given the planned views as its outputs."""
-    fn(*bind(args, env), *outs)
+def _run_into(
+    name: str, fn: Callable[..., Any], outs: list[Tensor], args: Any, env: Env
+) -> list[Tensor]:
+    """memfit's own ops: their computation, given the planned views as its outputs; under the
+    op's name in a profile, so their scratch is told apart from the rest (see `allocations`)."""
+    with record_function(name):
+        fn(*bind(args, env), *outs)
     return outs
 
 

@@ -36,6 +36,7 @@ from collections.abc import Callable
 
 import torch
 
+from compiler import attention
 from compiler.builder import GraphBuilder
 from compiler.collectives import ALL_REDUCE, REDUCE_SCATTER
 from compiler.errors import VerifyError
@@ -348,6 +349,8 @@ class _Lowering:
         if node.phase is Phase.OPTIMIZER:
             return self.master, kwargs
         floats = [v for v in node.inputs if self.env[id(v)].dtype in (_F32, self.low)]
+        if node.op == attention.BACKWARD:  # the row log-sum-exp is an accumulator: kept fp32
+            floats = [v for v in floats if v is not node.args[attention.LSE_ARG]]
         op_kind = kind(node.op)
         if not floats or op_kind in (Kind.VIEW, Kind.CREATION) or node.op == "_to_copy":
             return self.current, kwargs
