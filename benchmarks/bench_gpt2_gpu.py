@@ -32,8 +32,10 @@ from compiler.compile import CompileOptions, compile_model
 from compiler.ir import Graph
 from compiler.models import resolve_model
 from compiler.passes.linear_cross_entropy import loss_head_peak
+from compiler.passes.recompute import RecomputePolicy
 from examples.loss import lm_loss
 from runtime import eager, triton_backend
+from runtime.interpreter import Interpreter
 from runtime.program import Program
 
 console = Console()
@@ -67,7 +69,7 @@ def kernel_rows(graph: Graph, device: torch.device, repeat: int) -> Table:
         seen.add(kernel.key)
         feeds = {v.name: _random(v, device) for v in kernel.inputs}
         group = Graph(list(kernel.inputs), members[kernel.group], list(kernel.outputs))
-        aten = timed(partial(eager.Eager(group, device).run, feeds), device, repeat)
+        aten = timed(partial(Interpreter(group, device).run, feeds), device, repeat)
         fn = triton_backend.load_kernel(kernel, device)
         args = [feeds[v.name] for v in kernel.inputs]
         outs = [torch.empty(v.shape, dtype=v.dtype, device=device) for v in kernel.outputs]
@@ -105,8 +107,8 @@ def step_rows(args: argparse.Namespace, device: torch.device) -> Table:
         table.add_column(column, justify="left" if column == "backend" else "right")
     torch.manual_seed(0)
     model = resolve_model(args.model, device=device)
-    policy = {"activation_fraction": args.memory_budget} if args.memory_budget else {}
-    options = CompileOptions(args.batch, args.seq, backend="triton", recompute_policy=policy)
+    policy = RecomputePolicy(activation_fraction=args.memory_budget or None)
+    options = CompileOptions(args.batch, args.seq, backend="triton", recompute=policy)
     compiled = compile_model(model, lm_loss, options)
     assert compiled.plan is not None
     backends: dict[str, Callable[[], object]] = {
@@ -133,11 +135,13 @@ def step_rows(args: argparse.Namespace, device: torch.device) -> Table:
     plain = compile_model(
         resolve_model(args.model, device="meta"),
         lm_loss,
-        CompileOptions(args.batch, args.seq, fused_cross_entropy=False, recompute=False),
+        CompileOptions(args.batch, args.seq, fused_cross_entropy=False, recompute=None),
     )
+    report = compiled.context.recompute
+    extra = report.extra_flops if report else 0
     table.caption = (
         f"planned step peak {compiled.plan.peak_bytes / 2**30:.2f} GiB"
-        f" (+{compiled.context.stats.get('recompute.extra_flops', 0) / 1e9:.0f} GFLOP recomputed);"
+        f" (+{extra / 1e9:.0f} GFLOP recomputed);"
         f" loss head peak: {loss_head_peak(plain.graph) / 2**30:.2f} GiB materialised →"
         f" {loss_head_peak(compiled.graph) / 2**30:.2f} GiB fused linear cross-entropy;"
         f" {len(group_kernels(compiled.graph))} fused groups"

@@ -19,6 +19,7 @@ from compiler.budget import Budget, SweepPoint, compile_within, sweep_budgets
 from compiler.compile import CompileOptions, optimize, trace_model
 from compiler.models import resolve_model
 from compiler.passes.precision import PRECISIONS
+from compiler.passes.recompute import RecomputePolicy
 from compiler.plan import MemoryPlan, fmt_bytes
 from compiler.plan_render import write_html, write_png
 from compiler.sweep_render import write_sweep_png
@@ -143,7 +144,7 @@ def plan_command(
     options = CompileOptions(
         batch_size=batch_size,
         seq_len=seq,
-        recompute=recompute,
+        recompute=RecomputePolicy() if recompute else None,
         **lowering_kwargs(precision, lora, quantize_base),
     )
     with console.status(f"tracing {model} (batch {batch_size} × {seq})"):
@@ -167,13 +168,12 @@ def plan_command(
     plan.config = config | ({"memory_budget": memory_budget} if budget else {})
     _emit(plan, fmt, out or _default_path(model, batch_size, seq, fmt))
     if fmt == "table":
-        t = compiled.context.timings
-        stats = compiled.context.stats
+        t, order = compiled.context.timings, compiled.context.schedule
+        assert order is not None
         console.print(
             f"planned in {t['schedule'] + t['buffers']:.2f} s (schedule {t['schedule']:.2f} s,"
-            f" buffers {t['buffers']:.2f} s); live peak {fmt_bytes(stats['schedule.peak_traced'])}"
-            f" in the traced order → {fmt_bytes(stats['schedule.peak'])} scheduled"
-            f" ({stats['schedule.strategy']})",
+            f" buffers {t['buffers']:.2f} s); live peak {fmt_bytes(order.peak_traced)}"
+            f" in the traced order → {fmt_bytes(order.peak)} scheduled ({order.strategy})",
             highlight=False,
         )
 

@@ -27,7 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 from compiler import custom_ops
 from compiler.ir import Graph, Node, Value
 from compiler.liveness import UPDATES_SELF
-from compiler.meta import bind
+from compiler.meta import bind, results, run_node
 from compiler.ops import OP_KINDS, Kind, kind, resolve
 from compiler.plan import MemoryPlan
 from runtime.interpreter import Env, Interpreter, Step
@@ -95,10 +95,8 @@ class Arena(Interpreter):
     def compile(self, node: Node) -> Run:
         """One node as a function of the environment of tensors, writing into its views."""
         op, args, kwargs = node.op, node.args, node.kwargs
-        if kind(op) is Kind.WRITE:
-            return partial(_write, args)
-        if kind(op) is Kind.VIEW:
-            return partial(_define, resolve(op), args, kwargs)
+        if kind(op) in (Kind.WRITE, Kind.VIEW):  # copy_ into state; views alias, write nothing
+            return lambda env: run_node(node, env, self.device)
         if op == "empty.memory_format":
             return lambda env: [self.views.get(id(node.outputs[0]))]
         outs = [self.views[id(v)] for v in node.outputs]
@@ -148,17 +146,6 @@ class Arena(Interpreter):
         return tuple(args)
 
 
-def _write(args: Any, env: Env) -> list[Tensor]:
-    """copy_: the new value into the persistent tensor (no outputs)."""
-    bind(args[0], env).copy_(bind(args[1], env))
-    return []
-
-
-def _define(fn: Callable[..., Any], args: Any, kwargs: Any, env: Env) -> list[Tensor]:
-    """Run a view op: its results alias its input, nothing is written."""
-    return _results(fn(*bind(args, env), **bind(kwargs, env)))
-
-
 def _run_out(
     fn: Callable[..., Any], outs: dict[str, Tensor], args: Any, kwargs: Any, env: Env
 ) -> list[Tensor]:
@@ -184,7 +171,7 @@ def _compute_then_copy(
     outs: list[Tensor], fn: Callable[..., Any], args: Any, kwargs: Any, env: Env
 ) -> list[Tensor]:
     """The fallback for ops with no allocation-free form: their results are allocated."""
-    for o, t in zip(outs, _results(fn(*bind(args, env), **bind(kwargs, env))), strict=True):
+    for o, t in zip(outs, results(fn(*bind(args, env), **bind(kwargs, env))), strict=True):
         o.copy_(t)
     return outs
 
@@ -199,10 +186,6 @@ def _update_copy(
         dst.copy_(src)
     update(dst, *bind(args[1:], env), **bind(kwargs, env))
     return outs
-
-
-def _results(result: Any) -> list[Tensor]:
-    return list(result) if isinstance(result, list | tuple) else [result]
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from compiler.errors import MemfitError
 from compiler.lora import LoraConfig
 from compiler.mesh import Mesh, MeshError
 from compiler.models import resolve_model
+from compiler.passes.precision import Precision
 from compiler.passes.shard import DEFAULT_BUCKET_BYTES, parallel_loss
 from compiler.trace import AdamW, trace, trace_update
 from examples import EXAMPLES
@@ -79,7 +80,7 @@ class TrainConfig:
     tp: int = 1  # tensor-parallel ranks
     zero: int = 0  # ZeRO stage over the data-parallel ranks
     bucket_bytes: int = DEFAULT_BUCKET_BYTES  # gradients reduced together across dp ranks
-    precision: str = "fp32"  # compute precision; master weights and AdamW states stay fp32
+    precision: Precision = Precision.FP32  # master weights and AdamW states stay fp32
     lora: LoraConfig | None = None  # adapters on a frozen base
     quantize_base: str | None = None  # int8 | nf4 frozen base (with lora)
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "memfit")
@@ -204,7 +205,8 @@ class Trainer:
             self.state = initial_state(compiled.graph, example.module, cfg.device)
             self.train_program = Program(compiled.graph, self.state, cfg.device)
         else:
-            self.parallel.bind(compiled.context.stats["shard.layout"], example.module)
+            assert compiled.context.shard is not None  # a mesh's step is sharded
+            self.parallel.bind(compiled.context.shard, example.module)
             self.state = self.parallel.initial_state(compiled.graph, example.module, cfg.device)
             backend = self.parallel.backend
             self.train_program = Program(compiled.graph, self.state, cfg.device, backend)

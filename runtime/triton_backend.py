@@ -35,12 +35,11 @@ from compiler import custom_ops
 from compiler.codegen.fusibility import group_members
 from compiler.codegen.triton import Kernel, group_kernels
 from compiler.ir import Graph, Node, Value
-from compiler.meta import bind
+from compiler.meta import bind, results
 from compiler.ops import Kind, kind
 from compiler.plan import MemoryPlan
 from runtime.arena import Arena, Run
-from runtime.eager import Eager
-from runtime.interpreter import Env, Step
+from runtime.interpreter import Env, Interpreter, Step
 
 CACHE_ENV = "MEMFIT_KERNEL_CACHE"
 _RESHAPES = ("view", "_unsafe_view")
@@ -117,7 +116,7 @@ def steps(graph: Graph) -> list[Step]:
     return plan
 
 
-def _run_custom(node: Node, args: list[Any], outs: Sequence[Tensor] = ()) -> list[Tensor]:
+def _run_custom(node: Node, env: Env, outs: Sequence[Tensor] = ()) -> list[Tensor]:
     """A fused cross-entropy op through its Triton kernels, written into `outs` if given."""
     from compiler.codegen import cross_entropy  # imports triton: only once the mode is set
 
@@ -125,8 +124,7 @@ def _run_custom(node: Node, args: list[Any], outs: Sequence[Tensor] = ()) -> lis
         custom_ops.FORWARD: cross_entropy.linear_cross_entropy,
         custom_ops.BACKWARD: cross_entropy.linear_cross_entropy_backward,
     }[node.op]
-    result = fn(*args, *outs)
-    return list(result) if isinstance(result, tuple) else [result]
+    return results(fn(*bind(node.args, env), *outs))
 
 
 def launch(
@@ -139,7 +137,7 @@ def launch(
     return outs
 
 
-class Triton(Eager):
+class Triton(Interpreter):
     """Fused groups as kernels, the fused loss head through its Triton kernels, every other
     node as ATen; each result a fresh tensor."""
 
@@ -151,7 +149,7 @@ class Triton(Eager):
 
     def run_node(self, node: Node, env: Env) -> list[Tensor]:
         if node.op in custom_ops.OPS:
-            return _run_custom(node, bind(node.args, env))
+            return _run_custom(node, env)
         return super().run_node(node, env)
 
     def run_kernel(self, kernel: Kernel, env: Env) -> list[Tensor]:
@@ -207,7 +205,7 @@ class TritonArena(Arena):
             return lambda env: launch(step, fn, [env[id(v)] for v in step.inputs], outs)
         if step.op in custom_ops.OPS:  # the fused loss head: Triton row kernels on chunks
             outs = [self.views[id(v)] for v in step.outputs]
-            return lambda env: _run_custom(step, bind(step.args, env), outs)
+            return lambda env: _run_custom(step, env, outs)
         return super().compile(step)
 
     def _storage(self, v: Value) -> tuple[int, int, bool] | None:

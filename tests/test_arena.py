@@ -18,7 +18,7 @@ from compiler.passes.buffers import plan_buffers
 from compiler.passes.linear_cross_entropy import linear_cross_entropy
 from compiler.passes.manager import PassContext
 from compiler.passes.noop_views import eliminate_noop_views
-from compiler.passes.precision import precision_pass
+from compiler.passes.precision import Precision, precision_pass
 from compiler.passes.schedule import schedule
 from runtime.arena import Arena, allocations
 from runtime.eager import run_graph
@@ -79,7 +79,7 @@ def test_training_steps_match_eager_and_allocate_only_inside_named_kernels(name:
 def test_low_precision_steps_match_eager_bit_for_bit(precision: str) -> None:
     """Scalars meeting bf16/fp16 tensors are wrapped the way ATen wraps them (float64)."""
     graph, model = traced_step("llama-tiny" if precision == "fp16" else "gpt2-tiny")
-    graph = precision_pass(graph, PassContext(options={"precision": precision}))
+    graph = precision_pass(graph, PassContext(), Precision(precision))
     arena = planned(graph)
     reference, inputs = feeds(graph, model), feeds(graph, model)
     for scale in (v for v in graph.inputs if v.name == "loss_scale"):

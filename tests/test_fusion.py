@@ -11,7 +11,7 @@ from torch.testing import assert_close
 from compiler.codegen.fusibility import group_domain, group_members, stored_values
 from compiler.compile import CompileOptions, compile_model
 from compiler.ir import dump, parse
-from compiler.passes.fusion import fuse, internal_values
+from compiler.passes.fusion import FusionOptions, fuse, internal_values
 from compiler.passes.manager import PassContext
 from compiler.passes.verify import verify
 from examples import build_example
@@ -19,7 +19,7 @@ from examples.loss import lm_loss
 from runtime.eager import run_graph
 from tests.strategies import examples, graphs, random_inputs
 
-TRITON = PassContext(options={"backend": "triton"})
+TRITON = FusionOptions("triton")
 
 
 def compiled(name: str, **options: object):
@@ -94,14 +94,14 @@ def test_eager_backend_gets_no_groups(gpt2_triton) -> None:
     plain = gpt2_triton.copy()
     for node in plain.nodes:
         node.group = None
-    assert fuse(plain, PassContext(options={"backend": "eager"})) is plain
+    assert fuse(plain, PassContext(), FusionOptions("eager")) is plain
     assert not internal_values(plain)
 
 
 @examples(40, suppress_health_check=[HealthCheck.too_slow])
 @given(graphs(max_nodes=16))
 def test_fusion_on_random_graphs_keeps_verifier_and_numbers(graph) -> None:
-    fused = fuse(graph, TRITON)
+    fused = fuse(graph, PassContext(), TRITON)
     verify(fused)
     stored = stored_values(fused)
     for group, members in group_members(fused).items():

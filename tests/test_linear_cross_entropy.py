@@ -17,21 +17,15 @@ from compiler.passes.linear_cross_entropy import (
 )
 from compiler.passes.manager import PassContext
 from compiler.passes.verify import verify
-from examples import ExampleModel, build_example
+from examples import ExampleModel
 from examples.loss import lm_loss
 from runtime.eager import run_graph
-
-
-def compiled(name: str, **options: object):
-    torch.manual_seed(0)
-    model = build_example(name)
-    opts = CompileOptions(batch_size=2, seq_len=8, **options)
-    return model, compile_model(model, lm_loss, opts).graph
+from tests.test_fusion import compiled
 
 
 @pytest.mark.parametrize("name", ["gpt2-tiny", "llama-tiny"])
 def test_linear_cross_entropy_rewrite_matches_traced_head(name: str) -> None:
-    model, plain = compiled(name, fused_cross_entropy=False, optimizer=None, recompute=False)
+    model, plain = compiled(name, fused_cross_entropy=False, optimizer=None, recompute=None)
     fused = verify(linear_cross_entropy(plain, PassContext()))
     assert len(match_loss_heads(plain)) == 1
     assert {n.op for n in fused.nodes} >= {custom_ops.FORWARD, custom_ops.BACKWARD}
@@ -96,7 +90,7 @@ def test_fused_loss_head_cuts_peak_at_gpt2_small_head_by_4x() -> None:
     """Batch 8 × 1024 tokens × 50257 vocabulary × 768: GPT-2 small's head, on the meta device,
     against the traced head with its logits materialised (no recompute)."""
     with torch.device("meta"):
-        plain = compile_head(50257, 768, 8, 1024, fused_cross_entropy=False, recompute=False)
+        plain = compile_head(50257, 768, 8, 1024, fused_cross_entropy=False, recompute=None)
         fused = compile_head(50257, 768, 8, 1024)
     logits = 8 * 1024 * 50257
     assert any(v.numel == logits for v in plain.graph.values())

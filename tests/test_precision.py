@@ -20,6 +20,7 @@ from compiler.passes.manager import PassContext
 from compiler.passes.precision import (
     FOUND_INF,
     LOSS_SCALE,
+    Precision,
     accumulator_dtype,
     check_precision,
     lower_precision,
@@ -144,9 +145,9 @@ def test_check_rejects_ping_pong_chains_duplicates_and_low_accumulators() -> Non
 
 def test_fp32_is_the_identity_and_unknown_precisions_are_refused(gpt2_bf16: Compiled) -> None:
     graph = gpt2_bf16[1].graph
-    assert precision_pass(graph, PassContext(options={"precision": "fp32"})) is graph
+    assert precision_pass(graph, PassContext(), Precision.FP32) is graph
     with pytest.raises(ValueError, match="unknown precision 'fp8'"):
-        precision_pass(graph, PassContext(options={"precision": "fp8"}))
+        CompileOptions(precision="fp8")  # type: ignore[arg-type]
 
 
 # --- GPT-2 tiny in bf16 ----------------------------------------------------------------------

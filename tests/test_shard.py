@@ -94,7 +94,7 @@ def zero2() -> tuple[object, ShardLayout]:
     torch.manual_seed(0)
     options = CompileOptions(batch_size=2, seq_len=16, mesh=Mesh(2, 1, 2), bucket_bytes=64 * 1024)
     compiled = compile_model(resolve_model("gpt2-tiny"), lm_loss, options)
-    return compiled.graph, compiled.context.stats["shard.layout"]
+    return compiled.graph, compiled.context.shard
 
 
 def test_zero2_states_are_shards_of_the_buckets(zero2: tuple) -> None:

@@ -14,12 +14,21 @@ or an index op (they stay eager), never when it would make a cycle, never across
 from __future__ import annotations
 
 import heapq
-import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 
-from compiler.codegen.fusibility import Fit, fusible, group_domain, row_shape, stored_values
+from compiler.codegen.fusibility import (
+    Fit,
+    fusible,
+    group_domain,
+    natural_domain,
+    row_shape,
+    stored_values,
+)
 from compiler.ir import Graph, Node, Value
 from compiler.passes.manager import PassContext
+
+COMPILE_BACKENDS = ("eager", "triton")  # `fuse` groups nodes for triton only
 
 # --- grouping ---------------------------------------------------------------------------------
 
@@ -52,12 +61,8 @@ class _Groups:
         return i
 
     def domain(self, root: int) -> tuple[int, ...]:
-        """The shape a group's kernel iterates over (see codegen.fusibility.group_domain)."""
         nodes = [self.nodes[i] for i in self.members[root]]
-        rows = [n for n in nodes if fusible(n) is Fit.ROW]
-        if rows:
-            return rows[0].args[0].shape
-        return max((v.shape for n in nodes for v in n.outputs), key=math.prod)
+        return natural_domain(nodes, [n for n in nodes if fusible(n) is Fit.ROW])
 
     def has_rows(self, root: int) -> bool:
         return any(self.fit[i] is Fit.ROW for i in self.members[root])
@@ -220,12 +225,24 @@ def _contiguous_order(graph: Graph, groups: list[list[Node]]) -> list[Node]:
     return order
 
 
-def fuse(graph: Graph, ctx: PassContext) -> Graph:
+@dataclass(frozen=True)
+class FusionOptions:
+    """The backend the step is compiled for: fusion groups nodes only for `triton`."""
+
+    backend: str = "eager"
+
+    def __post_init__(self) -> None:
+        if self.backend not in COMPILE_BACKENDS:
+            choices = ", ".join(COMPILE_BACKENDS)
+            raise ValueError(f"unknown backend {self.backend!r}; choose one of {choices}")
+
+
+def fuse(graph: Graph, ctx: PassContext, options: FusionOptions = FusionOptions()) -> Graph:
     """Tag every fused group's nodes with one group id and make each group contiguous.
 
-    Only for `ctx.options["backend"] == "triton"`: the eager backend materialises every value,
-    so grouping would only mislead the memory plan (see `internal_values`)."""
-    if ctx.options.get("backend", "eager") != "triton":
+    Only for the triton backend: the eager backend materialises every value, so grouping would
+    only mislead the memory plan (see `internal_values`)."""
+    if options.backend != "triton":
         return graph
     out = graph.copy()
     for node in out.nodes:

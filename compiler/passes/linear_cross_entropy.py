@@ -183,9 +183,7 @@ def _grad_mms(
 def linear_cross_entropy(graph: Graph, ctx: PassContext) -> Graph:
     """Replace each matched LM head by the chunked fused ops; the rest of the graph is kept.
 
-    Off when `ctx.options["fused_cross_entropy"]` is False."""
-    if not ctx.options.get("fused_cross_entropy", True):
-        return graph
+    In the pipeline unless `CompileOptions.fused_cross_entropy` is False."""
     out = graph.copy()
     for head in match_loss_heads(out):
         out = _rewrite(out, head)

@@ -30,6 +30,7 @@ an overflowing step leaves parameters and moments untouched, with no host sync i
 
 from __future__ import annotations
 
+import enum
 import logging
 from collections.abc import Callable
 
@@ -45,8 +46,31 @@ from compiler.trace import eliminate_dead_nodes, mark_activations
 
 log = logging.getLogger(__name__)
 
-LOW_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
-PRECISIONS = ("fp32", *LOW_DTYPES)
+
+class Precision(enum.StrEnum):
+    """A step's compute precision; master weights, optimizer states and accumulators stay fp32.
+
+    One value from the command line through compile, plan and train: a name outside the enum
+    fails where it is converted, not deep in a pass."""
+
+    FP32 = "fp32"
+    BF16 = "bf16"
+    FP16 = "fp16"
+
+    @property
+    def low_dtype(self) -> torch.dtype | None:
+        """The dtype the step computes in, or None when that is fp32 (nothing to lower)."""
+        return {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}.get(self)
+
+    @classmethod
+    def _missing_(cls, value: object) -> Precision:
+        names = ", ".join(cls)
+        raise ValueError(f"unknown precision {value!r}; choose one of {names}")
+
+
+PRECISIONS = tuple(p.value for p in Precision)  # the names a command line offers
+
+
 LOSS_SCALE, FOUND_INF = "loss_scale", "found_inf"
 _F32 = torch.float32
 _TAKES_DTYPE = {"sum", "sum.dim_IntList", "mean", "mean.dim", "cumsum"}
@@ -56,14 +80,11 @@ _ACCUMULATING = {"index_add", "scatter_add", "embedding_dense_backward", ALL_RED
 Read = Callable[[Value], Value]
 
 
-def precision_pass(graph: Graph, ctx: PassContext) -> Graph:
-    """The pass entry: `ctx.options["precision"]` is fp32 (no change), bf16 or fp16."""
-    precision = ctx.options.get("precision", "fp32")
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if precision == "fp32":
+def precision_pass(graph: Graph, ctx: PassContext, precision: Precision = Precision.FP32) -> Graph:
+    """The pass entry: fp32 leaves the graph as it is; bf16 and fp16 lower it."""
+    if precision.low_dtype is None:
         return graph
-    out = lower_precision(graph, LOW_DTYPES[precision], loss_scaling=precision == "fp16")
+    out = lower_precision(graph, precision.low_dtype, loss_scaling=precision is Precision.FP16)
     log.info(
         "precision %s: gradients %.1f -> %.1f MB, saved for backward %.1f -> %.1f MB",
         precision,

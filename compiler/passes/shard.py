@@ -1,7 +1,7 @@
 """shard: data parallelism and ZeRO as collectives in the training step's own graph.
 
 Input: a step traced WITHOUT an optimizer (outputs: the loss, then one gradient per trainable
-parameter, in `ctx.options["trainable"]` order). Output: the same forward and backward on this
+parameter, in `ShardOptions.trainable` order). Output: the same forward and backward on this
 rank's slice of the batch, gradient buckets reduced across the data-parallel group, and the
 AdamW update rebuilt on the shapes each rank really holds — so the verifier checks the shards
 and the planner counts exactly the bytes one rank needs.
@@ -17,7 +17,7 @@ and the planner counts exactly the bytes one rank needs.
   flat concatenation, split in dp equal parts): AdamW moments are `exp_avg.bucketK` of 1/dp of
   the bucket; the new shard is all-gathered and written back into every parameter.
 - zero=2: a reduce-scatter instead, so only the gradient shard outlives the bucket.
-- ZeRO with bf16/fp16 (`ctx.options["precision"]`): parameters are held in the low dtype and the
+- ZeRO with bf16/fp16 (`ShardOptions.precision`): parameters are held in the low dtype and the
   fp32 master copy becomes a sharded state `master.bucketK` (mixed-precision ZeRO); the forward
   reads the parameters through a widening cast the precision pass then folds away.
 
@@ -44,13 +44,13 @@ from compiler.errors import VerifyError
 from compiler.ir import Graph, Phase, Role, Value
 from compiler.mesh import Mesh, MeshError
 from compiler.passes.manager import PassContext
+from compiler.passes.precision import Precision
 from compiler.trace import STATE_PREFIXES, AdamW, LossFn, mark_activations, trace_update
 from examples.gpt2 import GPT2
 from examples.llama import Llama
 from examples.loss import lm_loss
 
 DEFAULT_BUCKET_BYTES = 25 * 2**20  # DDP's default
-LOW_PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16}
 MASTER = "master."
 DP = "dp"
 
@@ -131,23 +131,33 @@ def buckets(
     return out
 
 
-def shard_pass(graph: Graph, ctx: PassContext) -> Graph:
-    """The pass entry: a no-op without `ctx.options["mesh"]`; records the layout in ctx.stats."""
-    mesh: Mesh | None = ctx.options.get("mesh")
-    if mesh is None:
+@dataclass(frozen=True)
+class ShardOptions:
+    """How to shard a step traced without an optimizer: the mesh, the trainable parameters in
+    the traced gradients' order, the AdamW to rebuild per shard, the bucket size, and the
+    compute precision (ZeRO holds low-precision parameters with fp32 master shards)."""
+
+    mesh: Mesh
+    trainable: tuple[str, ...]
+    optimizer: AdamW = AdamW()
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES
+    precision: Precision = Precision.FP32
+
+
+def shard_pass(graph: Graph, ctx: PassContext, options: ShardOptions | None = None) -> Graph:
+    """The pass entry: a no-op without options (no mesh); records the layout as `ctx.shard`."""
+    if options is None:
         return graph
-    low = LOW_PRECISIONS.get(ctx.options.get("precision", "fp32"))
     rewrite = _Rewrite(
         graph,
-        mesh,
-        list(ctx.options["trainable"]),
-        ctx.options.get("optimizer") or AdamW(),
-        ctx.options.get("bucket_bytes", DEFAULT_BUCKET_BYTES),
-        low if mesh.zero >= 1 else None,
+        options.mesh,
+        list(options.trainable),
+        options.optimizer,
+        options.bucket_bytes,
+        options.precision.low_dtype if options.mesh.zero >= 1 else None,
     )
     out = rewrite.run()
-    ctx.stats["shard.layout"] = rewrite.layout
-    ctx.stats["shard.collectives"] = sum(n.op in collectives.COMMUNICATING for n in out.nodes)
+    ctx.shard = rewrite.layout
     return out
 
 
@@ -195,6 +205,10 @@ class _Rewrite:
                 "slice.Tensor", (flat, 0, offset, offset + numel), name=name, role=flat.role
             )
         return self.b.emit1("view", (flat, list(shape)), name=name, role=flat.role)
+
+    def state(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Value:
+        """A new optimizer-state input (a moment, a master shard) under exactly `name`."""
+        return self.b.input(name, shape, dtype, Role.OPTIMIZER_STATE)
 
     # --- the rewrite ------------------------------------------------------------------------
 
@@ -271,10 +285,7 @@ class _Rewrite:
                     else self.piece(grad, offset, shape, f"grad.{name}")
                 )
                 p = params[name]
-                m, v = (
-                    self.b.input(pre + name, p.shape, p.dtype, Role.OPTIMIZER_STATE)
-                    for pre in STATE_PREFIXES
-                )
+                m, v = (self.state(pre + name, p.shape, p.dtype) for pre in STATE_PREFIXES)
                 new_p = self.adamw(name, p, g, m, v, lr, step)
                 self.b.write(p, new_p)
             return
@@ -282,15 +293,10 @@ class _Rewrite:
         members = [params[n] for n in bucket.names]
         f32 = self.params[bucket.names[0]].dtype
         if self.low is not None:
-            p = self.b.input(
-                ShardLayout.state_name(MASTER, k), (bucket.shard,), f32, Role.OPTIMIZER_STATE
-            )
+            p = self.state(ShardLayout.state_name(MASTER, k), (bucket.shard,), f32)
         else:
             p = self.b.emit1(collectives.SHARD, (members, DP, dp), name=f"param.{tag}")
-        m, v = (
-            self.b.input(ShardLayout.state_name(pre, k), p.shape, f32, Role.OPTIMIZER_STATE)
-            for pre in STATE_PREFIXES
-        )
+        m, v = (self.state(ShardLayout.state_name(pre, k), p.shape, f32) for pre in STATE_PREFIXES)
         assert grad is not None
         new_p = self.adamw(tag, p, grad, m, v, lr, step)
         if self.low is not None:
