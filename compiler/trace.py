@@ -10,16 +10,27 @@ whole step in one graph, gradients can die right after their update and the plan
 from __future__ import annotations
 
 import re
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch._decomp import core_aten_decompositions
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.func import functional_call
-from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.proxy_tensor import (
+    disable_proxy_modes_tracing,
+    get_proxy_mode,
+    get_proxy_slot,
+    has_proxy_slot,
+    make_fx,
+)
+from torch.overrides import TorchFunctionMode
 
+from compiler import attention
 from compiler.builder import GraphBuilder
 from compiler.errors import TraceError, UnsupportedOpError, is_library, short_path, user_frame
 from compiler.ir import Graph, Node, Phase, Role, Value
@@ -92,7 +103,8 @@ def trace(
         states, rest = rest[:n_states], rest[n_states:]
         sums, rest = (rest[:n_t], rest[n_t:]) if accumulate else ((), rest)
         (x, y), scalars = rest[:2], rest[-2:]
-        loss = loss_fn(functional_call(module, bound, (x,)), y)
+        with AttentionAsOneOp():
+            loss = loss_fn(functional_call(module, bound, (x,)), y)
         if loss.ndim != 0:
             raise TraceError(f"the loss must be a scalar, got shape {list(loss.shape)}")
         if not training:
@@ -188,6 +200,75 @@ def _adamw(
         new_m.append(m)
         new_v.append(v)
     return [*new_p, *new_m, *new_v]
+
+
+class AttentionAsOneOp(TorchFunctionMode):
+    """Traces `F.scaled_dot_product_attention` as `memfit::attention` (and its backward as
+    `memfit::attention_backward`) on any device, before ATen picks a backend: the trace then
+    holds the output and row log-sum-exp, never the [T, S] scores. A call with an explicit
+    `attn_mask` is spelled out instead (softmax of masked scores, which `passes/attention.py`
+    turns back into the op when the mask is causal); dropout cannot be traced."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        call = dict(zip(_SDPA_ARGS, args, strict=False)) | kwargs
+        if call.get("dropout_p", 0.0) > 0:
+            where = _calling_frame()
+            raise TraceError(
+                f"scaled_dot_product_attention{f' at {where}' if where else ''} has"
+                f" dropout_p={call['dropout_p']}: memfit traces deterministic steps; set the"
+                " model's attention dropout to 0"
+            )
+        mask = call.get("attn_mask")
+        if mask is not None:
+            options = _mask_options(mask, call["query"].shape[-2], call["key"].shape[-2])
+            if options is None or (options[0] and call.get("is_causal")):
+                return attention.spelled_out(**call)
+            call["attn_mask"], call["is_causal"], call["window"] = None, *options
+        return attention.sdpa(**call)
+
+
+def _calling_frame() -> str:
+    """`file:line` of the innermost user frame on the current stack."""
+    for frame in reversed(traceback.extract_stack()):
+        if not is_library(frame.filename):
+            return f"{short_path(frame.filename)}:{frame.lineno}"
+    return ""
+
+
+def _mask_options(mask: Tensor, queries: int, keys: int) -> tuple[bool, int] | None:
+    """`attention.mask_options` of a traced mask computed from no graph input (built from
+    arange, ones, comparisons...: evaluated on the CPU); None if it reads an input."""
+    mode = get_proxy_mode()
+    if mode is None or not has_proxy_slot(mask, mode.tracer):
+        return None
+    order: list[fx.Node] = []
+
+    def visit(node: fx.Node) -> bool:
+        if node in order:
+            return True
+        if node.op != "call_function" or not all(map(visit, node.all_input_nodes)):
+            return False
+        order.append(node)
+        return True
+
+    root = get_proxy_slot(mask, mode.tracer).proxy.node
+    if not visit(root):
+        return None
+    env: dict[fx.Node, object] = {}
+    with unset_fake_temporarily(), disable_proxy_modes_tracing():
+        for node in order:
+            args = fx.node.map_arg(node.args, env.__getitem__)
+            kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
+            if "device" in kwargs:
+                kwargs = {**kwargs, "device": torch.device("cpu")}
+            env[node] = node.target(*args, **kwargs)
+        return attention.mask_options(env[root], queries, keys)
+
+
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
 
 
 def _make_fx(fn: Callable[..., list[Tensor]], example: list[Tensor]) -> fx.GraphModule:
@@ -307,8 +388,8 @@ def _convert(fx_node: fx.Node, env: dict[fx.Node, object], builder: GraphBuilder
             " tensor values. memfit compiles static graphs: nonzero, masked_select, boolean"
             " indexing and .item() cannot be traced; use masks of static shape instead"
         )
-    with builder.at(Phase.FORWARD, source):
-        outputs = builder.emit(op, tuple(arg(a) for a in fx_node.args), kwargs, names=fx_node.name)
+    builder.source = source  # phases are assigned once the whole step is traced
+    outputs = builder.emit(op, tuple(arg(a) for a in fx_node.args), kwargs, names=fx_node.name)
     env[fx_node] = outputs if isinstance(meta, list | tuple) else outputs[0]
 
 

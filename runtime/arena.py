@@ -6,10 +6,11 @@ copy_ writes persistent state. Where ATen's out= would allocate, the op is run a
 not: creation ops fill their view, clone/_to_copy copy into it, embedding is index_select,
 `x.Scalar` ops run as `x.Tensor` with the scalar made a 0-dim tensor once, here (as ATen would
 make one on every call), the scatter-like ops copy `self` into their view and update it in
-place, and memfit's own ops (the fused loss head) write into their views themselves. An op
-with no allocation-free form computes, then copies into its view: `fallbacks` names them (the
-allocation test counts them). Graph outputs are views into the arena, valid until the next
-step. Results equal `runtime.eager.run_graph` bit for bit. A Program runs out of an arena with
+place, and memfit's own ops (the fused loss head, attention) write into their views
+themselves. An op with no allocation-free form computes, then copies into its view:
+`fallbacks` names them (the allocation test counts them). Graph outputs are views into the
+arena, valid until the next step. Results equal `runtime.eager.run_graph` bit for bit. A
+Program runs out of an arena with
 `Program.from_module(compiled.graph, model, backend=Arena(compiled.graph, compiled.plan))`."""
 
 from __future__ import annotations
@@ -23,13 +24,12 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch._C._profiler import _EventType
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
 
-from compiler import custom_ops
 from compiler.ir import Graph, Node, Value
 from compiler.liveness import UPDATES_SELF
-from compiler.meta import bind
-from compiler.ops import OP_KINDS, Kind, kind, resolve
+from compiler.meta import bind, results
+from compiler.ops import INTO, OP_KINDS, Kind, kind, resolve
 from compiler.plan import MemoryPlan
 from runtime.interpreter import Env, Interpreter, Step
 
@@ -129,8 +129,8 @@ class Arena(Interpreter):
             return partial(_embedding, outs, args)
         if op in _IN_PLACE:
             return partial(_update_copy, outs, _IN_PLACE[op], args, kwargs)
-        if op in custom_ops.INTO:
-            return partial(_run_into, custom_ops.INTO[op], outs, args)
+        if op in INTO:
+            return partial(_run_into, op, INTO[op], outs, args)
         if _TENSOR_FORM.get(op) in OP_KINDS:
             op = _TENSOR_FORM[op]
         args = self._wrap_scalars(node, op)
@@ -174,16 +174,16 @@ def _write(dst: Binder, src: Binder, env: Env) -> list[Tensor]:
 
 def _define(call: Binder, env: Env) -> list[Tensor]:
     """Run a view op: its results alias its input, nothing is written."""
-    return _results(call(env))
+    return results(call(env))
 
 
 def _run_out(fn: Callable[..., Any], outs: dict[str, Tensor], args: Any, kwargs: Any) -> Run:
     """The usual case: the op's out= overload writes into the planned views."""
-    call, results = _call(fn, args, {**kwargs, **outs}), list(outs.values())
+    call, written = _call(fn, args, {**kwargs, **outs}), list(outs.values())
 
     def run(env: Env) -> list[Tensor]:
         call(env)
-        return results
+        return written
 
     return run
 
@@ -195,15 +195,19 @@ def _embedding(outs: list[Tensor], args: Any, env: Env) -> list[Tensor]:
     return outs
 
 
-def _run_into(fn: Callable[..., Any], outs: list[Tensor], args: Any, env: Env) -> list[Tensor]:
-    """memfit's own ops: their computation, given the planned views as its outputs."""
-    fn(*bind(args, env), *outs)
+def _run_into(
+    name: str, fn: Callable[..., Any], outs: list[Tensor], args: Any, env: Env
+) -> list[Tensor]:
+    """memfit's own ops: their computation, given the planned views as its outputs; under the
+    op's name in a profile, so their scratch is told apart from the rest (see `allocations`)."""
+    with record_function(name):
+        fn(*bind(args, env), *outs)
     return outs
 
 
 def _compute_then_copy(outs: list[Tensor], call: Binder, env: Env) -> list[Tensor]:
     """The fallback for ops with no allocation-free form: their results are allocated."""
-    for o, t in zip(outs, _results(call(env)), strict=True):
+    for o, t in zip(outs, results(call(env)), strict=True):
         o.copy_(t)
     return outs
 
@@ -218,10 +222,6 @@ def _update_copy(
         dst.copy_(src)
     update(dst, *bind(args[1:], env), **bind(kwargs, env))
     return outs
-
-
-def _results(result: Any) -> list[Tensor]:
-    return list(result) if isinstance(result, list | tuple) else [result]
 
 
 def _call(fn: Callable[..., Any], args: Any, kwargs: Mapping[str, Any]) -> Binder:

@@ -128,8 +128,12 @@ class Parallel:
         dist.all_reduce(total, group=self.groups["dp"])
         return float(total) / self.mesh.dp
 
-    def barrier(self) -> None:
-        dist.barrier()
+    def any_rank(self, flag: bool) -> bool:
+        """Whether `flag` holds on any rank (a collective: every rank must call it)."""
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # NCCL reduces GPU tensors
+        total = torch.tensor([int(flag)], device=device)
+        dist.all_reduce(total, op=dist.ReduceOp.MAX)
+        return bool(total.item())
 
     def close(self) -> None:
         """Leave the job (the end of `memfit train`)."""

@@ -1,13 +1,9 @@
-"""The one walk over a graph that every backend shares (in the manner of torch.fx.Interpreter).
-
-`Interpreter.run` binds the named inputs, runs the steps in schedule order, drops each value
-after the last step that reads its bytes, and returns the graph's outputs. A step is a node,
-or a fused group's kernel (`compiler.codegen.Kernel`, which reads its inputs and defines its
-stored outputs like a node). Backends differ only in how a step runs:
-- `runtime.eager`: each node as its ATen op (the numerical reference);
-- `runtime.arena`: each node written into its planned view of one arena allocation;
-- `runtime.triton_backend`: fused groups as generated kernels, either way.
-They override `run_node` / `run_kernel`, and choose the steps (`steps`) when building.
+"""The one walk over a graph that every backend shares (as torch.fx.Interpreter): bind the
+named inputs, run the steps in schedule order, drop each value after the last step reading its
+bytes, return the outputs. A step is a node, or a fused group's `Kernel` (inputs and stored
+outputs, like a node). Here a node runs as its ATen op (`runtime.eager`); `runtime.arena`
+overrides `run_node` to write into planned views, `runtime.triton_backend` also picks the
+steps and overrides `run_kernel`.
 """
 
 from __future__ import annotations
@@ -20,6 +16,7 @@ from torch import Tensor
 
 from compiler.codegen.triton import Kernel
 from compiler.ir import Graph, Node, Value
+from compiler.meta import run_node
 from compiler.ops import Kind, kind
 
 Env = dict[int, Tensor]
@@ -96,7 +93,7 @@ class Interpreter:
 
     def run_node(self, node: Node, env: Env) -> Sequence[Tensor]:
         """The output tensors of one node, given the tensors of its inputs in `env`."""
-        raise NotImplementedError
+        return run_node(node, env, self.device)
 
     def run_kernel(self, kernel: Kernel, env: Env) -> Sequence[Tensor]:
         """The stored outputs of one fused group (only backends that launch kernels have any)."""

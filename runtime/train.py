@@ -50,6 +50,7 @@ from pipelines.manifest import Manifest, token_mismatch_check
 from runtime.arena import allocations
 from runtime.backend import backend_for, fusion_of, resolve_backend
 from runtime.checkpoint import (
+    CheckpointError,
     checkpoints,
     find_resumable,
     latest_checkpoint,
@@ -123,6 +124,8 @@ class TrainConfig:
         ]
         if not (self.lr > 0 and math.isfinite(self.lr)):
             bad.append(f"--lr must be a positive number, got {self.lr}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            bad.append(f"--weight-decay must be a number ≥ 0, got {self.weight_decay}")
         if bad:
             raise TrainingError("bad training options: " + "; ".join(bad))
 
@@ -488,9 +491,15 @@ class Trainer:
             return save_checkpoint(self.checkpoints, self.step, self.checkpointed, state, keep)
         full = self.parallel.to_full(self.state)  # every rank takes part; rank 0 writes
         path = self.checkpoints / f"step-{self.step:08d}"
+        failure: CheckpointError | None = None
         if self.parallel.is_writer:
-            path = save_checkpoint(self.checkpoints, self.step, full, state, keep)
-        self.parallel.barrier()
+            try:
+                path = save_checkpoint(self.checkpoints, self.step, full, state, keep)
+            except CheckpointError as e:
+                failure = e
+        # every rank stops together: one left waiting in the next step's collective would hang
+        if self.parallel.any_rank(failure is not None):
+            raise failure or CheckpointError(f"rank 0 could not write {path}; see its error")
         return path
 
     def _resume(self) -> None:
