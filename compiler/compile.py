@@ -17,11 +17,12 @@ from compiler.passes.fusion import FusionOptions, fuse
 from compiler.passes.linear_cross_entropy import linear_cross_entropy
 from compiler.passes.manager import Pass, PassContext, PassManager
 from compiler.passes.noop_views import eliminate_noop_views
-from compiler.passes.precision import Precision, precision_pass
+from compiler.passes.precision import precision_pass
 from compiler.passes.recompute import RecomputePolicy, recompute_pass
 from compiler.passes.schedule import schedule
 from compiler.passes.shard import DEFAULT_BUCKET_BYTES, ShardOptions, shard_pass, tensor_parallel
 from compiler.plan import MemoryPlan
+from compiler.precision import Precision
 from compiler.quantize import QuantMode, quantize_frozen_linears
 from compiler.trace import AdamW, LossFn, trace
 from examples import ExampleModel

@@ -32,10 +32,10 @@ from compiler.compile import CompileOptions, compile_model
 from compiler.ir import Role
 from compiler.mesh import Mesh
 from compiler.models import resolve_model
-from compiler.passes.precision import Precision
 from compiler.passes.recompute import RecomputePolicy
 from compiler.passes.shard import DEFAULT_BUCKET_BYTES
 from compiler.plan import MemoryPlan, fmt_bytes
+from compiler.precision import Precision
 from examples import GPT2_CONFIGS, LLAMA_CONFIGS, ExampleModel
 from examples.gpt2 import GPT2
 from examples.llama import Llama, LlamaConfig
@@ -232,7 +232,7 @@ def llama_formula(
 ) -> dict[str, int]:
     """Rank bytes at the peak for a memfit Llama under bf16/fp16 and ZeRO ≥ 1 (derivation and
     notation in docs/parallel-memory.md). Keys: the terms, and "total"."""
-    if mesh.zero < 1 or precision.low_dtype is None:
+    if mesh.zero < 1 or precision is Precision.FP32:
         raise ValueError("the formula covers mixed-precision ZeRO (bf16/fp16, --zero 1 or 2)")
     s, b, h, a, f, t = seq, batch, cfg.n_embd, cfg.n_head, cfg.ffn_dim, mesh.tp
     hkv, v, n = cfg.kv_heads * cfg.head_dim, cfg.vocab_size, cfg.n_layer

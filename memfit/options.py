@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from compiler.errors import MemfitError
-from compiler.passes.precision import PRECISIONS, Precision
+from compiler.precision import PRECISIONS, Precision
 
 F = Callable[..., Any]
 

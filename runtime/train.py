@@ -24,8 +24,8 @@ from compiler.errors import MemfitError
 from compiler.lora import LoraConfig
 from compiler.mesh import Mesh, MeshError
 from compiler.models import resolve_model
-from compiler.passes.precision import Precision
 from compiler.passes.shard import DEFAULT_BUCKET_BYTES, parallel_loss
+from compiler.precision import Precision
 from compiler.trace import AdamW, trace, trace_update
 from examples import EXAMPLES
 from examples.loss import lm_loss

@@ -18,8 +18,9 @@ from compiler.passes.buffers import plan_buffers
 from compiler.passes.linear_cross_entropy import linear_cross_entropy
 from compiler.passes.manager import PassContext
 from compiler.passes.noop_views import eliminate_noop_views
-from compiler.passes.precision import Precision, precision_pass
+from compiler.passes.precision import precision_pass
 from compiler.passes.schedule import schedule
+from compiler.precision import Precision
 from runtime.arena import Arena, allocations
 from runtime.eager import run_graph
 from runtime.program import Program

@@ -20,7 +20,6 @@ from compiler.passes.manager import PassContext
 from compiler.passes.precision import (
     FOUND_INF,
     LOSS_SCALE,
-    Precision,
     accumulator_dtype,
     check_precision,
     lower_precision,
@@ -29,6 +28,7 @@ from compiler.passes.precision import (
     state_bytes,
 )
 from compiler.passes.verify import verify
+from compiler.precision import Precision
 from examples import ExampleModel
 from examples.loss import lm_loss
 from runtime.corpus_runs import corpus_batches, train_steps

@@ -30,7 +30,6 @@ an overflowing step leaves parameters and moments untouched, with no host sync i
 
 from __future__ import annotations
 
-import enum
 import logging
 from collections.abc import Callable
 
@@ -42,35 +41,17 @@ from compiler.errors import VerifyError
 from compiler.ir import DTYPE_NAMES, Graph, Node, Phase, Role, Value, format_node
 from compiler.ops import Kind, kind
 from compiler.passes.manager import PassContext
+from compiler.precision import Precision
 from compiler.trace import eliminate_dead_nodes, mark_activations
 
 log = logging.getLogger(__name__)
 
 
-class Precision(enum.StrEnum):
-    """A step's compute precision; master weights, optimizer states and accumulators stay fp32.
-
-    One value from the command line through compile, plan and train: a name outside the enum
-    fails where it is converted, not deep in a pass."""
-
-    FP32 = "fp32"
-    BF16 = "bf16"
-    FP16 = "fp16"
-
-    @property
-    def low_dtype(self) -> torch.dtype | None:
-        """The dtype the step computes in, or None when that is fp32 (nothing to lower)."""
-        return {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}.get(self)
-
-    @classmethod
-    def _missing_(cls, value: object) -> Precision:
-        names = ", ".join(cls)
-        raise ValueError(f"unknown precision {value!r}; choose one of {names}")
-
-
-PRECISIONS = tuple(p.value for p in Precision)  # the names a command line offers
-
-
+# what bf16 and fp16 steps compute in; an fp32 step is left as traced
+LOW_DTYPES: dict[Precision, torch.dtype] = {
+    Precision.BF16: torch.bfloat16,
+    Precision.FP16: torch.float16,
+}
 LOSS_SCALE, FOUND_INF = "loss_scale", "found_inf"
 _F32 = torch.float32
 _TAKES_DTYPE = {"sum", "sum.dim_IntList", "mean", "mean.dim", "cumsum"}
@@ -82,9 +63,9 @@ Read = Callable[[Value], Value]
 
 def precision_pass(graph: Graph, ctx: PassContext, precision: Precision = Precision.FP32) -> Graph:
     """The pass entry: fp32 leaves the graph as it is; bf16 and fp16 lower it."""
-    if precision.low_dtype is None:
+    if precision not in LOW_DTYPES:
         return graph
-    out = lower_precision(graph, precision.low_dtype, loss_scaling=precision is Precision.FP16)
+    out = lower_precision(graph, LOW_DTYPES[precision], loss_scaling=precision is Precision.FP16)
     log.info(
         "precision %s: gradients %.1f -> %.1f MB, saved for backward %.1f -> %.1f MB",
         precision,
