@@ -25,8 +25,7 @@ from rich.table import Table
 from compiler.compile import CompileOptions, compile_model
 from compiler.lora import LoraConfig
 from compiler.models import resolve_model
-from compiler.passes.precision import saved_for_backward, state_bytes
-from compiler.precision import Precision
+from compiler.passes.precision import Precision, saved_for_backward, state_bytes
 from examples.loss import lm_loss
 from runtime.corpus_runs import corpus_batches, load_state, train_steps, validation_loss
 

@@ -20,7 +20,7 @@ from compiler.budget import parse_size
 from compiler.mesh import Mesh
 from compiler.parallel_plan import example_config, largest_batch, llama_formula, rank_plan
 from compiler.plan import fmt_bytes
-from compiler.precision import PRECISIONS, Precision
+from compiler.precisions import PRECISIONS, Precision
 from examples.llama import LlamaConfig
 from memfit.options import PlanError, model_shape_options
 
@@ -100,12 +100,7 @@ def parallel_plan_command(
             plan = rank_plan(model, mesh, precision, batch_size, seq_len, recompute=recompute)
     cfg = example_config(model)
     formula = None
-    if (
-        isinstance(cfg, LlamaConfig)
-        and zero >= 1
-        and precision is not Precision.FP32
-        and not recompute
-    ):
+    if isinstance(cfg, LlamaConfig) and zero >= 1 and precision.low_dtype and not recompute:
         formula = llama_formula(cfg, mesh, precision, max(batch_size, 1), plan.seq)
     if fmt == "json":
         out = plan.to_dict() | {"formula": formula}

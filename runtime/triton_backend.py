@@ -3,7 +3,8 @@
 For each fused group (`Node.group`, set by `passes/fusion.py`) it launches the kernel
 `compiler/codegen/triton.py` wrote; values internal to a group are never written. Matmuls,
 views and index ops run as ATen nodes (cuBLAS on a GPU), the fused linear + cross-entropy ops
-as `compiler/codegen/cross_entropy.py`. Two forms:
+as `compiler/codegen/cross_entropy.py`, attention as `compiler/codegen/flash_attention.py`.
+Two forms:
 - `run_graph`, a `Backend` like `runtime.eager.run_graph`: each result is a fresh tensor;
 - `TritonArena`, the `runtime.arena.Arena` runtime: kernels write into the planned views of the
   one arena allocation.
@@ -31,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from compiler import custom_ops
+from compiler import attention, custom_ops
 from compiler.codegen.fusibility import group_members
 from compiler.codegen.triton import Kernel, group_kernels
 from compiler.ir import Graph, Node, Value
@@ -116,13 +117,19 @@ def steps(graph: Graph) -> list[Step]:
     return plan
 
 
+_KERNEL_OPS = custom_ops.OPS.keys() | attention.OPS.keys()  # memfit's ops with Triton kernels
+
+
 def _run_custom(node: Node, env: Env, outs: Sequence[Tensor] = ()) -> list[Tensor]:
-    """A fused cross-entropy op through its Triton kernels, written into `outs` if given."""
-    from compiler.codegen import cross_entropy  # imports triton: only once the mode is set
+    """A fused cross-entropy or attention op through its Triton kernels, written into `outs`
+    if given."""
+    from compiler.codegen import cross_entropy, flash_attention  # import triton: mode is set
 
     fn = {
         custom_ops.FORWARD: cross_entropy.linear_cross_entropy,
         custom_ops.BACKWARD: cross_entropy.linear_cross_entropy_backward,
+        attention.FORWARD: flash_attention.attention,
+        attention.BACKWARD: flash_attention.attention_backward,
     }[node.op]
     return results(fn(*bind(node.args, env), *outs))
 
@@ -148,7 +155,7 @@ class Triton(Interpreter):
         self.steps = steps(graph)
 
     def run_node(self, node: Node, env: Env) -> list[Tensor]:
-        if node.op in custom_ops.OPS:
+        if node.op in _KERNEL_OPS:
             return _run_custom(node, env)
         return super().run_node(node, env)
 
@@ -174,13 +181,19 @@ class TritonArena(Arena):
     before writing it); a group planned any other overlapping way runs as its nodes.
     """
 
-    def __init__(self, graph: Graph, plan: MemoryPlan, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        graph: Graph,
+        plan: MemoryPlan,
+        device: torch.device | str = "cpu",
+        buffer: Tensor | None = None,
+    ) -> None:
         if torch.device(device).type == "cpu":
             require_interpreter()
         self.producer = graph.producers()
         self.launched: list[int] = []  # group ids run as kernels
         self.unfused: list[int] = []  # group ids run node by node (overlapping plan)
-        super().__init__(graph, plan, device)
+        super().__init__(graph, plan, device, buffer)
 
     def schedule(self) -> list[Step]:
         members = group_members(self.graph)
@@ -203,7 +216,7 @@ class TritonArena(Arena):
         if isinstance(step, Kernel):
             fn, outs = load_kernel(step, self.device), [self.views[id(v)] for v in step.outputs]
             return lambda env: launch(step, fn, [env[id(v)] for v in step.inputs], outs)
-        if step.op in custom_ops.OPS:  # the fused loss head: Triton row kernels on chunks
+        if step.op in _KERNEL_OPS:  # the fused loss head's row kernels, flash attention
             outs = [self.views[id(v)] for v in step.outputs]
             return lambda env: _run_custom(step, env, outs)
         return super().compile(step)

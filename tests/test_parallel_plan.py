@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from compiler.mesh import Mesh, MeshError
 from compiler.parallel_plan import example_config, largest_batch, llama_formula, rank_plan
-from compiler.precision import Precision
+from compiler.passes.precision import Precision
 from memfit.parallel_cmd import parallel_plan_command
 
 

@@ -35,23 +35,19 @@ from collections.abc import Callable
 
 import torch
 
+from compiler import attention
 from compiler.builder import GraphBuilder
 from compiler.collectives import ALL_REDUCE, REDUCE_SCATTER
 from compiler.errors import VerifyError
 from compiler.ir import DTYPE_NAMES, Graph, Node, Phase, Role, Value, format_node
 from compiler.ops import Kind, kind
 from compiler.passes.manager import PassContext
-from compiler.precision import Precision
+from compiler.precisions import Precision
 from compiler.trace import eliminate_dead_nodes, mark_activations
 
 log = logging.getLogger(__name__)
 
 
-# what bf16 and fp16 steps compute in; an fp32 step is left as traced
-LOW_DTYPES: dict[Precision, torch.dtype] = {
-    Precision.BF16: torch.bfloat16,
-    Precision.FP16: torch.float16,
-}
 LOSS_SCALE, FOUND_INF = "loss_scale", "found_inf"
 _F32 = torch.float32
 _TAKES_DTYPE = {"sum", "sum.dim_IntList", "mean", "mean.dim", "cumsum"}
@@ -63,9 +59,9 @@ Read = Callable[[Value], Value]
 
 def precision_pass(graph: Graph, ctx: PassContext, precision: Precision = Precision.FP32) -> Graph:
     """The pass entry: fp32 leaves the graph as it is; bf16 and fp16 lower it."""
-    if precision not in LOW_DTYPES:
+    if precision.low_dtype is None:
         return graph
-    out = lower_precision(graph, LOW_DTYPES[precision], loss_scaling=precision is Precision.FP16)
+    out = lower_precision(graph, precision.low_dtype, loss_scaling=precision is Precision.FP16)
     log.info(
         "precision %s: gradients %.1f -> %.1f MB, saved for backward %.1f -> %.1f MB",
         precision,
@@ -329,6 +325,8 @@ class _Lowering:
         if node.phase is Phase.OPTIMIZER:
             return self.master, kwargs
         floats = [v for v in node.inputs if self.env[id(v)].dtype in (_F32, self.low)]
+        if node.op == attention.BACKWARD:  # the row log-sum-exp is an accumulator: kept fp32
+            floats = [v for v in floats if v is not node.args[attention.LSE_ARG]]
         op_kind = kind(node.op)
         if not floats or op_kind in (Kind.VIEW, Kind.CREATION) or node.op == "_to_copy":
             return self.current, kwargs

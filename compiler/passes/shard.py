@@ -44,8 +44,7 @@ from compiler.errors import VerifyError
 from compiler.ir import Graph, Phase, Role, Value
 from compiler.mesh import Mesh, MeshError
 from compiler.passes.manager import PassContext
-from compiler.passes.precision import LOW_DTYPES
-from compiler.precision import Precision
+from compiler.passes.precision import Precision
 from compiler.trace import STATE_PREFIXES, AdamW, LossFn, mark_activations, trace_update
 from examples.gpt2 import GPT2
 from examples.llama import Llama
@@ -155,7 +154,7 @@ def shard_pass(graph: Graph, ctx: PassContext, options: ShardOptions | None = No
         list(options.trainable),
         options.optimizer,
         options.bucket_bytes,
-        LOW_DTYPES.get(options.precision) if options.mesh.zero >= 1 else None,
+        options.precision.low_dtype if options.mesh.zero >= 1 else None,
     )
     out = rewrite.run()
     ctx.shard = rewrite.layout
