@@ -160,6 +160,7 @@ _INDEX = [
     "index_add",
     "slice_scatter",
     "select_scatter",
+    "topk",  # mixture-of-experts routing: k is static, so the graph stays static
 ]
 _CREATION = [
     "full",

@@ -22,7 +22,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from compiler.errors import TraceError, UnsupportedOpError, is_library, short_path, user_frame
 from compiler.ir import Graph, Node, Phase, Role, Value
-from compiler.ops import OP_KINDS, ir_name
+from compiler.models.adapter import known_setting
+from compiler.ops import OP_KINDS, Kind, ir_name, kind
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 STATE_PREFIXES = ("exp_avg.", "exp_avg_sq.")
@@ -69,7 +70,7 @@ def trace(
         bound = dict(zip(params, p_vals, strict=True)) | dict(zip(buffers, b_vals, strict=True))
         n_states = 2 * n_t if optimizer else 0
         states, (x, y), scalars = rest[:n_states], rest[n_states : n_states + 2], rest[-2:]
-        loss = loss_fn(functional_call(module, bound, (x,)), y)
+        loss = loss_fn(logits_of(functional_call(module, bound, (x,))), y)
         if loss.ndim != 0:
             raise TraceError(f"the loss must be a scalar, got shape {list(loss.shape)}")
         if not training:
@@ -106,6 +107,19 @@ def trace(
         roles += [Role.INPUT, Role.INPUT]
     writes = [*trainable, *names[n_p + n_b : n_p + n_b + 2 * n_t]] if optimizer else []
     return _to_ir(gm, names, roles, n_t, writes, return_grads or not optimizer)
+
+
+def logits_of(output: object) -> Tensor:
+    """A forward's logits: the tensor itself, or `.logits` of a ModelOutput (Hugging Face)."""
+    if isinstance(output, Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if not isinstance(logits, Tensor):
+        raise TraceError(
+            f"the model's forward returned {type(output).__name__}; memfit needs the logits: a"
+            " tensor, or an object with a `.logits` tensor (a Hugging Face ModelOutput)"
+        )
+    return logits
 
 
 def trace_update(params: dict[str, Tensor], optimizer: AdamW = AdamW()) -> Graph:
@@ -170,16 +184,18 @@ def _make_fx(fn: Callable[..., list[Tensor]], example: list[Tensor]) -> fx.Graph
         raise
     except Exception as exc:  # the user's forward or loss failed under tracing
         where = user_frame(exc)
-        kind = type(exc).__name__
+        exc_kind = type(exc).__name__
         hint = ""
-        if "data-dependent" in str(exc).lower() or "DynamicOutputShape" in kind:
+        if "data-dependent" in str(exc).lower() or "DynamicOutputShape" in exc_kind:
             hint = (
                 " memfit compiles static graphs: an op whose output shape depends on tensor"
                 " values (nonzero, masked_select, boolean indexing, .item()) cannot be traced."
             )
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else kind
+        if setting := known_setting(where):
+            hint += f" To avoid it, {setting}."
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else exc_kind
         at = f" at {where}" if where else ""
-        raise TraceError(f"tracing the model failed{at}: {kind}: {first_line}.{hint}") from exc
+        raise TraceError(f"tracing the model failed{at}: {exc_kind}: {first_line}.{hint}") from exc
 
 
 _FRAME = re.compile(r'File "([^"]+)", line (\d+)')
@@ -211,11 +227,12 @@ def _to_ir(
         graph.inputs.append(value)
         env[fx_node] = value
 
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for fx_node in gm.graph.nodes:
         if fx_node.op == "call_function" and fx_node.target.__name__ == "getitem":
             env[fx_node] = env[fx_node.args[0]][fx_node.args[1]]
         elif fx_node.op == "call_function":
-            graph.nodes.append(_convert(fx_node, env, taken))
+            graph.nodes.append(_convert(fx_node, env, taken, order))
         elif fx_node.op == "output":
             results = [env[a] for a in fx_node.args[0]]
 
@@ -240,14 +257,20 @@ def _value(meta: object, name: str, role: Role = Role.TEMPORARY) -> Value:
 _DROPPED_KWARGS = {"device", "layout", "pin_memory"}
 
 
-def _convert(fx_node: fx.Node, env: dict[fx.Node, object], taken: set[str]) -> Node:
+def _convert(
+    fx_node: fx.Node, env: dict[fx.Node, object], taken: set[str], order: dict[fx.Node, int]
+) -> Node:
     op = ir_name(fx_node.target)
     source = _source(fx_node)
+    if op not in OP_KINDS and fx_node.target._schema.is_mutable:
+        op = _functional(fx_node, op, order, source)
     if op not in OP_KINDS:
         where = f" at {source}" if source else ""
+        setting = known_setting(source, op)
+        fix = setting or "rewrite the model to avoid it or add it to compiler/ops.py"
         raise UnsupportedOpError(
             f"op aten.{fx_node.target.name().split('::')[1]} (node {fx_node.name}){where} is not"
-            " in memfit's op set; rewrite the model to avoid it or add it to compiler/ops.py"
+            f" in memfit's op set; {fix}"
         )
 
     def arg(a: object) -> object:
@@ -283,6 +306,39 @@ def _convert(fx_node: fx.Node, env: dict[fx.Node, object], taken: set[str]) -> N
     node = Node(op, tuple(arg(a) for a in fx_node.args), kwargs, outputs, Phase.FORWARD, source)
     env[fx_node] = outputs if isinstance(meta, list | tuple) else outputs[0]
     return node
+
+
+def _functional(fx_node: fx.Node, op: str, order: dict[fx.Node, int], source: str) -> str:
+    """`div_.Tensor` → `div.Tensor`: an in-place write the IR can express as a new value.
+
+    Library code updates fresh temporaries in place (`x /= x.sum(-1, keepdim=True)`). Once
+    every later reader reads the write's result, the old value is dead and the out-of-place op
+    computes the same thing. A write into an input or a view would also change what other
+    names see, which a value graph cannot say: that is refused with the line that wrote.
+    """
+    packet, dot, variant = op.partition(".")
+    functional = packet.removesuffix("_") + dot + variant
+    target = fx_node.args[0]
+    if not isinstance(target, fx.Node):
+        return op
+    producer = target.args[0] if getattr(target.target, "__name__", "") == "getitem" else target
+    fresh = (
+        producer.op == "call_function"
+        and isinstance(producer.target, torch._ops.OpOverload)
+        and ir_name(producer.target) in OP_KINDS
+        and kind(ir_name(producer.target)) is not Kind.VIEW
+        and all(u is fx_node or order[u] < order[fx_node] for u in target.users)
+    )
+    if functional == op or functional not in OP_KINDS:
+        return op
+    if not fresh:
+        where = f" at {source}" if source else ""
+        raise UnsupportedOpError(
+            f"op aten.{op} (node {fx_node.name}){where} writes in place into a view, an input"
+            " or a tensor read again afterwards; memfit's graph holds values, so write"
+            f" `x = x.{packet.removesuffix('_')}(...)` instead"
+        )
+    return functional
 
 
 def eliminate_dead_nodes(graph: Graph) -> None:
