@@ -29,9 +29,9 @@ from torch.utils.checkpoint import checkpoint
 from benchmarks.bench_memory import batch, held
 from compiler.budget import Budget, compile_within
 from compiler.compile import CompileOptions, optimize, trace_model
+from compiler.models import resolve_model
 from compiler.plan import fmt_bytes
 from examples.loss import lm_loss
-from memfit.models import resolve_model
 from runtime.arena import allocations
 
 

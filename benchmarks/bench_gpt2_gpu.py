@@ -28,9 +28,9 @@ from rich.table import Table
 from compiler.codegen.triton import Kernel, group_kernels, group_members
 from compiler.compile import CompileOptions, compile_model
 from compiler.ir import Graph
+from compiler.models import resolve_model
 from compiler.passes.fusion import loss_head_peak
 from examples.loss import lm_loss
-from memfit.models import resolve_model
 from runtime import eager, triton_backend
 from runtime.program import Program
 

@@ -26,9 +26,9 @@ from rich.table import Table
 from torch import Tensor
 
 from compiler.compile import CompileOptions, compile_model
+from compiler.models import resolve_model
 from compiler.plan import fmt_bytes
 from examples.loss import lm_loss
-from memfit.models import resolve_model
 from runtime.arena import Arena, allocations
 from runtime.program import Program
 

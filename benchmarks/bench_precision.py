@@ -24,10 +24,10 @@ from rich.table import Table
 
 from compiler.compile import CompileOptions, compile_model
 from compiler.lora import LoraConfig
+from compiler.models import resolve_model
 from compiler.passes.precision import saved_for_backward, state_bytes
 from examples.loss import lm_loss
-from memfit.models import resolve_model
-from memfit.prune_cmd import corpus_batches, load_state, train_steps, validation_loss
+from runtime.corpus_runs import corpus_batches, load_state, train_steps, validation_loss
 
 LORA = LoraConfig(r=8, alpha=16, targets=("q", "k", "v", "o"))
 CONFIGS: dict[str, dict] = {

@@ -31,13 +31,13 @@ from rich.table import Table
 from compiler.compile import CompileOptions, compile_model
 from compiler.ir import Role
 from compiler.mesh import Mesh
+from compiler.models import resolve_model
 from compiler.passes.shard import DEFAULT_BUCKET_BYTES
 from compiler.plan import MemoryPlan, fmt_bytes
 from examples import GPT2_CONFIGS, LLAMA_CONFIGS, ExampleModel
 from examples.gpt2 import GPT2
 from examples.llama import Llama, LlamaConfig
 from examples.loss import lm_loss
-from memfit.models import resolve_model
 
 SCALING_LAYERS = (2, 3)  # traced depths whose difference is one layer
 

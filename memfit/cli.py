@@ -16,9 +16,9 @@ from compiler.errors import MemfitError
 from memfit.compile_cmd import compile_command
 from memfit.kernels_cmd import inspect_kernels_command
 from memfit.plan_cmd import plan_command
+from memfit.prepare_cmd import prepare_command
 from memfit.prune_cmd import prune_command
 from memfit.train_cmd import train_command
-from pipelines.commands import prepare_command
 from pipelines.errors import DataError
 
 console = Console(stderr=True)

@@ -11,9 +11,9 @@ from rich.table import Table
 from compiler.artifact import summarize, write_artifact
 from compiler.compile import CompileOptions, compile_model, pass_manager
 from compiler.ir import Graph
+from compiler.models import resolve_model
 from examples.loss import lm_loss
 from memfit.kernels_cmd import emit_kernels
-from memfit.models import resolve_model
 from memfit.options import lowering_kwargs, lowering_options, model_shape_options
 
 console = Console()

@@ -17,12 +17,12 @@ from rich.table import Table
 
 from compiler.budget import Budget, SweepPoint, compile_within, sweep_budgets
 from compiler.compile import CompileOptions, optimize, trace_model
+from compiler.models import resolve_model
 from compiler.passes.precision import PRECISIONS
 from compiler.plan import MemoryPlan, fmt_bytes
 from compiler.plan_render import write_html, write_png
 from compiler.sweep_render import write_sweep_png
 from examples.loss import lm_loss
-from memfit.models import resolve_model
 from memfit.options import PlanError, adapter_options, lowering_kwargs, model_shape_options
 from memfit.parallel_cmd import mesh_options, parallel_plan_command
 

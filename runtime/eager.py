@@ -11,8 +11,9 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from compiler.ir import Graph, Node, Value
-from compiler.ops import Kind, kind, resolve
+from compiler.ir import Graph
+from compiler.meta import run_node
+from compiler.ops import Kind, kind
 
 
 def last_uses(graph: Graph) -> dict[int, int]:
@@ -26,30 +27,6 @@ def last_uses(graph: Graph) -> dict[int, int]:
     for v in graph.outputs:
         last[id(v)] = len(graph.nodes)
     return last
-
-
-def run_node(node: Node, env: Mapping[int, Tensor], device: torch.device) -> list[Tensor]:
-    """Execute one node given tensors for its inputs; returns its output tensors."""
-
-    creation = kind(node.op) is Kind.CREATION
-
-    def bind(a: object) -> object:
-        if isinstance(a, Value):
-            # A creation op (full_like(x, 0)) needs x's shape, not its bytes: x may be freed.
-            return torch.empty(a.shape, dtype=a.dtype, device="meta") if creation else env[id(a)]
-        if isinstance(a, list | tuple):
-            return type(a)(bind(x) for x in a)
-        return a
-
-    args = bind(node.args)
-    kwargs = {k: bind(v) for k, v in node.kwargs.items()}
-    if node.op == "copy_":
-        args[0].copy_(args[1])
-        return []
-    if kind(node.op) is Kind.CREATION:
-        kwargs["device"] = device
-    result = resolve(node.op)(*args, **kwargs)
-    return list(result) if isinstance(result, tuple | list) else [result]
 
 
 def run_graph(

@@ -23,11 +23,11 @@ from compiler.compile import CompileOptions, compile_model, example_batch
 from compiler.errors import MemfitError
 from compiler.lora import LoraConfig
 from compiler.mesh import Mesh
+from compiler.models import resolve_model
 from compiler.passes.shard import DEFAULT_BUCKET_BYTES, parallel_loss
 from compiler.trace import AdamW, trace, trace_update
 from examples.loss import lm_loss
-from memfit.models import resolve_model
-from pipelines.commands import default_dataset
+from pipelines.corpus import default_dataset
 from pipelines.loader import TokenDataset, WindowLoader
 from pipelines.manifest import Manifest, token_mismatch_check
 from runtime.checkpoint import (

@@ -35,10 +35,10 @@ from torch import Tensor
 from compiler import custom_ops
 from compiler.codegen.triton import Kernel, group_kernels, group_members
 from compiler.ir import Graph, Node, Value
+from compiler.meta import run_node
 from compiler.ops import Kind, kind
 from compiler.plan import MemoryPlan
 from runtime.arena import Arena, Env
-from runtime.eager import run_node
 
 CACHE_ENV = "MEMFIT_KERNEL_CACHE"
 _RESHAPES = ("view", "_unsafe_view")

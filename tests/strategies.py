@@ -14,7 +14,7 @@ import torch
 from hypothesis import strategies as st
 
 from compiler.ir import Graph, Node, Phase, Role, Value
-from runtime.eager import run_node
+from compiler.meta import run_node
 
 DIMS = (2, 3, 4)
 UNARY = ("neg", "tanh", "sigmoid", "relu", "abs", "gelu", "silu")

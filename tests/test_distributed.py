@@ -36,8 +36,8 @@ from safetensors.torch import load_file
 
 from compiler.compile import CompileOptions, compile_model
 from compiler.mesh import Mesh, MeshError
+from compiler.models import resolve_model
 from examples.loss import lm_loss
-from memfit.models import resolve_model
 from pipelines.prepare import prepare
 from runtime.checkpoint import LATEST, latest_checkpoint
 from runtime.distributed import Parallel, launched_world

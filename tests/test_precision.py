@@ -14,6 +14,7 @@ from torch.testing import assert_close
 from compiler.compile import CompiledStep, CompileOptions, compile_model
 from compiler.errors import VerifyError
 from compiler.ir import Graph, Node, Phase, Role, Value
+from compiler.models import resolve_model
 from compiler.ops import Kind, kind
 from compiler.passes.manager import PassContext
 from compiler.passes.precision import (
@@ -29,8 +30,7 @@ from compiler.passes.precision import (
 from compiler.passes.verify import verify
 from examples import ExampleModel
 from examples.loss import lm_loss
-from memfit.models import resolve_model
-from memfit.prune_cmd import corpus_batches, train_steps
+from runtime.corpus_runs import corpus_batches, train_steps
 from runtime.eager import run_graph
 from runtime.loss_scale import LossScaler
 from runtime.program import Program, initial_state

@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 
 from compiler.compile import CompileOptions, compile_model
 from compiler.ir import Phase, Role
+from compiler.models import resolve_model
 from compiler.prune import MaskedLinear, magnitude_mask, parse_pattern, prune_linears
 from examples.loss import lm_loss
-from memfit.models import resolve_model
 from memfit.prune_cmd import prune_command, revived
 from runtime.program import Program
 

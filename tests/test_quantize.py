@@ -14,6 +14,7 @@ from torch import nn
 from compiler.compile import CompileOptions, compile_model
 from compiler.ir import Graph, Phase, Role, Value
 from compiler.lora import LoraConfig, LoraLinear
+from compiler.models import resolve_model
 from compiler.ops import Kind, kind
 from compiler.passes.precision import state_bytes
 from compiler.quantize import (
@@ -25,7 +26,6 @@ from compiler.quantize import (
     quantize_frozen_linears,
 )
 from examples.loss import lm_loss
-from memfit.models import resolve_model
 from runtime.eager import run_graph
 from runtime.program import initial_state
 

@@ -14,10 +14,10 @@ from compiler import collectives
 from compiler.compile import CompileOptions, compile_model
 from compiler.ir import Phase, Role, dump, parse
 from compiler.mesh import Mesh, MeshError
+from compiler.models import resolve_model
 from compiler.passes.shard import Bucket, ShardLayout, TPSpec, buckets
 from compiler.passes.verify import verify
 from examples.loss import lm_loss
-from memfit.models import resolve_model
 from runtime.program import Program
 
 shapes = st.lists(st.tuples(st.integers(1, 5), st.integers(1, 4)), min_size=1, max_size=5)

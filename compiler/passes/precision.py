@@ -38,10 +38,10 @@ import torch
 from compiler.collectives import ALL_REDUCE, REDUCE_SCATTER
 from compiler.errors import VerifyError
 from compiler.ir import DTYPE_NAMES, Graph, Node, Phase, Role, Value, format_node
+from compiler.meta import infer_outputs
 from compiler.ops import Kind, kind
 from compiler.passes.manager import PassContext
 from compiler.trace import eliminate_dead_nodes, mark_activations
-from runtime.eager import run_node
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,6 @@ _F32 = torch.float32
 _TAKES_DTYPE = {"sum", "sum.dim_IntList", "mean", "mean.dim", "cumsum"}
 # scatters that add into their output, and collectives that sum over ranks
 _ACCUMULATING = {"index_add", "scatter_add", "embedding_dense_backward", ALL_REDUCE, REDUCE_SCATTER}
-_META = torch.device("meta")
 
 Read = Callable[[Value], Value]
 
@@ -252,8 +251,7 @@ class _Lowering:
         """Append `op` with its Value arguments mapped by `read`; output types from meta."""
         node = Node(op, args, dict(kwargs), [], self.phase, self.source)
         node.map_args(read)
-        metas = {id(v): torch.empty(v.shape, dtype=v.dtype, device=_META) for v in node.inputs}
-        results = run_node(node, metas, _META)
+        results = infer_outputs(node)
         roles = role if isinstance(role, list) else [role] * len(results)
         node.outputs = [
             Value(name, tuple(t.shape), t.dtype, r)

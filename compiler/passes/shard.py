@@ -42,12 +42,12 @@ from compiler import collectives
 from compiler.errors import VerifyError
 from compiler.ir import Graph, Node, Phase, Role, Value
 from compiler.mesh import Mesh, MeshError
+from compiler.meta import infer_outputs
 from compiler.passes.manager import PassContext
 from compiler.trace import STATE_PREFIXES, AdamW, LossFn, mark_activations, trace_update
 from examples.gpt2 import GPT2
 from examples.llama import Llama
 from examples.loss import lm_loss
-from runtime.eager import run_node
 
 DEFAULT_BUCKET_BYTES = 25 * 2**20  # DDP's default
 LOW_PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -207,8 +207,7 @@ class _Rewrite:
     ) -> Value:
         """Append `op`; its one output's type comes from running it on meta tensors."""
         node = Node(op, args, dict(kwargs or {}), [], self.phase, "shard")
-        metas = {id(v): torch.empty(v.shape, dtype=v.dtype, device="meta") for v in node.inputs}
-        (t,) = run_node(node, metas, torch.device("meta"))
+        (t,) = infer_outputs(node)
         node.outputs = [Value(self.fresh(name), tuple(t.shape), t.dtype, role)]
         self.nodes.append(node)
         return node.outputs[0]

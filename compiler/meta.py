@@ -1,0 +1,49 @@
+"""What an IR node computes, and the output types it infers, by calling its ATen op.
+
+One definition of a node's semantics serves both sides of the layering: passes infer output
+shapes and dtypes by running the op on meta tensors (exact, and free of memory), and the
+runtime backends execute the same call on real tensors. It lives in compiler/ so no pass
+has to import the runtime.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from compiler.ir import Node, Value
+from compiler.ops import Kind, kind, resolve
+
+META = torch.device("meta")
+
+
+def run_node(node: Node, env: Mapping[int, Tensor], device: torch.device) -> list[Tensor]:
+    """Execute one node given tensors for its inputs (by id of their Value); its outputs."""
+
+    creation = kind(node.op) is Kind.CREATION
+
+    def bind(a: object) -> object:
+        if isinstance(a, Value):
+            # A creation op (full_like(x, 0)) needs x's shape, not its bytes: x may be freed.
+            return torch.empty(a.shape, dtype=a.dtype, device=META) if creation else env[id(a)]
+        if isinstance(a, list | tuple):
+            return type(a)(bind(x) for x in a)
+        return a
+
+    args = bind(node.args)
+    kwargs = {k: bind(v) for k, v in node.kwargs.items()}
+    if node.op == "copy_":
+        args[0].copy_(args[1])
+        return []
+    if creation:
+        kwargs["device"] = device
+    result = resolve(node.op)(*args, **kwargs)
+    return list(result) if isinstance(result, tuple | list) else [result]
+
+
+def infer_outputs(node: Node) -> list[Tensor]:
+    """The node's outputs as meta tensors: the shapes and dtypes its op computes."""
+    env = {id(v): torch.empty(v.shape, dtype=v.dtype, device=META) for v in node.inputs}
+    return run_node(node, env, META)
