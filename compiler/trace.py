@@ -10,7 +10,9 @@ whole step in one graph, gradients can die right after their update and the plan
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +20,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch._decomp import core_aten_decompositions
 from torch.func import functional_call
+from torch.fx.experimental import proxy_tensor
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from compiler.errors import TraceError, UnsupportedOpError, is_library, short_path, user_frame
@@ -172,14 +175,34 @@ def _adamw(
     return [*new_p, *new_m, *new_v]
 
 
+@contextmanager
+def _every_frame() -> Iterator[None]:
+    """Record whole stacks on fx nodes: make_fx keeps only frames named `forward`, but the line
+    that made an op is often in a library helper (`apply_rotary_pos_emb`, a routing function)."""
+    tracer = proxy_tensor.PythonKeyTracer
+    keep_forward_only = tracer._filter_traceback_frames
+
+    def keep_all(self: fx.Tracer, summary: traceback.StackSummary) -> traceback.StackSummary:
+        self._record_forward_stack_traces_only = False
+        return keep_forward_only(self, summary)
+
+    tracer._filter_traceback_frames = keep_all
+    try:
+        yield
+    finally:
+        tracer._filter_traceback_frames = keep_forward_only
+
+
 def _make_fx(fn: Callable[..., list[Tensor]], example: list[Tensor]) -> fx.GraphModule:
     try:
-        return make_fx(
-            fn,
-            decomposition_table=core_aten_decompositions(),
-            tracing_mode="fake",
-            record_stack_traces=True,
-        )(*example)
+        with _every_frame():
+            return make_fx(
+                fn,
+                decomposition_table=core_aten_decompositions(),
+                tracing_mode="fake",
+                record_stack_traces=True,
+                _allow_non_fake_inputs=True,  # torch.tensor(..., device=x.device) on meta
+            )(*example)
     except TraceError:
         raise
     except Exception as exc:  # the user's forward or loss failed under tracing
@@ -229,7 +252,12 @@ def _to_ir(
 
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for fx_node in gm.graph.nodes:
-        if fx_node.op == "call_function" and fx_node.target.__name__ == "getitem":
+        if fx_node.op == "get_attr":  # a tensor the forward built from literals
+            source = next((_source(u) for u in fx_node.users), "")
+            nodes = _constant(getattr(gm, fx_node.target), fx_node.name, taken, source)
+            graph.nodes += nodes
+            env[fx_node] = nodes[-1].outputs[0]
+        elif fx_node.op == "call_function" and fx_node.target.__name__ == "getitem":
             env[fx_node] = env[fx_node.args[0]][fx_node.args[1]]
         elif fx_node.op == "call_function":
             graph.nodes.append(_convert(fx_node, env, taken, order))
@@ -306,6 +334,43 @@ def _convert(
     node = Node(op, tuple(arg(a) for a in fx_node.args), kwargs, outputs, Phase.FORWARD, source)
     env[fx_node] = outputs if isinstance(meta, list | tuple) else outputs[0]
     return node
+
+
+CONSTANT_ELEMENTS = 64  # larger constants belong in a buffer, where the state holds them
+
+
+def _constant(tensor: Tensor, name: str, taken: set[str], source: str) -> list[Node]:
+    """Creation nodes that rebuild a constant the forward made (`torch.tensor([...])`).
+
+    The IR is text that parses back, so a constant lives in the graph as its literal values:
+    one `full` when every element is equal (empty tensors included), else one `scalar_tensor`
+    per element, stacked and viewed to its shape. Big tables are refused: as a registered
+    buffer they become a graph input instead of thousands of nodes.
+    """
+    shape, dtype = tuple(tensor.shape), tensor.dtype
+    # a constant made on the meta device (planning) has no values: only its shape matters
+    flat = [0] * tensor.numel() if tensor.is_meta else tensor.detach().cpu().flatten().tolist()
+
+    def node(op: str, args: tuple[object, ...], kwargs: dict[str, object], out: tuple) -> Node:
+        out_name = f"{name}_{op}" if op != "full" else name
+        while out_name in taken:
+            out_name += "_"
+        taken.add(out_name)
+        return Node(op, args, kwargs, [Value(out_name, out, dtype)], Phase.FORWARD, source)
+
+    if len(set(flat)) <= 1:
+        return [node("full", (list(shape), flat[0] if flat else 0), {"dtype": dtype}, shape)]
+    if len(flat) > CONSTANT_ELEMENTS:
+        where = f" at {source}" if source else ""
+        raise TraceError(
+            f"the forward builds a constant tensor of {len(flat)} elements{where}; memfit keeps"
+            f" constants of up to {CONSTANT_ELEMENTS} elements in the graph. Register it once as"
+            " a buffer (self.register_buffer(name, tensor, persistent=False)) and read that"
+        )
+    scalars = [node("scalar_tensor", (x,), {"dtype": dtype}, ()) for x in flat]
+    stacked = node("stack", ([n.outputs[0] for n in scalars],), {}, (len(flat),))
+    viewed = node("view", (stacked.outputs[0], list(shape)), {}, shape)
+    return [*scalars, stacked, viewed]
 
 
 def _functional(fx_node: fx.Node, op: str, order: dict[fx.Node, int], source: str) -> str:
