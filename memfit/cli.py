@@ -14,6 +14,7 @@ from rich.console import Console
 
 from compiler.errors import MemfitError
 from memfit.compile_cmd import compile_command
+from memfit.export_cmd import export_command
 from memfit.kernels_cmd import inspect_kernels_command
 from memfit.plan_cmd import plan_command
 from memfit.prepare_cmd import prepare_command
@@ -44,7 +45,8 @@ def main(debug: bool) -> None:
     """memfit: a training compiler that makes transformer training fit in less memory.
 
     MODEL is a built-in example (gpt2-tiny, gpt2-mini, gpt2-small, llama-tiny, llama-mini,
-    llama-small, llama-7b, llama-13b, llama-70b) or path/to/file.py:factory.
+    llama-small, llama-7b, llama-13b, llama-70b), hf:DIR (a local Hugging Face model
+    directory) or path/to/file.py:factory.
     """
 
 
@@ -59,3 +61,4 @@ main.add_command(plan_command, "plan")
 main.add_command(train_command, "train")
 main.add_command(prepare_command, "prepare")
 main.add_command(prune_command, "prune")
+main.add_command(export_command, "export")
