@@ -42,6 +42,22 @@ OP_SETTINGS: dict[str, str] = {
 }
 
 
+# LoRA target names a user types → module-name suffixes in transformers families (llama, qwen2,
+# mistral, gemma, mixtral, olmoe: q_proj...; phi3: fused qkv_proj, gate_up_proj; gpt_neox: fused
+# query_key_value, dense_h_to_4h). A fused projection is targeted by any of its parts, as peft
+# does. GPT-2's projections are transformers Conv1D, not nn.Linear: no LoRA targets there.
+LORA_TARGETS: dict[str, tuple[str, ...]] = {
+    "q": ("self_attn.q_proj", "self_attn.qkv_proj", "attention.query_key_value"),
+    "k": ("self_attn.k_proj", "self_attn.qkv_proj", "attention.query_key_value"),
+    "v": ("self_attn.v_proj", "self_attn.qkv_proj", "attention.query_key_value"),
+    "o": ("self_attn.o_proj", "attention.dense"),
+    "gate": ("mlp.gate_proj", "mlp.gate_up_proj"),
+    "up": ("mlp.up_proj", "mlp.gate_up_proj", "mlp.dense_h_to_4h"),
+    "down": ("mlp.down_proj", "mlp.dense_4h_to_h"),
+    "fc": ("mlp.dense_h_to_4h",),
+}
+
+
 def context_length(config: Any) -> int | None:
     """The longest sequence the config's positions cover, or None if no known key holds it."""
     for key in CONTEXT_KEYS:
