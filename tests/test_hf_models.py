@@ -6,6 +6,8 @@ Every family is built from a tiny config (random init, nothing downloaded) and l
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,7 +17,7 @@ from torch import Tensor
 transformers = pytest.importorskip("transformers")
 
 from compiler.compile import CompileOptions, compile_model  # noqa: E402
-from compiler.models.hf import as_example  # noqa: E402
+from compiler.models.hf import HFModelError, as_example, load_hf  # noqa: E402
 from compiler.trace import AdamW  # noqa: E402
 from examples import ExampleModel  # noqa: E402
 from examples.loss import lm_loss  # noqa: E402
@@ -94,3 +96,53 @@ def test_family_compiles_plans_and_trains_like_eager(family: str) -> None:
             torch.testing.assert_close(
                 program.state[n], p.detach(), **TOL, msg=lambda m, n=n: f"param {n}: {m}"
             )
+
+
+def _plan(*args: str) -> tuple[int, str]:
+    from click.testing import CliRunner
+
+    from memfit.cli import main
+
+    result = CliRunner().invoke(main, ["plan", *args, "--batch", "2", "--seq", "16"])
+    return result.exit_code, " ".join(result.output.split())
+
+
+def test_plan_from_a_config_alone(tmp_path: Path) -> None:
+    """config.json without weights plans on the meta device, also data+tensor parallel."""
+    tiny_config("qwen2").save_pretrained(tmp_path)
+    code, text = _plan(f"hf:{tmp_path}")
+    assert code == 0 and "step peak" in text, text
+    code, text = _plan(f"hf:{tmp_path}", "--dp", "2", "--tp", "2", "--zero", "1")
+    assert code == 0 and "rank" in text, text
+
+
+def test_directory_without_config_is_refused(tmp_path: Path) -> None:
+    code, text = _plan(f"hf:{tmp_path}")
+    assert code == 2 and "no config.json" in text and str(tmp_path) in text, text
+
+
+@pytest.mark.parametrize(
+    ("config", "key"),
+    [
+        ({"model_type": "t5", "architectures": ["T5ForConditionalGeneration"]}, "model_type"),
+        ({"model_type": "bert", "architectures": ["BertForMaskedLM"]}, "architectures"),
+    ],
+)
+def test_non_causal_architecture_names_its_config_line(
+    tmp_path: Path, config: dict[str, Any], key: str
+) -> None:
+    text = json.dumps({"hidden_size": 32} | config, indent=2)
+    (tmp_path / "config.json").write_text(text)
+    line = next(i for i, s in enumerate(text.splitlines(), 1) if f'"{key}"' in s)
+    code, out = _plan(f"hf:{tmp_path}")
+    assert code == 2 and f"config.json:{line}" in out and "causal" in out, out
+
+
+def test_weights_that_do_not_match_the_config_name_the_file(tmp_path: Path) -> None:
+    tiny_model("llama").module.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | {"intermediate_size": 48}))
+    with pytest.raises(HFModelError) as info:
+        load_hf(f"hf:{tmp_path}")
+    message = str(info.value)
+    assert "model.safetensors: tensor model.layers.0.mlp" in message and "[64, 32]" in message

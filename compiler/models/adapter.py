@@ -8,7 +8,11 @@ config key per family. Everything family-specific that a pass or the CLI reads l
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any
+
+from torch import Tensor, nn
 
 # Until SDPA traces to memfit's fused attention op, attention is traced through HF's eager path.
 ATTN_IMPLEMENTATION = "eager"
@@ -71,3 +75,91 @@ def known_setting(where: str, op: str = "") -> str:
     """The setting that avoids a failure of `op` at `where` (`file:line`), or "" if none."""
     name = where.rsplit("/", 1)[-1].rsplit(":", 1)[0]
     return OP_SETTINGS.get(op) or KNOWN_SETTINGS.get(name, "")
+
+
+@dataclass(frozen=True)
+class TPLayout:
+    """Where a decoder's tensor-parallel pieces are, by module path (Megatron's split).
+
+    In each block, `column` linears (→ number of fused parts: 3 for a q|k|v projection) are cut
+    by output rows and `row` linears by input columns; the input of each `regions` submodule is
+    copied into the group. Head counts that the attention module keeps as attributes (`heads`)
+    shrink by tp; `sizes` name every count tp must divide and its attribute path (a weight's
+    path stands for its number of rows).
+    """
+
+    blocks: str
+    column: dict[str, int]
+    row: tuple[str, ...]
+    regions: tuple[str, ...]
+    sizes: dict[str, str]
+    embedding: str
+    head: str = "lm_head"
+    heads: tuple[str, ...] = ()
+
+
+_HF_LLAMA_LIKE = TPLayout(  # llama, qwen2, mistral, gemma: attention reshapes with -1 heads
+    blocks="model.layers",
+    column={f"self_attn.{p}_proj": 1 for p in "qkv"} | {"mlp.gate_proj": 1, "mlp.up_proj": 1},
+    row=("self_attn.o_proj", "mlp.down_proj"),
+    regions=("self_attn", "mlp"),
+    sizes={
+        "n_head": "config.num_attention_heads",
+        "n_kv_head": "config.num_key_value_heads",
+        "ffn_dim": "config.intermediate_size",
+        "vocab_size": "config.vocab_size",
+    },
+    embedding="model.embed_tokens",
+)
+TP_LAYOUTS: tuple[TPLayout, ...] = (
+    TPLayout(  # examples.gpt2
+        blocks="blocks",
+        column={"attn.qkv": 3, "mlp.fc": 1},
+        row=("attn.proj", "mlp.proj"),
+        regions=("attn", "mlp"),
+        sizes={
+            "n_head": "blocks.0.attn.n_head",
+            "4·n_embd": "blocks.0.mlp.fc.weight",
+            "vocab_size": "tok_emb.num_embeddings",
+        },
+        embedding="tok_emb",
+        heads=("n_head",),
+    ),
+    TPLayout(  # examples.llama
+        blocks="blocks",
+        column={f"attention.w{p}": 1 for p in "qkv"} | {"feed_forward.w1": 1, "feed_forward.w3": 1},
+        row=("attention.wo", "feed_forward.w2"),
+        regions=("attention", "feed_forward"),
+        sizes={
+            "n_head": "blocks.0.attention.n_head",
+            "n_kv_head": "blocks.0.attention.n_kv_head",
+            "ffn_dim": "blocks.0.feed_forward.w1.weight",
+            "vocab_size": "tok_emb.num_embeddings",
+        },
+        embedding="tok_emb",
+        heads=("n_head", "n_kv_head"),
+    ),
+    _HF_LLAMA_LIKE,
+)
+
+
+def tp_sizes(module: nn.Module, layout: TPLayout) -> dict[str, int]:
+    """The counts `layout.sizes` names, read from `module`."""
+    sizes = {}
+    for name, path in layout.sizes.items():
+        value = attrgetter(path)(module)
+        sizes[name] = int(value.shape[0]) if isinstance(value, Tensor) else int(value)
+    return sizes
+
+
+def tp_layout(module: nn.Module) -> TPLayout | None:
+    """The first layout whose every path exists in `module` (read from its structure)."""
+    names = dict(module.named_modules())
+    for layout in TP_LAYOUTS:
+        blocks = names.get(layout.blocks)
+        if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
+            continue
+        inside = [f"{layout.blocks}.0.{p}" for p in (*layout.column, *layout.row, *layout.regions)]
+        if all(p in names for p in (*inside, layout.embedding, layout.head)):
+            return layout
+    return None

@@ -181,7 +181,12 @@ def _line_of(text: str, key: str) -> int:
 @contextmanager
 def _quiet_transformers() -> Iterator[None]:
     """transformers logs load reports and progress bars; memfit reports problems as errors."""
-    from transformers.utils import logging
+    try:
+        from transformers.utils import logging
+    except ImportError:
+        raise HFModelError(
+            "hf:DIR models need the transformers package: pip install 'memfit[hf]'"
+        ) from None
 
     level = logging.get_verbosity()
     logging.set_verbosity_error()
