@@ -17,6 +17,7 @@ from torch import Tensor
 transformers = pytest.importorskip("transformers")
 
 from compiler.compile import CompileOptions, compile_model  # noqa: E402
+from compiler.models.adapter import decoder_blocks  # noqa: E402
 from compiler.models.hf import HFModelError, as_example, load_hf  # noqa: E402
 from compiler.trace import AdamW  # noqa: E402
 from examples import ExampleModel  # noqa: E402
@@ -146,3 +147,23 @@ def test_weights_that_do_not_match_the_config_name_the_file(tmp_path: Path) -> N
         load_hf(f"hf:{tmp_path}")
     message = str(info.value)
     assert "model.safetensors: tensor model.layers.0.mlp" in message and "[64, 32]" in message
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2_moe"])
+def test_per_layer_checkpointing_finds_the_blocks_and_equals_eager(family: str) -> None:
+    example = tiny_model(family)
+    blocks = decoder_blocks(example.module)
+    assert blocks is example.module.model.layers
+    policy = {"checkpoint_layers": len(blocks)}
+    options = CompileOptions(batch_size=2, seq_len=16, return_grads=True, recompute_policy=policy)
+    compiled = compile_model(example, lm_loss, options)
+    default = compile_model(tiny_model(family), lm_loss, CompileOptions(2, 16, return_grads=True))
+    assert compiled.plan.recompute["values"] and compiled.plan.recompute != default.plan.recompute
+    program = Program.from_module(compiled.graph, example.module)
+    x, y = batch(example.vocab_size, seed=0)
+    loss, *grads = program.step(x, y)
+    eager = lm_loss(example.module(x).logits, y)
+    eager.backward()
+    torch.testing.assert_close(loss, eager.detach(), **TOL)
+    for (n, p), g in zip(example.module.named_parameters(), grads, strict=True):
+        torch.testing.assert_close(g, p.grad, **TOL, msg=lambda m, n=n: f"grad {n}: {m}")

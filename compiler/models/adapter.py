@@ -163,3 +163,14 @@ def tp_layout(module: nn.Module) -> TPLayout | None:
         if all(p in names for p in (*inside, layout.embedding, layout.head)):
             return layout
     return None
+
+
+def decoder_blocks(module: nn.Module) -> nn.ModuleList | None:
+    """The stack of decoder layers, read from the structure: the ModuleList of same-typed
+    children holding the most parameters (an MoE's expert list lives inside one block)."""
+    stacks = [
+        m
+        for m in module.modules()
+        if isinstance(m, nn.ModuleList) and len(m) > 0 and len({type(c) for c in m}) == 1
+    ]
+    return max(stacks, key=lambda m: sum(p.numel() for p in m.parameters()), default=None)
