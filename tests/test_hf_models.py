@@ -17,7 +17,8 @@ from torch import Tensor
 transformers = pytest.importorskip("transformers")
 
 from compiler.compile import CompileOptions, compile_model  # noqa: E402
-from compiler.models.adapter import decoder_blocks  # noqa: E402
+from compiler.lora import target_modules  # noqa: E402
+from compiler.models.adapter import LORA_TARGETS, decoder_blocks  # noqa: E402
 from compiler.models.hf import HFModelError, as_example, load_hf  # noqa: E402
 from compiler.trace import AdamW  # noqa: E402
 from examples import ExampleModel  # noqa: E402
@@ -25,6 +26,7 @@ from examples.loss import lm_loss  # noqa: E402
 from runtime.program import Program  # noqa: E402
 
 TOL = {"rtol": 1e-5, "atol": 1e-6}
+LORA_NAMES = {s.rpartition(".")[2] for t in ("q", "v") for s in LORA_TARGETS[t]}
 TINY = {
     "vocab_size": 128,
     "hidden_size": 32,
@@ -40,7 +42,7 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "llama": ("LlamaConfig", GQA),
     "qwen2": ("Qwen2Config", GQA | {"tie_word_embeddings": True}),
     "mistral": ("MistralConfig", GQA | {"sliding_window": 8}),  # the window is shorter than seq
-    "gemma": ("GemmaConfig", GQA | {"head_dim": 8}),
+    "gemma": ("GemmaConfig", GQA | {"head_dim": 16}),  # not hidden / heads
     "phi3": ("Phi3Config", GQA | {"pad_token_id": 0}),
     "gpt2": ("GPT2Config", {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64}),
     "gpt_neox": ("GPTNeoXConfig", {}),
@@ -167,3 +169,21 @@ def test_per_layer_checkpointing_finds_the_blocks_and_equals_eager(family: str) 
     torch.testing.assert_close(loss, eager.detach(), **TOL)
     for (n, p), g in zip(example.module.named_parameters(), grads, strict=True):
         torch.testing.assert_close(g, p.grad, **TOL, msg=lambda m, n=n: f"grad {n}: {m}")
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "gpt2"])
+def test_lora_targets_q_v_name_every_layers_projections(family: str) -> None:
+    """`--lora targets=q,v` finds the family's query/value Linear in every decoder layer."""
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(tiny_config(family))
+    chosen = target_modules(model, ("q", "v"))
+    layers = decoder_blocks(model)
+    assert {name.split(".")[2] for name in chosen} == {str(i) for i in range(len(layers))}
+    assert all(name.split(".")[-1] in LORA_NAMES for name in chosen), chosen
+
+
+def test_gpt2_has_no_lora_targets_and_says_which_modules_exist() -> None:
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(tiny_config("gpt2"))
+    with pytest.raises(ValueError, match="match no Linear module"):
+        target_modules(model, ("q", "v"))
