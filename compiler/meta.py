@@ -9,6 +9,7 @@ has to import the runtime.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -19,21 +20,24 @@ from compiler.ops import Kind, kind, resolve
 META = torch.device("meta")
 
 
+def bind(obj: Any, env: Mapping[int, Tensor]) -> Any:
+    """`obj` (a node's args or kwargs) with every Value replaced by its tensor in `env`."""
+    if isinstance(obj, Value):
+        return env[id(obj)]
+    if isinstance(obj, list | tuple):
+        return type(obj)(bind(x, env) for x in obj)
+    if isinstance(obj, dict):
+        return {k: bind(v, env) for k, v in obj.items()}
+    return obj
+
+
 def run_node(node: Node, env: Mapping[int, Tensor], device: torch.device) -> list[Tensor]:
     """Execute one node given tensors for its inputs (by id of their Value); its outputs."""
-
     creation = kind(node.op) is Kind.CREATION
-
-    def bind(a: object) -> object:
-        if isinstance(a, Value):
-            # A creation op (full_like(x, 0)) needs x's shape, not its bytes: x may be freed.
-            return torch.empty(a.shape, dtype=a.dtype, device=META) if creation else env[id(a)]
-        if isinstance(a, list | tuple):
-            return type(a)(bind(x) for x in a)
-        return a
-
-    args = bind(node.args)
-    kwargs = {k: bind(v) for k, v in node.kwargs.items()}
+    if creation:  # full_like(x, 0) needs x's shape, not its bytes: x may be freed
+        env = {id(v): torch.empty(v.shape, dtype=v.dtype, device=META) for v in node.inputs}
+    args = bind(node.args, env)
+    kwargs = bind(node.kwargs, env)
     if node.op == "copy_":
         args[0].copy_(args[1])
         return []

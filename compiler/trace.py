@@ -23,6 +23,7 @@ from torch.func import functional_call
 from torch.fx.experimental import proxy_tensor
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from compiler.builder import GraphBuilder
 from compiler.errors import TraceError, UnsupportedOpError, is_library, short_path, user_frame
 from compiler.ir import Graph, Node, Phase, Role, Value
 from compiler.models.adapter import known_setting
@@ -241,53 +242,52 @@ def _to_ir(
     writes: list[str],
     return_grads: bool,
 ) -> Graph:
-    graph = Graph()
+    builder = GraphBuilder()
     env: dict[fx.Node, object] = {}
-    taken = set(names)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for fx_node, name, role in zip(placeholders, names, roles, strict=True):
-        value = _value(fx_node.meta["val"], name, role)
-        graph.inputs.append(value)
-        env[fx_node] = value
+        meta = _tensor(fx_node.meta["val"], name)
+        env[fx_node] = builder.input(name, tuple(meta.shape), meta.dtype, role)
 
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for fx_node in gm.graph.nodes:
         if fx_node.op == "get_attr":  # a tensor the forward built from literals
             source = next((_source(u) for u in fx_node.users), "")
-            nodes = _constant(getattr(gm, fx_node.target), fx_node.name, taken, source)
-            graph.nodes += nodes
-            env[fx_node] = nodes[-1].outputs[0]
+            with builder.at(Phase.FORWARD, source):
+                env[fx_node] = _constant(getattr(gm, fx_node.target), fx_node.name, builder)
         elif fx_node.op == "call_function" and fx_node.target.__name__ == "getitem":
             env[fx_node] = env[fx_node.args[0]][fx_node.args[1]]
         elif fx_node.op == "call_function":
-            graph.nodes.append(_convert(fx_node, env, taken, order))
+            _convert(fx_node, env, builder, order)
         elif fx_node.op == "output":
             results = [env[a] for a in fx_node.args[0]]
 
     n_loss = len(results) - n_grads - len(writes)
     losses, grads = results[:n_loss], results[n_loss : n_loss + n_grads]
     updates = results[n_loss + n_grads :]
-    graph.outputs = [*losses, *grads] if return_grads else losses
-    by_name = {v.name: v for v in graph.inputs}
-    for target, new in zip(writes, updates, strict=True):
-        graph.nodes.append(Node("copy_", (by_name[target], new), {}, [], Phase.OPTIMIZER))
+    by_name = {v.name: v for v in builder.inputs}
+    with builder.at(Phase.OPTIMIZER):
+        for target, new in zip(writes, updates, strict=True):
+            builder.write(by_name[target], new)
+    graph = builder.graph([*losses, *grads] if return_grads else losses)
     eliminate_dead_nodes(graph)
     _assign_phases_and_roles(graph, losses, grads)
     return graph
 
 
-def _value(meta: object, name: str, role: Role = Role.TEMPORARY) -> Value:
+def _tensor(meta: object, name: str) -> Tensor:
     if not isinstance(meta, Tensor):
         raise TraceError(f"%{name} is not a tensor ({type(meta).__name__}); memfit traces tensors")
-    return Value(name, tuple(int(d) for d in meta.shape), meta.dtype, role)
+    return meta
 
 
 _DROPPED_KWARGS = {"device", "layout", "pin_memory"}
 
 
 def _convert(
-    fx_node: fx.Node, env: dict[fx.Node, object], taken: set[str], order: dict[fx.Node, int]
-) -> Node:
+    fx_node: fx.Node, env: dict[fx.Node, object], builder: GraphBuilder, order: dict[fx.Node, int]
+) -> None:
+    """Emit the IR node of one ATen call; its outputs are typed by the op on meta tensors."""
     op = ir_name(fx_node.target)
     source = _source(fx_node)
     if op not in OP_KINDS and fx_node.target._schema.is_mutable:
@@ -317,29 +317,24 @@ def _convert(
     }
     meta = fx_node.meta["val"]
     metas = meta if isinstance(meta, list | tuple) else [meta]
-    if any(isinstance(d, torch.SymInt) for m in metas for d in getattr(m, "shape", ())):
+    for i, m in enumerate(metas):
+        _tensor(m, f"{fx_node.name}.{i}")
+    if any(isinstance(d, torch.SymInt) for m in metas for d in m.shape):
         where = f" at {source}" if source else ""
         raise TraceError(
             f"op aten.{op} (node {fx_node.name}){where} has an output shape that depends on"
             " tensor values. memfit compiles static graphs: nonzero, masked_select, boolean"
             " indexing and .item() cannot be traced; use masks of static shape instead"
         )
-    outputs = []
-    for i, m in enumerate(metas):
-        name = fx_node.name if len(metas) == 1 else f"{fx_node.name}.{i}"
-        while name in taken:
-            name += "_"
-        taken.add(name)
-        outputs.append(_value(m, name))
-    node = Node(op, tuple(arg(a) for a in fx_node.args), kwargs, outputs, Phase.FORWARD, source)
+    with builder.at(Phase.FORWARD, source):
+        outputs = builder.emit(op, tuple(arg(a) for a in fx_node.args), kwargs, names=fx_node.name)
     env[fx_node] = outputs if isinstance(meta, list | tuple) else outputs[0]
-    return node
 
 
 CONSTANT_ELEMENTS = 64  # larger constants belong in a buffer, where the state holds them
 
 
-def _constant(tensor: Tensor, name: str, taken: set[str], source: str) -> list[Node]:
+def _constant(tensor: Tensor, name: str, builder: GraphBuilder) -> Value:
     """Creation nodes that rebuild a constant the forward made (`torch.tensor([...])`).
 
     The IR is text that parses back, so a constant lives in the graph as its literal values:
@@ -347,30 +342,20 @@ def _constant(tensor: Tensor, name: str, taken: set[str], source: str) -> list[N
     per element, stacked and viewed to its shape. Big tables are refused: as a registered
     buffer they become a graph input instead of thousands of nodes.
     """
-    shape, dtype = tuple(tensor.shape), tensor.dtype
+    shape, dtype = list(tensor.shape), tensor.dtype
     # a constant made on the meta device (planning) has no values: only its shape matters
     flat = [0] * tensor.numel() if tensor.is_meta else tensor.detach().cpu().flatten().tolist()
-
-    def node(op: str, args: tuple[object, ...], kwargs: dict[str, object], out: tuple) -> Node:
-        out_name = f"{name}_{op}" if op != "full" else name
-        while out_name in taken:
-            out_name += "_"
-        taken.add(out_name)
-        return Node(op, args, kwargs, [Value(out_name, out, dtype)], Phase.FORWARD, source)
-
     if len(set(flat)) <= 1:
-        return [node("full", (list(shape), flat[0] if flat else 0), {"dtype": dtype}, shape)]
+        return builder.emit1("full", (shape, flat[0] if flat else 0), {"dtype": dtype}, name)
     if len(flat) > CONSTANT_ELEMENTS:
-        where = f" at {source}" if source else ""
+        where = f" at {builder.source}" if builder.source else ""
         raise TraceError(
             f"the forward builds a constant tensor of {len(flat)} elements{where}; memfit keeps"
             f" constants of up to {CONSTANT_ELEMENTS} elements in the graph. Register it once as"
             " a buffer (self.register_buffer(name, tensor, persistent=False)) and read that"
         )
-    scalars = [node("scalar_tensor", (x,), {"dtype": dtype}, ()) for x in flat]
-    stacked = node("stack", ([n.outputs[0] for n in scalars],), {}, (len(flat),))
-    viewed = node("view", (stacked.outputs[0], list(shape)), {}, shape)
-    return [*scalars, stacked, viewed]
+    scalars = [builder.emit1("scalar_tensor", (x,), {"dtype": dtype}, name) for x in flat]
+    return builder.emit1("view", (builder.emit1("stack", (scalars,), {}, name), shape), {}, name)
 
 
 def _functional(fx_node: fx.Node, op: str, order: dict[fx.Node, int], source: str) -> str:

@@ -20,6 +20,7 @@ from compiler.compile import CompileOptions, compile_model  # noqa: E402
 from compiler.lora import target_modules  # noqa: E402
 from compiler.models.adapter import LORA_TARGETS, decoder_blocks  # noqa: E402
 from compiler.models.hf import HFModelError, as_example, load_hf  # noqa: E402
+from compiler.passes.recompute import RecomputePolicy  # noqa: E402
 from compiler.trace import AdamW  # noqa: E402
 from examples import ExampleModel  # noqa: E402
 from examples.loss import lm_loss  # noqa: E402
@@ -148,7 +149,10 @@ def test_weights_that_do_not_match_the_config_name_the_file(tmp_path: Path) -> N
     with pytest.raises(HFModelError) as info:
         load_hf(f"hf:{tmp_path}")
     message = str(info.value)
-    assert "model.safetensors: tensor model.layers.0.mlp" in message and "[64, 32]" in message
+    assert "model.safetensors: tensor model.layers.0.mlp.down_proj.weight has shape [32, 64]" in (
+        message
+    )
+    assert "config.json makes it [32, 48]" in message
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2_moe"])
@@ -156,8 +160,8 @@ def test_per_layer_checkpointing_finds_the_blocks_and_equals_eager(family: str) 
     example = tiny_model(family)
     blocks = decoder_blocks(example.module)
     assert blocks is example.module.model.layers
-    policy = {"checkpoint_layers": len(blocks)}
-    options = CompileOptions(batch_size=2, seq_len=16, return_grads=True, recompute_policy=policy)
+    policy = RecomputePolicy(checkpoint_layers=len(blocks))
+    options = CompileOptions(batch_size=2, seq_len=16, return_grads=True, recompute=policy)
     compiled = compile_model(example, lm_loss, options)
     default = compile_model(tiny_model(family), lm_loss, CompileOptions(2, 16, return_grads=True))
     assert compiled.plan.recompute["values"] and compiled.plan.recompute != default.plan.recompute

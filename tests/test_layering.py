@@ -64,7 +64,8 @@ def test_checker_finds_each_kind_of_violation(tmp_path: Path) -> None:
         (tmp_path / package).mkdir()
     (tmp_path / "compiler" / "passes").mkdir()
     (tmp_path / "compiler" / "passes" / "p.py").write_text(
-        "import torch\nfrom compiler.ir import Graph\n\n\ndef f():\n    from runtime.eager import x\n"
+        "import torch\nfrom compiler.ir import Graph\n\n\n"
+        "def f():\n    from runtime.eager import x\n"
     )
     (tmp_path / "pipelines" / "cmd.py").write_text("import click\nfrom . import errors\n")
     (tmp_path / "examples" / "m.py").write_text("import os\nimport torch\nimport numpy\n")

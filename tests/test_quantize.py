@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
@@ -28,6 +28,7 @@ from compiler.quantize import (
 from examples.loss import lm_loss
 from runtime.eager import run_graph
 from runtime.program import initial_state
+from tests.strategies import examples
 
 NF4_HALF_GAP = max(b - a for a, b in zip(NF4_LEVELS, NF4_LEVELS[1:], strict=False)) / 2
 
@@ -42,7 +43,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
     seed=st.integers(0, 2**16),
     mode=st.sampled_from(["int8", "nf4"]),
 )
-@settings(max_examples=40, deadline=None)
+@examples(40)
 def test_round_trip_is_within_half_a_step_of_each_block(
     rows: int, blocks_per_row: int, scale: float, seed: int, mode: str
 ) -> None:
