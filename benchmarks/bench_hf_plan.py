@@ -87,7 +87,7 @@ def run(config: dict[str, object], args: list[str]) -> tuple[float, float, str, 
         wall = time.perf_counter() - start
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    peak = re.search(r"(step peak|peak per rank)[^\n]*?([\d.]+ [KMGT]?i?B)", done.stdout)
+    peak = re.search(r"(step peak|peak \(live bytes\))[^\n]*?([\d.]+ [KMGT]?i?B)", done.stdout)
     shown = peak.group(2) if peak else (done.stderr.strip().splitlines() or ["?"])[-1][:60]
     return wall, cpu, shown, done.returncode
 
