@@ -21,9 +21,8 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 
-from compiler import custom_ops
 from compiler.ir import Graph, Node, Role, Value
-from compiler.ops import Kind, kind
+from compiler.ops import Kind, kind, workspace_bytes
 
 ALIGN = 64  # bytes; every buffer starts on a cache line (and stays valid for any dtype view)
 
@@ -73,10 +72,10 @@ def storage(graph: Graph) -> Storage:
 def scratch(graph: Graph) -> list[int]:
     """Bytes each step's kernel holds outside the arena besides its inputs and outputs.
 
-    Only the fused linear cross-entropy ops say what they hold (a chunk of logits); ATen's own
-    scratch inside its kernels is small and not modelled.
+    Only memfit's own ops say what they hold (a chunk of logits, a block of attention scores);
+    ATen's own scratch inside its kernels is small and not modelled.
     """
-    return [custom_ops.workspace_bytes(n) if n.op in custom_ops.OPS else 0 for n in graph.nodes]
+    return [workspace_bytes(n) for n in graph.nodes]
 
 
 class Lifetime(NamedTuple):

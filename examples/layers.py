@@ -1,20 +1,13 @@
 """Pieces both example decoders share, written so make_fx sees plain aten ops.
 
-Attention is spelled out (matmul, masked_fill, softmax, matmul) rather than calling
-F.scaled_dot_product_attention, so the traced graph exposes the [B, H, T, T] score and
-probability tensors that memory planning and rematerialisation have to reason about.
+Attention calls F.scaled_dot_product_attention: memfit traces it as one op whose saved state
+is the output and the row log-sum-exp (compiler/attention.py), so no [B, H, T, T] scores are
+held; eager PyTorch runs its own fused kernels, the reference the compiled step is checked
+against.
 """
 
-import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
-
-
-def causal_mask(block_size: int) -> Tensor:
-    """[block_size, block_size] bool, True above the diagonal: the future a query must not see.
-
-    Storing the *future* (not the allowed past) lets forward mask without a logical_not op.
-    """
-    return torch.ones(block_size, block_size, dtype=torch.bool).triu(1)
 
 
 def split_heads(x: Tensor, n_head: int) -> Tensor:
@@ -27,10 +20,12 @@ def merge_heads(x: Tensor) -> Tensor:
     return x.transpose(1, 2).flatten(2)
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, future: Tensor) -> Tensor:
-    """softmax(q kᵀ / sqrt(D), future masked out) v for [B, H, T, D] inputs, future [T, T]."""
-    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
-    return scores.masked_fill(future, float("-inf")).softmax(dim=-1) @ v
+def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """softmax(q kᵀ / sqrt(D), future masked out) v for q [B, H, T, D] and k, v [B, Hkv, T, D]
+    (grouped-query when Hkv < H: k and v are not repeated)."""
+    return F.scaled_dot_product_attention(
+        q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1]
+    )
 
 
 def init_normal(module: nn.Module, std: float = 0.02) -> None:

@@ -205,6 +205,10 @@ class _Rewrite:
             )
         return self.b.emit1("view", (flat, list(shape)), name=name, role=flat.role)
 
+    def state(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Value:
+        """A new optimizer-state input (a moment, a master shard) under exactly `name`."""
+        return self.b.input(name, shape, dtype, Role.OPTIMIZER_STATE)
+
     # --- the rewrite ------------------------------------------------------------------------
 
     def run(self) -> Graph:
@@ -280,10 +284,7 @@ class _Rewrite:
                     else self.piece(grad, offset, shape, f"grad.{name}")
                 )
                 p = params[name]
-                m, v = (
-                    self.b.input(pre + name, p.shape, p.dtype, Role.OPTIMIZER_STATE)
-                    for pre in STATE_PREFIXES
-                )
+                m, v = (self.state(pre + name, p.shape, p.dtype) for pre in STATE_PREFIXES)
                 new_p = self.adamw(name, p, g, m, v, lr, step)
                 self.b.write(p, new_p)
             return
@@ -291,15 +292,10 @@ class _Rewrite:
         members = [params[n] for n in bucket.names]
         f32 = self.params[bucket.names[0]].dtype
         if self.low is not None:
-            p = self.b.input(
-                ShardLayout.state_name(MASTER, k), (bucket.shard,), f32, Role.OPTIMIZER_STATE
-            )
+            p = self.state(ShardLayout.state_name(MASTER, k), (bucket.shard,), f32)
         else:
             p = self.b.emit1(collectives.SHARD, (members, DP, dp), name=f"param.{tag}")
-        m, v = (
-            self.b.input(ShardLayout.state_name(pre, k), p.shape, f32, Role.OPTIMIZER_STATE)
-            for pre in STATE_PREFIXES
-        )
+        m, v = (self.state(ShardLayout.state_name(pre, k), p.shape, f32) for pre in STATE_PREFIXES)
         assert grad is not None
         new_p = self.adamw(tag, p, grad, m, v, lr, step)
         if self.low is not None:
