@@ -20,6 +20,7 @@ peft = pytest.importorskip("peft")
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers  # noqa: E402
 
 from compiler.models import resolve_model  # noqa: E402
+from compiler.models.adapter import ATTN_IMPLEMENTATION  # noqa: E402
 from memfit.cli import main  # noqa: E402
 from runtime.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
 from runtime.train import TrainConfig, Trainer  # noqa: E402
@@ -104,7 +105,7 @@ def test_full_fine_tune_exports_what_from_pretrained_loads(
         for name, p in params.items():
             p.copy_(trained[name])
     exported = transformers.AutoModelForCausalLM.from_pretrained(
-        out, dtype=torch.float32, attn_implementation="eager"
+        out, dtype=torch.float32, attn_implementation=ATTN_IMPLEMENTATION
     )
     assert not torch.equal(_logits(reference), before)  # five steps moved the weights
     torch.testing.assert_close(_logits(exported), _logits(reference), rtol=0, atol=0)
@@ -123,7 +124,7 @@ def test_lora_run_exports_a_peft_adapter(model_dir: Path, data_dir: Path, tmp_pa
     trained, _ = load_checkpoint(latest_checkpoint(run / "checkpoints"))
     assert any(t.abs().sum() > 0 for n, t in trained.items() if n.endswith("lora_B"))
     base = transformers.AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.float32, attn_implementation="eager"
+        model_dir, dtype=torch.float32, attn_implementation=ATTN_IMPLEMENTATION
     )
     merged = resolve_model(f"hf:{model_dir}").module
     with torch.no_grad():

@@ -1,8 +1,9 @@
 """What memfit needs to know about Hugging Face model families, as data in one place.
 
-`transformers` models trace as they come once three settings are fixed: attention in its
-eager (matmul + softmax) form, mixture-of-experts layers as gathers + batched matmuls (static
-shapes: no `nonzero` over the routing), and no KV cache. Context length hides under a different
+`transformers` models trace as they come once three settings are fixed: attention through
+`F.scaled_dot_product_attention` (traced as memfit's fused attention op, compiler/trace.py),
+mixture-of-experts layers as gathers + batched matmuls (static shapes: no `nonzero` over the
+routing), and no KV cache. Context length hides under a different
 config key per family. Everything family-specific that a pass or the CLI reads lives here.
 """
 
@@ -14,8 +15,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-# Until SDPA traces to memfit's fused attention op, attention is traced through HF's eager path.
-ATTN_IMPLEMENTATION = "eager"
+# SDPA traces to memfit's attention op (no [T, T] scores saved); "eager" spells it out.
+ATTN_IMPLEMENTATION = "sdpa"
 # HF's batched_mm experts gather each token's expert weights and run one bmm: a static graph.
 EXPERTS_IMPLEMENTATION = "batched_mm"
 # Where families keep their context length, in the order they are looked up.
@@ -29,7 +30,7 @@ CONTEXT_KEYS = (
 )
 # Settings that avoid a failure, keyed by the library file it happens in (errors name them).
 KNOWN_SETTINGS: dict[str, str] = {
-    "sdpa_attention.py": f'load the model with attn_implementation="{ATTN_IMPLEMENTATION}"',
+    "sdpa_attention.py": 'load the model with attn_implementation="eager"',
     "flash_attention.py": f'load the model with attn_implementation="{ATTN_IMPLEMENTATION}"',
     "flex_attention.py": f'load the model with attn_implementation="{ATTN_IMPLEMENTATION}"',
     "moe.py": f'load the model with experts_implementation="{EXPERTS_IMPLEMENTATION}"',
