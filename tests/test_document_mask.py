@@ -75,3 +75,16 @@ def test_packed_loss_with_the_mask_equals_the_documents_alone(name: str) -> None
     masked.backward()
     for (n, p), g in zip(model.named_parameters(), grads, strict=True):
         torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_document_mask_option_sets_the_data_eos_or_names_the_problem() -> None:
+    from pipelines.manifest import Manifest
+    from runtime.train import TrainingError, mask_documents
+
+    manifest = Manifest.__new__(Manifest)
+    object.__setattr__(manifest, "tokenizer", {"kind": "byte", "eos_id": 7})
+    model = build_example("llama-tiny").module
+    mask_documents(model, manifest, "llama-tiny")
+    assert model.document_eos == 7
+    with pytest.raises(TrainingError, match="--document-mask: my.py:f has no `document_eos`"):
+        mask_documents(torch.nn.Linear(2, 2), manifest, "my.py:f")
