@@ -3,15 +3,19 @@
 `memfit/cli.py` registers the command with `cli.add_command(prepare_command, "prepare")`.
 """
 
+from __future__ import annotations
+
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
 from rich.table import Table
 
 from pipelines.errors import DataError
-from pipelines.manifest import Manifest
-from pipelines.prepare import prepare
+
+if TYPE_CHECKING:  # pyarrow and numpy load when the command runs, not for --help
+    from pipelines.manifest import Manifest
 
 
 class DataErrorExit(click.ClickException):
@@ -62,6 +66,8 @@ def prepare_command(
     overwrite: bool,
 ) -> None:
     """Tokenize text, JSONL or Parquet INPUTS (files or directories) into Arrow files in --out."""
+    from pipelines.prepare import prepare
+
     try:
         manifest = prepare(
             list(inputs),

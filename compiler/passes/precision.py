@@ -30,7 +30,6 @@ an overflowing step leaves parameters and moments untouched, with no host sync i
 
 from __future__ import annotations
 
-import enum
 import logging
 from collections.abc import Callable
 
@@ -43,33 +42,10 @@ from compiler.errors import VerifyError
 from compiler.ir import DTYPE_NAMES, Graph, Node, Phase, Role, Value, format_node
 from compiler.ops import Kind, kind
 from compiler.passes.manager import PassContext
+from compiler.precisions import Precision
 from compiler.trace import eliminate_dead_nodes, mark_activations
 
 log = logging.getLogger(__name__)
-
-
-class Precision(enum.StrEnum):
-    """A step's compute precision; master weights, optimizer states and accumulators stay fp32.
-
-    One value from the command line through compile, plan and train: a name outside the enum
-    fails where it is converted, not deep in a pass."""
-
-    FP32 = "fp32"
-    BF16 = "bf16"
-    FP16 = "fp16"
-
-    @property
-    def low_dtype(self) -> torch.dtype | None:
-        """The dtype the step computes in, or None when that is fp32 (nothing to lower)."""
-        return {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}.get(self)
-
-    @classmethod
-    def _missing_(cls, value: object) -> Precision:
-        names = ", ".join(cls)
-        raise ValueError(f"unknown precision {value!r}; choose one of {names}")
-
-
-PRECISIONS = tuple(p.value for p in Precision)  # the names a command line offers
 
 
 LOSS_SCALE, FOUND_INF = "loss_scale", "found_inf"
