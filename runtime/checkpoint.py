@@ -210,9 +210,17 @@ def find_resumable(directory: Path) -> Resumable:
     raise CheckpointError(f"--resume: no intact checkpoint in {directory} ({found})")
 
 
-def load_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def load_state(path: Path) -> dict[str, Any]:
+    """state.json of checkpoint `path`: what a resume checks before loading any tensor."""
     try:
-        state = json.loads((path / STATE).read_text())
+        return json.loads((path / STATE).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({e})") from e
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    state = load_state(path)
+    try:
         return load_file(path / TENSORS), state
-    except (OSError, ValueError, SafetensorError) as e:
+    except (OSError, SafetensorError) as e:
         raise CheckpointError(f"checkpoint {path} cannot be read ({e})") from e

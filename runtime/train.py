@@ -39,6 +39,7 @@ from runtime.checkpoint import (
     find_resumable,
     latest_checkpoint,
     load_checkpoint,
+    load_state,
     remove_stale,
     save_checkpoint,
     write_text_atomic,
@@ -186,6 +187,9 @@ class Trainer:
         self.loader = WindowLoader(train_data, cfg.batch_size, self.seq_len, seed=cfg.seed)
         window_tokens = cfg.batch_size * self.seq_len
         self.val_dataset = _optional_split(data_dir, "val", window_tokens, cfg.cache_dir)
+        self.settings = run_settings(cfg, self.seq_len, self.manifest)
+        self.checkpoints = cfg.out / CHECKPOINTS
+        resume_from = self._resumable()  # refused before anything is compiled
         optimizer = AdamW(weight_decay=cfg.weight_decay)
         accumulate = cfg.grad_accum > 1
         say(f"tracing {cfg.model} (batch {cfg.batch_size} × {self.seq_len})")
@@ -230,17 +234,8 @@ class Trainer:
                 self.train_program.backend,
             )
         self.step = 0
-        self.settings = run_settings(cfg, self.seq_len, self.manifest)
-        self.checkpoints = cfg.out / CHECKPOINTS
-        if self.is_writer and self.checkpoints.is_dir():
-            remove_stale(self.checkpoints)
-        if cfg.resume:
-            self._resume()
-        elif done := checkpoints(self.checkpoints):
-            raise TrainingError(
-                f"{cfg.out} already holds a run (checkpoint {done[-1].name}); pass --resume to"
-                " continue it or --out for a new run (nothing was overwritten)"
-            )
+        if resume_from is not None:
+            self._resume(resume_from)
 
     # --- one step -------------------------------------------------------------------------
 
@@ -356,14 +351,28 @@ class Trainer:
             raise failure or CheckpointError(f"rank 0 could not write {path}; see its error")
         return path
 
-    def _resume(self) -> None:
+    def _resumable(self) -> Path | None:
+        """The checkpoint `--resume` starts from, checked against this run before anything is
+        compiled; None for a fresh run, refused if `--out` already holds one."""
+        if self.is_writer and self.checkpoints.is_dir():
+            remove_stale(self.checkpoints)
+        if not self.cfg.resume:
+            if done := checkpoints(self.checkpoints):
+                raise TrainingError(
+                    f"{self.cfg.out} already holds a run (checkpoint {done[-1].name}); pass"
+                    " --resume to continue it or --out for a new run (nothing was overwritten)"
+                )
+            return None
         found = find_resumable(self.checkpoints)
-        path = found.path
         if found.skipped:
             self.notices.append(found.report())
-        tensors, state = load_checkpoint(path)
+        state = load_state(found.path)
         token_mismatch_check(self.manifest, state["tokenizer"])
-        check_resume(state.get("settings"), self.settings, path)
+        check_resume(state.get("settings"), self.settings, found.path)
+        return found.path
+
+    def _resume(self, path: Path) -> None:
+        tensors, state = load_checkpoint(path)
         if self.parallel is not None:  # the checkpoint is full: take this rank's pieces
             tensors = self.parallel.to_local(tensors, self.state)
         missing = self.state.keys() - tensors.keys()
