@@ -38,6 +38,8 @@ from compiler.ops import OP_KINDS, ir_name
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 STATE_PREFIXES = ("exp_avg.", "exp_avg_sq.")
+GRAD_ACCUM = "grad_accum."  # prefix of each trainable parameter's accumulation buffer
+LR, STEP = "lr", "step"  # the optimizer's per-step scalar inputs
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,20 @@ class AdamW:
     weight_decay: float = 0.01
 
 
+@dataclass(frozen=True)
+class Accumulate:
+    """Gradient accumulation inside the step, over `micro_steps` micro-batches.
+
+    Each micro-step adds its gradients into persistent `grad_accum.NAME` buffers (planned
+    state, so a resume or the fit check sees them). The `apply` graph is the last micro-step:
+    it adds its own gradients, updates with their mean and zeroes the buffers, so a step is
+    `micro_steps - 1` runs of the other graph, then one of this one.
+    """
+
+    micro_steps: int
+    apply: bool
+
+
 def trace(
     module: nn.Module,
     loss_fn: LossFn,
@@ -58,16 +74,20 @@ def trace(
     return_grads: bool = False,
     training: bool = True,
     batch_names: tuple[str, str] = ("tokens", "targets"),
+    accumulate: Accumulate | None = None,
 ) -> Graph:
     """The training step of `module` on a batch shaped like `batch`, as an IR graph.
 
     Graph inputs, in order: parameters, buffers, optimizer states (`exp_avg.NAME`,
-    `exp_avg_sq.NAME` for each trainable parameter), the batch, then `lr` and `step` (f64
-    scalars) when there is an optimizer. Outputs: the loss, then the gradients if asked.
-    `training=False` traces the forward and loss alone (validation).
+    `exp_avg_sq.NAME` for each trainable parameter), accumulation buffers with `accumulate`,
+    the batch, then `lr` and `step` (f64 scalars) when there is an optimizer. Outputs: the
+    loss, then the gradients if asked. `training=False` traces the forward and loss alone
+    (validation).
     """
     if not training:
-        optimizer = None
+        optimizer = accumulate = None
+    if accumulate is not None and not accumulate.apply:
+        optimizer = None  # a micro-step only adds its gradients up
     params = dict(module.named_parameters())
     buffers = dict(module.named_buffers())
     trainable = [n for n, p in params.items() if p.requires_grad] if training else []
@@ -80,7 +100,9 @@ def trace(
         b_vals, rest = rest[:n_b], rest[n_b:]
         bound = dict(zip(params, p_vals, strict=True)) | dict(zip(buffers, b_vals, strict=True))
         n_states = 2 * n_t if optimizer else 0
-        states, (x, y), scalars = rest[:n_states], rest[n_states : n_states + 2], rest[-2:]
+        states, rest = rest[:n_states], rest[n_states:]
+        sums, rest = (rest[:n_t], rest[n_t:]) if accumulate else ((), rest)
+        (x, y), scalars = rest[:2], rest[-2:]
         with AttentionAsOneOp():
             loss = loss_fn(functional_call(module, bound, (x,)), y)
         if loss.ndim != 0:
@@ -93,15 +115,22 @@ def trace(
             torch.zeros_like(p) if g is None else g for p, g in zip(leaves, grads, strict=True)
         ]
         outs = [loss, *grads]
+        if accumulate:
+            summed = [a + g for a, g in zip(sums, grads, strict=True)]
+            if not accumulate.apply:
+                return outs + summed
+            grads = [s / accumulate.micro_steps for s in summed]
         if optimizer:
             lr, t = scalars
             outs += _adamw(optimizer, leaves, grads, states[:n_t], states[n_t:], lr, t)
-        return outs
+        return outs + ([torch.zeros_like(a) for a in sums] if accumulate else [])
 
     example = [p.detach().requires_grad_(p.requires_grad) for p in params.values()]
     example += [b.detach() for b in buffers.values()]
     if optimizer:
         example += [torch.zeros_like(params[n]) for _ in range(2) for n in trainable]
+    if accumulate:
+        example += [torch.zeros_like(params[n]) for n in trainable]
     example += [t.detach() for t in batch]
     if optimizer:
         example += [torch.tensor(1e-3, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)]
@@ -112,13 +141,15 @@ def trace(
     if optimizer:
         names += [p + n for p in STATE_PREFIXES for n in trainable]
         roles += [Role.OPTIMIZER_STATE] * (2 * n_t)
-    names += list(batch_names)
-    roles += [Role.INPUT, Role.INPUT]
+    sums = [GRAD_ACCUM + n for n in trainable] if accumulate else []
+    names += [*sums, *batch_names]
+    roles += [Role.GRAD_ACCUM] * len(sums) + [Role.INPUT, Role.INPUT]
     if optimizer:
-        names += ["lr", "step"]
+        names += [LR, STEP]
         roles += [Role.INPUT, Role.INPUT]
     writes = [*trainable, *names[n_p + n_b : n_p + n_b + 2 * n_t]] if optimizer else []
-    return _to_ir(gm, names, roles, n_t, writes, return_grads or not optimizer)
+    return_grads = return_grads or not (optimizer or accumulate)
+    return _to_ir(gm, names, roles, n_t, [*writes, *sums], return_grads)
 
 
 def trace_update(params: dict[str, Tensor], optimizer: AdamW = AdamW()) -> Graph:
@@ -140,7 +171,7 @@ def trace_update(params: dict[str, Tensor], optimizer: AdamW = AdamW()) -> Graph
     gm = _make_fx(update, example)
     roles = [Role.PARAM, Role.GRAD, Role.OPTIMIZER_STATE, Role.OPTIMIZER_STATE]
     all_names = [*names, *(f"grad.{k}" for k in names)]
-    all_names += [p + k for p in STATE_PREFIXES for k in names] + ["lr", "step"]
+    all_names += [p + k for p in STATE_PREFIXES for k in names] + [LR, STEP]
     all_roles = [r for r in roles for _ in range(n)] + [Role.INPUT, Role.INPUT]
     writes = [*names, *all_names[2 * n : 4 * n]]
     return _to_ir(gm, all_names, all_roles, 0, writes, return_grads=False)

@@ -15,7 +15,8 @@ Program runs out of an arena with
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import operator
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cache, partial
 from typing import Any
@@ -27,12 +28,13 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from compiler.ir import Graph, Node, Value
 from compiler.liveness import UPDATES_SELF
-from compiler.meta import bind, results, run_node
+from compiler.meta import bind, results
 from compiler.ops import INTO, OP_KINDS, Kind, kind, resolve
 from compiler.plan import MemoryPlan
 from runtime.interpreter import Env, Interpreter, Step
 
 Run = Callable[[Env], list[Tensor]]
+Binder = Callable[[Env], Any]
 
 _ARITHMETIC = ("add", "sub", "mul", "div", "eq", "ne", "lt", "gt", "le", "ge")
 _TENSOR_FORM = {f"{p}.Scalar": f"{p}.Tensor" for p in _ARITHMETIC} | {
@@ -71,9 +73,21 @@ def out_variant(op: str) -> tuple[torch._ops.OpOverload, tuple[str, ...]] | None
 class Arena(Interpreter):
     """Runs `graph` as `plan` lays it out; callable as a `runtime.program.Backend`."""
 
-    def __init__(self, graph: Graph, plan: MemoryPlan, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        graph: Graph,
+        plan: MemoryPlan,
+        device: torch.device | str = "cpu",
+        buffer: Tensor | None = None,
+    ) -> None:
+        """`buffer`: uint8 bytes to lay the plan out in (steps that never run at once share
+        one, e.g. a micro-step and the step that applies the update); default: a new one."""
         super().__init__(graph, device)
-        self.buffer = torch.empty(plan.arena_bytes, dtype=torch.uint8, device=self.device)
+        if buffer is None:
+            buffer = torch.empty(plan.arena_bytes, dtype=torch.uint8, device=self.device)
+        if buffer.numel() < plan.arena_bytes:
+            raise ValueError(f"the buffer holds {buffer.numel()} bytes, the plan needs more")
+        self.buffer = buffer
         placed = {v.name: v for v in plan.values}
         self.views: Env = {}
         for node in graph.nodes:
@@ -92,11 +106,16 @@ class Arena(Interpreter):
     def run_node(self, node: Node, env: Env) -> list[Tensor]:
         return self.compiled[id(node)](env)
 
+    def runner(self, step: Step) -> Run:
+        return self.compiled[id(step)]
+
     def compile(self, node: Node) -> Run:
         """One node as a function of the environment of tensors, writing into its views."""
         op, args, kwargs = node.op, node.args, node.kwargs
-        if kind(op) in (Kind.WRITE, Kind.VIEW):  # copy_ into state; views alias, write nothing
-            return lambda env: run_node(node, env, self.device)
+        if kind(op) is Kind.WRITE:
+            return partial(_write, _binder(args[0]), _binder(args[1]))
+        if kind(op) is Kind.VIEW:
+            return partial(_define, _call(resolve(op), args, kwargs))
         if op == "empty.memory_format":
             return lambda env: [self.views.get(id(node.outputs[0]))]
         outs = [self.views[id(v)] for v in node.outputs]
@@ -104,7 +123,8 @@ class Arena(Interpreter):
             value = args[_FILL[op]] if op in _FILL else _CONSTANT[op]
             return lambda env: [outs[0].fill_(value)]
         if op in ("clone", "_to_copy"):
-            return lambda env: [outs[0].copy_(bind(args[0], env))]
+            src = _binder(args[0])
+            return lambda env: [outs[0].copy_(src(env))]
         if op == "embedding":
             return partial(_embedding, outs, args)
         if op in _IN_PLACE:
@@ -117,9 +137,9 @@ class Arena(Interpreter):
         found = out_variant(op)
         if found is None:
             self.fallbacks.add(node.op)
-            return partial(_compute_then_copy, outs, resolve(op), args, kwargs)
+            return partial(_compute_then_copy, outs, _call(resolve(op), args, kwargs))
         fn, names = found
-        return partial(_run_out, fn, dict(zip(names, outs, strict=True)), args, kwargs)
+        return _run_out(fn, dict(zip(names, outs, strict=True)), args, kwargs)
 
     def _wrap_scalars(self, node: Node, op: str) -> tuple[Any, ...]:
         """Python numbers passed where `op` takes a Tensor become 0-dim CPU tensors, made once
@@ -146,12 +166,26 @@ class Arena(Interpreter):
         return tuple(args)
 
 
-def _run_out(
-    fn: Callable[..., Any], outs: dict[str, Tensor], args: Any, kwargs: Any, env: Env
-) -> list[Tensor]:
+def _write(dst: Binder, src: Binder, env: Env) -> list[Tensor]:
+    """copy_: the new value into the persistent tensor (no outputs)."""
+    dst(env).copy_(src(env))
+    return []
+
+
+def _define(call: Binder, env: Env) -> list[Tensor]:
+    """Run a view op: its results alias its input, nothing is written."""
+    return results(call(env))
+
+
+def _run_out(fn: Callable[..., Any], outs: dict[str, Tensor], args: Any, kwargs: Any) -> Run:
     """The usual case: the op's out= overload writes into the planned views."""
-    fn(*bind(args, env), **bind(kwargs, env), **outs)
-    return list(outs.values())
+    call, written = _call(fn, args, {**kwargs, **outs}), list(outs.values())
+
+    def run(env: Env) -> list[Tensor]:
+        call(env)
+        return written
+
+    return run
 
 
 def _embedding(outs: list[Tensor], args: Any, env: Env) -> list[Tensor]:
@@ -171,11 +205,9 @@ def _run_into(
     return outs
 
 
-def _compute_then_copy(
-    outs: list[Tensor], fn: Callable[..., Any], args: Any, kwargs: Any, env: Env
-) -> list[Tensor]:
+def _compute_then_copy(outs: list[Tensor], call: Binder, env: Env) -> list[Tensor]:
     """The fallback for ops with no allocation-free form: their results are allocated."""
-    for o, t in zip(outs, results(fn(*bind(args, env), **bind(kwargs, env))), strict=True):
+    for o, t in zip(outs, results(call(env)), strict=True):
         o.copy_(t)
     return outs
 
@@ -190,6 +222,52 @@ def _update_copy(
         dst.copy_(src)
     update(dst, *bind(args[1:], env), **bind(kwargs, env))
     return outs
+
+
+def _call(fn: Callable[..., Any], args: Any, kwargs: Mapping[str, Any]) -> Binder:
+    """`fn(*args, **kwargs)` as a function of the environment, the walk over the arguments
+    done once, here, and an OpOverload called through its C++ callable (past its Python
+    `__call__`): per node and step, Python then does one call and a few lookups."""
+    fn = getattr(fn, "_op", fn)
+    bind_args, bind_kwargs = _binder(list(args)), _binder(dict(kwargs))
+    if not _holds_value(kwargs):
+        return lambda env: fn(*bind_args(env), **kwargs)
+    return lambda env: fn(*bind_args(env), **bind_kwargs(env))
+
+
+def _binder(obj: Any) -> Binder:
+    """`lambda env: bind(obj, env)` with the structure of `obj` walked once (tuples of
+    tensors become lists, which ATen takes alike)."""
+    if isinstance(obj, Value):
+        return operator.itemgetter(id(obj))
+    if not _holds_value(obj):
+        return lambda env: obj
+    if isinstance(obj, dict):
+        parts = {k: _binder(v) for k, v in obj.items()}
+        return lambda env: {k: p(env) for k, p in parts.items()}
+    items = list(obj)
+    if len(items) > 1 and all(isinstance(x, Value) for x in items):
+        getter = operator.itemgetter(*(id(x) for x in items))
+        return lambda env: list(getter(env))
+    slots = [(i, _binder(x)) for i, x in enumerate(items) if _holds_value(x)]
+
+    def fill(env: Env) -> list[Any]:
+        filled = items.copy()
+        for i, b in slots:
+            filled[i] = b(env)
+        return filled
+
+    return fill
+
+
+def _holds_value(obj: Any) -> bool:
+    if isinstance(obj, Value):
+        return True
+    if isinstance(obj, list | tuple):
+        return any(_holds_value(x) for x in obj)
+    if isinstance(obj, dict):
+        return any(_holds_value(x) for x in obj.values())
+    return False
 
 
 @dataclass(frozen=True)

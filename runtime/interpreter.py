@@ -8,8 +8,8 @@ steps and overrides `run_kernel`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from functools import cached_property
+from collections.abc import Callable, Mapping, Sequence
+from functools import cached_property, partial
 
 import torch
 from torch import Tensor
@@ -21,6 +21,7 @@ from compiler.ops import Kind, kind
 
 Env = dict[int, Tensor]
 Step = Node | Kernel
+Runner = Callable[[Env], Sequence[Tensor]]
 
 
 def reads(step: Step) -> Sequence[Value]:
@@ -57,22 +58,37 @@ class Interpreter:
             last[id(v)] = len(self.steps)
         return last
 
+    @cached_property
+    def program(self) -> list[tuple[Runner, tuple[int, ...], tuple[int, ...]]]:
+        """Per step: how it runs, where its outputs go (0: dropped at once, nothing reads
+        it) and which values die after it. Worked out once: the loop in `run` is what every
+        node costs in Python on every step."""
+        last = self.last_use
+        program = []
+        for i, step in enumerate(self.steps):
+            keep = tuple(id(v) if id(v) in last else 0 for v in step.outputs)
+            free = tuple(dict.fromkeys(id(v) for v in reads(step) if last.get(id(v)) == i))
+            program.append((self.runner(step), keep, free))
+        return program
+
+    def runner(self, step: Step) -> Runner:
+        """`step` as a function of the environment (a backend may prepare it once)."""
+        if isinstance(step, Kernel):
+            return partial(self.run_kernel, step)
+        return partial(self.run_node, step)
+
     def run(self, feeds: Mapping[str, Tensor]) -> list[Tensor]:
         """Run every step on the named input tensors; the graph's outputs, in order."""
         missing = [v.name for v in self.graph.inputs if v.name not in feeds]
         if missing:
             raise KeyError(f"missing graph inputs: {', '.join('%' + n for n in missing)}")
         env: Env = {id(v): feeds[v.name] for v in self.graph.inputs}
-        last = self.last_use
-        for i, step in enumerate(self.steps):
-            kernel = isinstance(step, Kernel)
-            results = self.run_kernel(step, env) if kernel else self.run_node(step, env)
-            for v, t in zip(step.outputs, results, strict=True):
-                if id(v) in last:  # a dead output is dropped at once
-                    env[id(v)] = t
-            for v in reads(step):
-                if last.get(id(v)) == i:
-                    del env[id(v)]
+        for run, keep, free in self.program:
+            for k, t in zip(keep, run(env), strict=True):
+                if k:
+                    env[k] = t
+            for k in free:
+                del env[k]
         return [env[id(v)] for v in self.graph.outputs]
 
     def run_node(self, node: Node, env: Env) -> Sequence[Tensor]:

@@ -181,13 +181,19 @@ class TritonArena(Arena):
     before writing it); a group planned any other overlapping way runs as its nodes.
     """
 
-    def __init__(self, graph: Graph, plan: MemoryPlan, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        graph: Graph,
+        plan: MemoryPlan,
+        device: torch.device | str = "cpu",
+        buffer: Tensor | None = None,
+    ) -> None:
         if torch.device(device).type == "cpu":
             require_interpreter()
         self.producer = graph.producers()
         self.launched: list[int] = []  # group ids run as kernels
         self.unfused: list[int] = []  # group ids run node by node (overlapping plan)
-        super().__init__(graph, plan, device)
+        super().__init__(graph, plan, device, buffer)
 
     def schedule(self) -> list[Step]:
         members = group_members(self.graph)
