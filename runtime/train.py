@@ -55,6 +55,7 @@ from runtime.checkpoint import (
     find_resumable,
     latest_checkpoint,
     load_checkpoint,
+    load_state,
     remove_stale,
     save_checkpoint,
     write_text_atomic,
@@ -100,6 +101,7 @@ class TrainConfig:
     precision: Precision = Precision.FP32  # master weights and AdamW states stay fp32
     lora: LoraConfig | None = None  # adapters on a frozen base
     quantize_base: str | None = None  # int8 | nf4 frozen base (with lora)
+    document_mask: bool = False  # attention within each packed document (the data's EOS)
     memory_budget: str | None = None  # SIZE or FRACTION, as `memfit plan --memory-budget`
     recompute: bool = True  # False: keep every activation the backward reads
     device_memory: str | None = None  # SIZE; default on CUDA: the device's free memory
@@ -146,6 +148,20 @@ class TrainConfig:
         if self.grad_accum > 1:
             raise TrainingError("--grad-accum with --dp/--tp is not supported yet")
         return mesh
+
+
+def mask_documents(module: torch.nn.Module, manifest: Manifest, model: str) -> None:
+    """--document-mask: the model attends within each document the data packs (and restarts
+    positions at each), split at the tokenizer's EOS."""
+    if not hasattr(module, "document_eos"):
+        raise TrainingError(
+            f"--document-mask: {model} has no `document_eos` attribute; the built-in gpt2 and"
+            " llama examples mask packed documents, a model file must handle it itself"
+        )
+    eos = manifest.tokenizer.get("eos_id")
+    if eos is None:
+        raise TrainingError("--document-mask: the prepared data's tokenizer names no eos_id")
+    module.document_eos = int(eos)
 
 
 def make_deterministic() -> None:
@@ -216,8 +232,13 @@ class Trainer:
                 f"the data in {data_dir} has a vocabulary of {vocab} tokens but {cfg.model}"
                 f" embeds only {example.vocab_size}"
             )
+        if cfg.document_mask:
+            mask_documents(example.module, self.manifest, cfg.model)
         window_tokens = cfg.batch_size * self.seq_len
         self.val_dataset = _optional_split(data_dir, "val", window_tokens, cfg.cache_dir)
+        self.settings = run_settings(cfg, self.seq_len, self.manifest)
+        self.checkpoints = cfg.out / CHECKPOINTS
+        self.resume_from = self._resumable()  # refused before anything is compiled
         say(f"tracing {cfg.model} (batch {cfg.batch_size} × {self.seq_len})")
         options = self.compile_options(mesh)
         self.compiled = compile_within(
@@ -247,17 +268,8 @@ class Trainer:
         self.step = 0
         self.measured_peak: int | None = None
         self._profiled = 0
-        self.settings = run_settings(cfg, self.seq_len, self.manifest)
-        self.checkpoints = cfg.out / CHECKPOINTS
-        if self.is_writer and self.checkpoints.is_dir():
-            remove_stale(self.checkpoints)
-        if cfg.resume:
-            self._resume()
-        elif done := checkpoints(self.checkpoints):
-            raise TrainingError(
-                f"{cfg.out} already holds a run (checkpoint {done[-1].name}); pass --resume to"
-                " continue it or --out for a new run (nothing was overwritten)"
-            )
+        if self.resume_from is not None:
+            self._resume(self.resume_from)
 
     def with_backend(self, name: str, out: Path) -> Trainer:
         """A new run of the same compiled steps from the same initial weights on another
@@ -267,6 +279,8 @@ class Trainer:
             raise TrainingError(f"the {name} backend needs its own compilation: a new Trainer")
         other = copy.copy(self)
         other.cfg = replace(self.cfg, backend=name, out=out, resume=False)
+        other.checkpoints = out / CHECKPOINTS
+        other.resume_from = other._resumable()  # a fresh run: refused if `out` holds one
         other.backend = backend
         other._start()
         return other
@@ -502,14 +516,28 @@ class Trainer:
             raise failure or CheckpointError(f"rank 0 could not write {path}; see its error")
         return path
 
-    def _resume(self) -> None:
+    def _resumable(self) -> Path | None:
+        """The checkpoint `--resume` starts from, checked against this run before anything is
+        compiled; None for a fresh run, refused if `--out` already holds one."""
+        if self.is_writer and self.checkpoints.is_dir():
+            remove_stale(self.checkpoints)
+        if not self.cfg.resume:
+            if done := checkpoints(self.checkpoints):
+                raise TrainingError(
+                    f"{self.cfg.out} already holds a run (checkpoint {done[-1].name}); pass"
+                    " --resume to continue it or --out for a new run (nothing was overwritten)"
+                )
+            return None
         found = find_resumable(self.checkpoints)
-        path = found.path
         if found.skipped:
             self.notices.append(found.report())
-        tensors, state = load_checkpoint(path)
+        state = load_state(found.path)
         token_mismatch_check(self.manifest, state["tokenizer"])
-        check_resume(state.get("settings"), self.settings, path)
+        check_resume(state.get("settings"), self.settings, found.path)
+        return found.path
+
+    def _resume(self, path: Path) -> None:
+        tensors, state = load_checkpoint(path)
         if self.parallel is not None:  # the checkpoint is full: take this rank's pieces
             tensors = self.parallel.to_local(tensors, self.state)
         missing = self.checkpointed.keys() - tensors.keys()

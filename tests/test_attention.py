@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
@@ -24,6 +24,7 @@ from examples import build_example
 from examples.loss import lm_loss
 from runtime.arena import Arena
 from runtime.program import Program
+from tests.strategies import examples
 
 TOL = {"rtol": 1e-5, "atol": 1e-6}
 
@@ -74,7 +75,7 @@ def _both(
     return results[0], results[1]
 
 
-@settings(max_examples=60, deadline=None)
+@examples(60)
 @given(problems())
 def test_op_is_exact_in_fp64(p: dict) -> None:
     """The blockwise algorithm is the definition: in fp64 they agree to rounding."""
@@ -83,16 +84,19 @@ def test_op_is_exact_in_fp64(p: dict) -> None:
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
 
 
-@settings(max_examples=30, deadline=None)
+@examples(30)
 @given(problems())
-def test_op_in_fp32_equals_the_definition(p: dict) -> None:
-    """In fp32 the op is within the compiled-step tolerance of the exact (fp64) definition,
-    atol per unit of the tensor's largest entry: gradients are sums with cancellation."""
-    got, want = _both(p, torch.float32, torch.float64)
-    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
-        atol = TOL["atol"] * max(1.0, b.abs().max().item())
-        torch.testing.assert_close(
-            a, b.float(), rtol=TOL["rtol"], atol=atol, msg=lambda m, n=name: f"{n}: {m}"
+def test_op_in_fp32_is_as_accurate_as_the_definition_in_fp32(p: dict) -> None:
+    """Against the exact (fp64) definition, the op's fp32 error is within the compiled-step
+    tolerance (atol per unit of the largest entry: gradients are sums with cancellation) or
+    within twice the error of the definition itself computed in fp32."""
+    got, exact = _both(p, torch.float32, torch.float64)
+    plain = _both(p, torch.float32)[1]
+    for name, a, b, c in zip(("out", "dq", "dk", "dv"), got, exact, plain, strict=True):
+        err, own = (a.double() - b).abs(), (c.double() - b).abs().max().item()
+        bound = TOL["rtol"] * b.abs() + max(TOL["atol"] * b.abs().max().item(), 2 * own)
+        assert bool((err <= bound).all()), (
+            f"{name}: error {err.max():.3g}, fp32 definition's {own:.3g}"
         )
 
 
