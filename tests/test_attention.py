@@ -163,6 +163,11 @@ class TinyAttention(nn.Module):
             kw["attn_mask"] = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
         elif self.mode == "other":  # not causal: spelled out
             kw["attn_mask"] = torch.ones(t, t, dtype=torch.bool, device=x.device).triu()
+        elif self.mode in ("documents", "two-tensors"):  # segment equality and causal
+            a = x % 3
+            b = a if self.mode == "documents" else x % 3  # equal, not one tensor: spelled out
+            same = a[:, None, :, None] == b[:, None, None, :]
+            kw["attn_mask"] = same & torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
         elif self.mode == "dropout":
             kw["dropout_p"] = 0.1
         y = F.scaled_dot_product_attention(q, k, v, **kw)
@@ -189,13 +194,15 @@ def _batch(vocab: int, b: int = 2, t: int = 9) -> tuple[Tensor, Tensor]:
     return x[:, :-1], x[:, 1:]
 
 
-@pytest.mark.parametrize("mode", ["causal", "mask", "other"])
+@pytest.mark.parametrize("mode", ["causal", "mask", "other", "documents", "two-tensors"])
 def test_sdpa_traces_into_the_op_and_matches_eager(mode: str) -> None:
     torch.manual_seed(0)
     model, batch = TinyAttention(mode), _batch(40)
     graph = trace(model, lm_loss, batch, return_grads=True)
     ops = _ops(graph)
-    if mode == "other":
+    forward = [n for n in graph.nodes if n.op == A.FORWARD]
+    assert (mode == "documents") == bool(forward and forward[0].args[3] is not None)
+    if mode in ("other", "two-tensors"):
         assert A.FORWARD not in ops and "_softmax" in ops
     else:
         assert ops.count(A.FORWARD) == 1 and ops.count(A.BACKWARD) == 1 and "_softmax" not in ops
