@@ -55,6 +55,7 @@ from runtime.checkpoint import (
     find_resumable,
     latest_checkpoint,
     load_checkpoint,
+    load_state,
     remove_stale,
     save_checkpoint,
     write_text_atomic,
@@ -235,6 +236,9 @@ class Trainer:
             mask_documents(example.module, self.manifest, cfg.model)
         window_tokens = cfg.batch_size * self.seq_len
         self.val_dataset = _optional_split(data_dir, "val", window_tokens, cfg.cache_dir)
+        self.settings = run_settings(cfg, self.seq_len, self.manifest)
+        self.checkpoints = cfg.out / CHECKPOINTS
+        self.resume_from = self._resumable()  # refused before anything is compiled
         say(f"tracing {cfg.model} (batch {cfg.batch_size} × {self.seq_len})")
         options = self.compile_options(mesh)
         self.compiled = compile_within(
@@ -264,17 +268,8 @@ class Trainer:
         self.step = 0
         self.measured_peak: int | None = None
         self._profiled = 0
-        self.settings = run_settings(cfg, self.seq_len, self.manifest)
-        self.checkpoints = cfg.out / CHECKPOINTS
-        if self.is_writer and self.checkpoints.is_dir():
-            remove_stale(self.checkpoints)
-        if cfg.resume:
-            self._resume()
-        elif done := checkpoints(self.checkpoints):
-            raise TrainingError(
-                f"{cfg.out} already holds a run (checkpoint {done[-1].name}); pass --resume to"
-                " continue it or --out for a new run (nothing was overwritten)"
-            )
+        if self.resume_from is not None:
+            self._resume(self.resume_from)
 
     def with_backend(self, name: str, out: Path) -> Trainer:
         """A new run of the same compiled steps from the same initial weights on another
@@ -284,6 +279,8 @@ class Trainer:
             raise TrainingError(f"the {name} backend needs its own compilation: a new Trainer")
         other = copy.copy(self)
         other.cfg = replace(self.cfg, backend=name, out=out, resume=False)
+        other.checkpoints = out / CHECKPOINTS
+        other.resume_from = other._resumable()  # a fresh run: refused if `out` holds one
         other.backend = backend
         other._start()
         return other
@@ -312,6 +309,8 @@ class Trainer:
     def _replan(self, budget: Budget | None, **changes: Any) -> CompiledStep:
         """The step planned again on a meta-device model with other options (the fit check)."""
         example = resolve_model(self.cfg.model, device="meta", vocab_size=self.vocab_size)
+        if self.cfg.document_mask:
+            mask_documents(example.module, self.manifest, self.cfg.model)
         options = self.compile_options(self.mesh, **changes)
         traced = trace_model(example, lm_loss, options)
         return compile_within(traced, options, budget, _layers(example))
@@ -519,14 +518,28 @@ class Trainer:
             raise failure or CheckpointError(f"rank 0 could not write {path}; see its error")
         return path
 
-    def _resume(self) -> None:
+    def _resumable(self) -> Path | None:
+        """The checkpoint `--resume` starts from, checked against this run before anything is
+        compiled; None for a fresh run, refused if `--out` already holds one."""
+        if self.is_writer and self.checkpoints.is_dir():
+            remove_stale(self.checkpoints)
+        if not self.cfg.resume:
+            if done := checkpoints(self.checkpoints):
+                raise TrainingError(
+                    f"{self.cfg.out} already holds a run (checkpoint {done[-1].name}); pass"
+                    " --resume to continue it or --out for a new run (nothing was overwritten)"
+                )
+            return None
         found = find_resumable(self.checkpoints)
-        path = found.path
         if found.skipped:
             self.notices.append(found.report())
-        tensors, state = load_checkpoint(path)
+        state = load_state(found.path)
         token_mismatch_check(self.manifest, state["tokenizer"])
-        check_resume(state.get("settings"), self.settings, path)
+        check_resume(state.get("settings"), self.settings, found.path)
+        return found.path
+
+    def _resume(self, path: Path) -> None:
+        tensors, state = load_checkpoint(path)
         if self.parallel is not None:  # the checkpoint is full: take this rank's pieces
             tensors = self.parallel.to_local(tensors, self.state)
         missing = self.checkpointed.keys() - tensors.keys()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
@@ -24,6 +24,7 @@ from examples import build_example
 from examples.loss import lm_loss
 from runtime.arena import Arena
 from runtime.program import Program
+from tests.strategies import examples
 
 TOL = {"rtol": 1e-5, "atol": 1e-6}
 
@@ -74,7 +75,7 @@ def _both(
     return results[0], results[1]
 
 
-@settings(max_examples=60, deadline=None)
+@examples(60)
 @given(problems())
 def test_op_is_exact_in_fp64(p: dict) -> None:
     """The blockwise algorithm is the definition: in fp64 they agree to rounding."""
@@ -83,7 +84,7 @@ def test_op_is_exact_in_fp64(p: dict) -> None:
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
 
 
-@settings(max_examples=30, deadline=None)
+@examples(30)
 @given(problems())
 def test_op_in_fp32_is_close_to_the_exact_definition(p: dict) -> None:
     """Against the exact (fp64) definition: rtol 1e-5 and atol 1e-5 per unit of the largest
