@@ -12,6 +12,7 @@ from torch import Tensor
 from compiler.ir import Graph, Role, dump, parse
 from compiler.lora import LoraConfig, apply_lora
 from compiler.mesh import Mesh, MeshError
+from compiler.passes.attention import attention_pass
 from compiler.passes.buffers import plan_buffers
 from compiler.passes.fusion import FusionOptions, fuse
 from compiler.passes.linear_cross_entropy import linear_cross_entropy
@@ -131,6 +132,7 @@ def pass_manager(
         shard = replace(shard, precision=options.precision)
     passes: list[tuple[str, Pass]] = [
         ("noop_views", eliminate_noop_views),
+        ("attention", attention_pass),
         ("shard", partial(shard_pass, options=shard)),
     ]
     if options.fused_cross_entropy:
