@@ -97,10 +97,10 @@ def _check_step(model: nn.Module, graph: Graph, batch: tuple[Tensor, Tensor]) ->
         torch.testing.assert_close(g, p.grad, **TOL, msg=lambda m, n=n: f"grad {n}: {m}")
 
 
-def _square(graph: Graph, t: int) -> list[str]:
-    """Floating-point [..., t, t] values the nodes compute (scores, probabilities, grads)."""
-    made = (v for n in graph.nodes for v in n.outputs)
-    return [v.name for v in made if v.shape[-2:] == (t, t) and v.dtype.is_floating_point]
+def _square(graph: Graph, b: int, h: int, t: int) -> list[str]:
+    """Values the nodes compute shaped like scores, probabilities or their gradients."""
+    shapes = {(b, h, t, t), (b * h, t, t)}
+    return [v.name for n in graph.nodes for v in n.outputs if v.shape in shapes]
 
 
 @pytest.mark.parametrize(
@@ -117,7 +117,7 @@ def test_hand_written_attention_becomes_the_op_and_matches_eager(
     assert ops.count(A.FORWARD) == 1 and ops.count(A.BACKWARD) == 1 and "_softmax" not in ops
     (node,) = [n for n in graph.nodes if n.op == A.FORWARD]
     assert node.args[4:7] == (True, 0.5, window)
-    assert not _square(graph, T)  # no [T, T] scores, probabilities or their gradients
+    assert not _square(graph, 2, 4, T)  # no [T, T] scores, probabilities or their gradients
     _check_step(model, graph, batch)
 
 
@@ -161,27 +161,29 @@ def test_a_forward_only_graph_gets_the_forward_op() -> None:
 
 
 class Core(nn.Module):
-    """Attention alone on parameter q, k, v [B, H, T, D]: the output read as logits."""
+    """Attention alone on q, k, v [B, H, T, D] sliced from one parameter [3, B, T, H, D] (a
+    leaf transposed as a whole would need its gradient copied into its strides): the output
+    summed over heads read as logits [B, T, D]."""
 
     def __init__(self, shape: tuple[int, int, int, int], scale: float) -> None:
         super().__init__()
-        self.q, self.k, self.v = (nn.Parameter(torch.randn(shape)) for _ in range(3))
+        b, h, t, d = shape
+        self.qkv = nn.Parameter(torch.randn(3, b, t, h, d))
         self.scale = scale
 
     def forward(self, x: Tensor) -> Tensor:
-        t = x.shape[1]
-        s = (self.q @ self.k.transpose(-2, -1)) * self.scale
-        s = s.masked_fill(~_mask("causal", t, x.device), float("-inf"))
-        y = torch.softmax(s, dim=-1) @ self.v
-        return y.transpose(1, 2).flatten(2)
+        q, k, v = (y.transpose(1, 2) for y in self.qkv.unbind(0))
+        s = (q @ k.transpose(-2, -1)) * self.scale
+        s = s.masked_fill(~_mask("causal", x.shape[1], x.device), float("-inf"))
+        return (torch.softmax(s, dim=-1) @ v).sum(1)
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(
     b=st.integers(1, 2),
-    h=st.integers(2, 3),  # one head: the trace meets copy_strided (not in the op set)
+    h=st.integers(1, 3),
     t=st.integers(1, 12),
-    d=st.integers(1, 6),
+    d=st.integers(2, 6),
     scale=st.floats(0.05, 2.0),
     seed=st.integers(0, 2**16),
 )
@@ -191,11 +193,11 @@ def test_rewritten_graph_runs_like_the_original(
     """Within fp32 tolerance, not bit for bit: the op sums blockwise in its own order."""
     torch.manual_seed(seed)
     model = Core((b, h, t, d), scale)
-    x = torch.randint(0, h * d, (b, t), generator=torch.Generator().manual_seed(seed))
+    x = torch.randint(0, d, (b, t), generator=torch.Generator().manual_seed(seed))
     original = eliminate_noop_views(trace(model, lm_loss, (x, x), return_grads=True), PassContext())
     rewritten = attention_pass(original, PassContext())
-    assert A.FORWARD in _ops(rewritten)
-    assert t == 1 or not _square(rewritten, t)
+    ops = _ops(rewritten)
+    assert ops.count(A.FORWARD) == ops.count(A.BACKWARD) == 1 and "_softmax" not in ops
     expected = Program.from_module(original, model).step(x, x, lr=0.0)
     got = Program.from_module(rewritten, model).step(x, x, lr=0.0)
     for e, g in zip(expected, got, strict=True):
