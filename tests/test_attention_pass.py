@@ -202,3 +202,30 @@ def test_rewritten_graph_runs_like_the_original(
     got = Program.from_module(rewritten, model).step(x, x, lr=0.0)
     for e, g in zip(expected, got, strict=True):
         torch.testing.assert_close(g, e, **TOL)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_hugging_face_eager_attention_gets_the_op(family: str) -> None:
+    """attn_implementation="eager" spells attention out with an additive causal (Mistral:
+    sliding-window) mask built from arange; the pipeline turns it into the op."""
+    pytest.importorskip("transformers")
+    from tests.test_hf_models import batch, tiny_model
+
+    example = tiny_model(family)
+    example.module.set_attn_implementation("eager")
+    model = example.module
+    traced = trace(model, lm_loss, batch(example.vocab_size, 0), return_grads=True)
+    graph, _ = _plan(traced)
+    ops = _ops(graph)
+    layers = model.config.num_hidden_layers
+    assert ops.count(A.FORWARD) == layers and ops.count(A.BACKWARD) == layers
+    assert "_softmax" not in ops
+    window = getattr(model.config, "sliding_window", None) or 0
+    assert {n.args[6] for n in graph.nodes if n.op == A.FORWARD} == {window}
+    x, y = batch(example.vocab_size, 0)
+    loss, *grads = Program.from_module(graph, model).step(x, y, lr=0.0)
+    eager = lm_loss(model(x).logits, y)
+    eager.backward()
+    torch.testing.assert_close(loss, eager.detach(), **TOL)
+    for (n, p), g in zip(model.named_parameters(), grads, strict=True):
+        torch.testing.assert_close(g, p.grad, **TOL, msg=lambda m, n=n: f"grad {n}: {m}")
