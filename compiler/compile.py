@@ -13,6 +13,7 @@ from compiler.ir import Graph, dump, parse
 from compiler.lora import LoraConfig, apply_lora
 from compiler.mesh import Mesh, MeshError
 from compiler.passes.buffers import plan_buffers
+from compiler.passes.fused_update import fuse_updates
 from compiler.passes.fusion import fuse, linear_cross_entropy
 from compiler.passes.manager import PassContext, PassManager
 from compiler.passes.noop_views import eliminate_noop_views
@@ -64,6 +65,7 @@ def pass_manager(*, recompute: bool = True) -> PassManager:
             ("linear_cross_entropy", linear_cross_entropy),
             ("precision", precision_pass),
             *([("recompute", recompute_pass)] if recompute else []),
+            ("fused_update", fuse_updates),
             ("schedule", schedule),
             ("fusion", fuse),
             ("buffers", plan_buffers),

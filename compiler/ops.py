@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from compiler import collectives, custom_ops
+from compiler import collectives, custom_ops, update_op
 
 if TYPE_CHECKING:
-    from compiler.ir import Node
+    from compiler.ir import Node, Value
 
 
 class Kind(enum.StrEnum):
@@ -187,6 +187,7 @@ OP_KINDS: dict[str, Kind] = {
         (_CREATION, Kind.CREATION),
         (_COPY, Kind.COPY),
         (_WRITE, Kind.WRITE),
+        ([update_op.UPDATE], Kind.WRITE),  # chunked in-place optimizer update
         (list(custom_ops.OPS), Kind.MATMUL),  # memfit's fused linear + cross-entropy
         ([op for op in collectives.OPS if op != collectives.WAIT], Kind.COLLECTIVE),
         ([collectives.WAIT], Kind.VIEW),  # returns its input once the data has arrived
@@ -212,12 +213,22 @@ def resolve(op: str) -> torch._ops.OpOverload:
         return custom_ops.OPS[op]
     if op in collectives.OPS:
         return collectives.OPS[op]
+    if op == update_op.UPDATE:
+        return torch.ops.memfit.update.default
     packet, _, variant = op.partition(".")
     return getattr(getattr(torch.ops.aten, packet), variant or "default")
 
 
 def kind(op: str) -> Kind:
     return OP_KINDS[op]
+
+
+def written(node: Node) -> list[Value]:
+    """The persistent values a WRITE node changes in place (`copy_`: its first argument;
+    `memfit::update`: its list of targets)."""
+    if node.op == update_op.UPDATE:
+        return list(node.args[0])
+    return [node.args[0]] if kind(node.op) is Kind.WRITE else []
 
 
 def flops(node: Node) -> int:

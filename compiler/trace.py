@@ -22,7 +22,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from compiler.errors import TraceError, UnsupportedOpError, is_library, short_path, user_frame
 from compiler.ir import Graph, Node, Phase, Role, Value
-from compiler.ops import OP_KINDS, ir_name
+from compiler.ops import OP_KINDS, Kind, ir_name, kind
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 STATE_PREFIXES = ("exp_avg.", "exp_avg_sq.")
@@ -290,7 +290,7 @@ def eliminate_dead_nodes(graph: Graph) -> None:
     live = {id(v) for v in graph.outputs}
     kept: list[Node] = []
     for node in reversed(graph.nodes):
-        if node.op == "copy_" or any(id(v) in live for v in node.outputs):
+        if kind(node.op) is Kind.WRITE or any(id(v) in live for v in node.outputs):
             kept.append(node)
             live.update(id(v) for v in node.inputs)
     graph.nodes = kept[::-1]

@@ -24,7 +24,7 @@ from torch import Tensor
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
-from compiler import custom_ops
+from compiler import custom_ops, update_op
 from compiler.ir import Graph, Node, Value
 from compiler.ops import OP_KINDS, Kind, kind, resolve
 from compiler.passes.buffers import UPDATES_SELF
@@ -100,6 +100,8 @@ class Arena:
         op, args, kwargs = node.op, node.args, node.kwargs
         outs = [id(v) for v in node.outputs]
         out = outs[0] if outs else 0
+        if op == update_op.UPDATE:  # in place: it has no outputs of its own
+            return partial(_run_into, update_op.update_into, [], args)
         if kind(op) is Kind.WRITE:
             return lambda env: _bind(args[0], env).copy_(_bind(args[1], env))
         if kind(op) is Kind.VIEW:

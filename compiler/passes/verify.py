@@ -13,6 +13,7 @@ import torch
 from compiler.errors import VerifyError
 from compiler.ir import Graph, Node, Value, format_node
 from compiler.ops import OP_KINDS
+from compiler.ops import written as written_by
 from runtime.eager import run_node
 
 META = torch.device("meta")
@@ -46,8 +47,10 @@ def verify(graph: Graph, *, after: str = "", check_shapes: bool = True) -> Graph
             if id(v) in written:
                 raise VerifyError(f"%{v.name} is read after its in-place write at {here}{ctx}")
         if node.op == "copy_":
-            _check_write(node, graph, here + ctx)
-            written[id(node.args[0])] = node
+            _check_copy(node, here + ctx)
+        for dst in written_by(node):
+            _check_target(dst, graph, here + ctx)
+            written[id(dst)] = node
         for v in node.outputs:
             define(v, here)
         if check_shapes:
@@ -58,10 +61,15 @@ def verify(graph: Graph, *, after: str = "", check_shapes: bool = True) -> Graph
     return graph
 
 
-def _check_write(node: Node, graph: Graph, here: str) -> None:
-    dst, src = node.args
+def _check_target(dst: Value, graph: Graph, here: str) -> None:
     if not (any(dst is v for v in graph.inputs) and dst.role.persistent):
-        raise VerifyError(f"copy_ must write a persistent graph input, not %{dst.name} at {here}")
+        raise VerifyError(
+            f"an in-place write must target a persistent graph input, not %{dst.name} at {here}"
+        )
+
+
+def _check_copy(node: Node, here: str) -> None:
+    dst, src = node.args
     if (dst.shape, dst.dtype) != (src.shape, src.dtype):
         raise VerifyError(
             f"shape mismatch: copy_ of {src.type_str} into %{dst.name}: {dst.type_str} at {here}"
