@@ -219,6 +219,20 @@ def resolve(op: str) -> torch._ops.OpOverload:
     return getattr(getattr(torch.ops.aten, packet), variant or "default")
 
 
+@cache
+def out_variant(op: str) -> tuple[torch._ops.OpOverload, tuple[str, ...]] | None:
+    """The `out=` overload taking exactly `op`'s arguments, and its out argument names."""
+    f = resolve(op)
+    want = [(a.name, str(a.type)) for a in f._schema.arguments]
+    for name in f.overloadpacket.overloads():
+        g = getattr(f.overloadpacket, name)
+        outs = tuple(a.name for a in g._schema.arguments if a.is_out)
+        ins = [(a.name, str(a.type)) for a in g._schema.arguments if not a.is_out]
+        if outs and ins == want:
+            return g, outs
+    return None
+
+
 def kind(op: str) -> Kind:
     return OP_KINDS[op]
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ast
 import math
+from dataclasses import dataclass
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
@@ -70,10 +71,22 @@ def encode(n_in: int, steps: list[Step], outputs: list[int]) -> str:
     return repr((n_in, plain, tuple(outputs)))
 
 
+@dataclass(frozen=True)
+class Body:
+    """A decoded body and how one chunk runs it."""
+
+    n_in: int  # targets + inputs: env slots before the first step's result
+    steps: list[Step]
+    outputs: list[int]  # env slots holding the targets' new values
+    last: list[int]  # step after which result j dies (-1: unread; len(steps): an output)
+    into: list[int]  # step i writes over result into[i] (it dies there; -1: a new tensor)
+    home: list[int]  # step i writes straight into target home[i]'s rows (-1: it does not)
+
+
 @cache
-def decode(body: str) -> tuple[int, list[Step], list[int], list[int]]:
-    """(n_in, steps, outputs, last): `last[j]` is the step after which step j's result is
-    freed (-1: at once, nothing reads it; len(steps): an output, kept to the chunk's end)."""
+def decode(body: str) -> Body:
+    """Parse a body; a step writes over a result that dies at it (same dtype), as the
+    arena's in-place rule does: elementwise, each element is read before it is written."""
     from compiler.ir import DTYPES_BY_NAME
 
     def val(obj: Any) -> Any:
@@ -86,13 +99,39 @@ def decode(body: str) -> tuple[int, list[Step], list[int], list[int]]:
     n_in, plain, outputs = ast.literal_eval(body)
     steps = [(op, val(a), dict(val(kw)), val(dt)) for op, a, kw, dt in plain]
     last = [-1] * len(steps)
-    for i, (_, args, kwargs, _) in enumerate(steps):
-        for k in _refs((args, tuple(kwargs.values()))):
+    for i, step in enumerate(steps):
+        for k in _reads(step):
             if k >= n_in:
                 last[k - n_in] = i
     for k in outputs:
         last[k - n_in] = len(steps)
-    return n_in, steps, list(outputs), last
+    into = [-1] * len(steps)
+    for i, step in enumerate(steps):
+        dying = [k - n_in for k in _reads(step) if k >= n_in and last[k - n_in] == i]
+        into[i] = next((j for j in dying if steps[j][3] == step[3]), -1)
+    return Body(n_in, steps, list(outputs), last, into, _homes(n_in, steps, outputs, into))
+
+
+def _homes(n_in: int, steps: list[Step], outputs: list[int], into: list[int]) -> list[int]:
+    """The step that starts the in-place chain ending in a target's new value writes into
+    that target's rows when no later step reads the target's old value."""
+    root = list(range(len(steps)))
+    for i, j in enumerate(into):
+        if j >= 0:
+            root[i] = root[j]
+    last_read: dict[int, int] = {}
+    for i, step in enumerate(steps):
+        for k in _reads(step):
+            last_read[k] = i
+    home = [-1] * len(steps)
+    for t, k in enumerate(outputs):
+        if k >= n_in and last_read.get(t, -1) <= (r := root[k - n_in]) and home[r] == -1:
+            home[r] = t
+    return home
+
+
+def _reads(step: Step) -> list[int]:
+    return _refs((step[1], tuple(step[2].values())))
 
 
 def _refs(obj: Any) -> list[int]:
@@ -120,36 +159,50 @@ def update_into(targets: list[Tensor], inputs: list[Tensor], body: str, chunk: i
 
 def _run_chunk(targets: list[Tensor], inputs: list[Tensor], body: str, rows: slice) -> None:
     """One chunk: every result it makes dies when this returns."""
-    from compiler.ops import resolve
+    from compiler.ops import out_variant, resolve
 
-    n_in, steps, outputs, last = decode(body)
+    code = decode(body)
     env: list[Tensor | None] = [t[rows] if t.ndim else t for t in (*targets, *inputs)]
-    for i, (op, args, kwargs, _) in enumerate(steps):
-        env.append(resolve(op)(*_bind(args, env), **_bind(kwargs, env)))
-        for k in _refs((args, tuple(kwargs.values()))):
-            if k >= n_in and last[k - n_in] == i:
+    for i, step in enumerate(code.steps):
+        op, args, kwargs, _ = step
+        found = out_variant(op) if code.into[i] >= 0 or code.home[i] >= 0 else None
+        if found is None:
+            result = resolve(op)(*_bind(args, env), **_bind(kwargs, env))
+        else:
+            home = code.home[i]
+            result = env[home] if home >= 0 else env[code.n_in + code.into[i]]
+            found[0](*_bind(args, env), **_bind(kwargs, env), **{found[1][0]: result})
+        for k in _reads(step):
+            if k >= code.n_in and code.last[k - code.n_in] == i:
                 env[k] = None
-        if last[i] == -1:
-            env[n_in + i] = None
-    results = [env[k] for k in outputs]
+        env.append(result if code.last[i] >= 0 else None)
+    results = [env[k] for k in code.outputs]
     env.clear()
     for target, result in zip(targets, results, strict=True):
-        (target[rows] if target.ndim else target).copy_(result)
+        rows_of = target[rows] if target.ndim else target
+        if result.data_ptr() != rows_of.data_ptr():  # not computed in place
+            rows_of.copy_(result)
 
 
 def workspace_bytes(node: Node) -> int:
-    """The most bytes one chunk's results hold at once (each freed after its last read)."""
+    """The most bytes one chunk's results hold at once (each freed after its last read, or
+    continued in place by the step it dies at)."""
+    from compiler.ops import out_variant
+
     targets, _, body, chunk = node.args
     shape = targets[0].shape
     elements = (min(chunk, shape[0]) if shape else 1) * math.prod(shape[1:])
-    n_in, steps, _, last = decode(body)
+    code = decode(body)
+    size = [elements * step[3].itemsize for step in code.steps]
     live = peak = 0
-    for i, (_, args, kwargs, dtype) in enumerate(steps):
-        live += elements * dtype.itemsize
-        peak = max(peak, live)
-        for k in set(_refs((args, tuple(kwargs.values())))):
-            if k >= n_in and last[k - n_in] == i:
-                live -= elements * steps[k - n_in][3].itemsize
-        if last[i] == -1:
-            live -= elements * dtype.itemsize
+    for i, step in enumerate(code.steps):
+        in_place = max(code.into[i], code.home[i]) >= 0 and out_variant(step[0]) is not None
+        if not in_place:
+            live += size[i]
+            peak = max(peak, live)
+        for j in {k - code.n_in for k in _reads(step) if k >= code.n_in}:
+            if code.last[j] == i and not (in_place and j == code.into[i]):
+                live -= size[j]
+        if code.last[i] == -1:
+            live -= size[i]
     return peak

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from functools import cache, partial
+from functools import partial
 from typing import Any
 
 import torch
@@ -26,7 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from compiler import custom_ops, update_op
 from compiler.ir import Graph, Node, Value
-from compiler.ops import OP_KINDS, Kind, kind, resolve
+from compiler.ops import OP_KINDS, Kind, kind, out_variant, resolve
 from compiler.passes.buffers import UPDATES_SELF
 from compiler.plan import MemoryPlan
 
@@ -51,20 +51,6 @@ _IN_PLACE = {
     "select_scatter": lambda out, src, dim, index: out.select(dim, index).copy_(src),
 }
 assert _IN_PLACE.keys() == UPDATES_SELF
-
-
-@cache
-def out_variant(op: str) -> tuple[torch._ops.OpOverload, tuple[str, ...]] | None:
-    """The `out=` overload taking exactly `op`'s arguments, and its out argument names."""
-    f = resolve(op)
-    want = [(a.name, str(a.type)) for a in f._schema.arguments]
-    for name in f.overloadpacket.overloads():
-        g = getattr(f.overloadpacket, name)
-        outs = tuple(a.name for a in g._schema.arguments if a.is_out)
-        ins = [(a.name, str(a.type)) for a in g._schema.arguments if not a.is_out]
-        if outs and ins == want:
-            return g, outs
-    return None
 
 
 class Arena:
