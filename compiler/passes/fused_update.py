@@ -64,11 +64,12 @@ def regions(graph: Graph) -> list[tuple[list[Node], list[Node]]]:
             region_of[i] = k
     written = {id(w.args[0]) for ws in writes for w in ws}
     order = {id(n): i for i, n in enumerate(graph.nodes)}
+    by_id = {id(n): n for n in graph.nodes}
     users = graph.users()
     outputs = {id(v) for v in graph.outputs}
     found = []
     for grown, ws in zip(members, writes, strict=True):
-        nodes = sorted((n for n in graph.nodes if id(n) in grown), key=lambda n: order[id(n)])
+        nodes = sorted((by_id[i] for i in grown), key=lambda n: order[id(n)])
         if nodes and _outlinable(nodes, ws, users, outputs, written):
             found.append((nodes, sorted(ws, key=lambda n: order[id(n)])))
     return found
