@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from compiler.ir import Graph, dump, parse
+from compiler.ir import Graph, Node, Value, dump, parse
 from compiler.lora import LoraConfig, apply_lora
 from compiler.mesh import Mesh, MeshError
 from compiler.passes.buffers import plan_buffers
@@ -64,8 +64,8 @@ def pass_manager(*, recompute: bool = True) -> PassManager:
             ("shard", shard_pass),
             ("linear_cross_entropy", linear_cross_entropy),
             ("precision", precision_pass),
-            *([("recompute", recompute_pass)] if recompute else []),
             ("fused_update", fuse_updates),
+            *([("recompute", recompute_pass)] if recompute else []),
             ("schedule", schedule),
             ("fusion", fuse),
             ("buffers", plan_buffers),
@@ -86,6 +86,14 @@ class TracedStep:
     graph: Graph
     seq_len: int
     sharding: dict[str, Any]
+    # the graph after the passes before recompute, per (precision, backend, fused head): they
+    # do not depend on the recompute policy, so a budget search or sweep runs them once
+    prepared: dict[tuple, tuple[Graph, PassContext]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+
+
+POLICY_PASSES = ("recompute", "schedule")  # the first pass whose result depends on the policy
 
 
 def trace_model(model: ExampleModel, loss_fn: LossFn, options: CompileOptions) -> TracedStep:
@@ -116,19 +124,39 @@ def trace_model(model: ExampleModel, loss_fn: LossFn, options: CompileOptions) -
 
 
 def optimize(traced: TracedStep, options: CompileOptions) -> CompiledStep:
-    """Run the pass pipeline on a fresh copy of a traced step (so one trace serves many plans)."""
-    ctx = PassContext(
-        options={
-            "precision": options.precision,
-            "backend": options.backend,
-            "fused_cross_entropy": options.fused_cross_entropy,
-            **options.recompute_policy,
-            **traced.sharding,
-        },
-        dump_after=set(options.dump_after),
-        dump_dir=options.dump_dir,
-    )
-    graph = pass_manager(recompute=options.recompute).run(parse(dump(traced.graph)), ctx)
+    """Run the pass pipeline on a fresh copy of a traced step (so one trace serves many plans).
+
+    The passes before the policy's (recompute, or schedule without it) run once per traced
+    step and option set; each plan continues from a copy of their graph."""
+
+    def context(policy: dict[str, Any]) -> PassContext:
+        return PassContext(
+            options={
+                "precision": options.precision,
+                "backend": options.backend,
+                "fused_cross_entropy": options.fused_cross_entropy,
+                **policy,
+                **traced.sharding,
+            },
+            dump_after=set(options.dump_after),
+            dump_dir=options.dump_dir,
+        )
+
+    ctx = context(options.recompute_policy)
+    passes = pass_manager(recompute=options.recompute).passes
+    split = next(i for i, (name, _) in enumerate(passes) if name in POLICY_PASSES)
+    if options.dump_after:  # the dumps of every pass are asked for: no shortcut
+        graph = PassManager(passes).run(parse(dump(traced.graph)), ctx)
+    else:
+        key = (options.precision, options.backend, options.fused_cross_entropy)
+        if key not in traced.prepared:
+            before = context({})
+            prefix = PassManager(passes[:split]).run(parse(dump(traced.graph)), before)
+            traced.prepared[key] = (prefix, before)
+        prefix, before = traced.prepared[key]
+        ctx.timings.update(before.timings)
+        ctx.stats.update(before.stats)
+        graph = PassManager(passes[split:]).run(clone(prefix), ctx)
     if ctx.plan is not None and "recompute.extra_flops" in ctx.stats:
         ctx.plan.recompute = {
             "extra_flops": ctx.stats["recompute.extra_flops"],
@@ -136,6 +164,18 @@ def optimize(traced: TracedStep, options: CompileOptions) -> CompiledStep:
             "values": ctx.stats["recompute.recomputed"],
         }
     return CompiledStep(graph, ctx, options.batch_size, traced.seq_len, ctx.plan)
+
+
+def clone(graph: Graph) -> Graph:
+    """A copy with its own values (passes set roles on values; the original keeps its own)."""
+    fresh = {id(v): Value(v.name, v.shape, v.dtype, v.role) for v in graph.values()}
+    nodes = []
+    for n in graph.nodes:
+        node = Node(n.op, n.args, dict(n.kwargs), [fresh[id(v)] for v in n.outputs], n.phase)
+        node.source, node.group = n.source, n.group
+        node.map_args(lambda v: fresh[id(v)])
+        nodes.append(node)
+    return Graph([fresh[id(v)] for v in graph.inputs], nodes, [fresh[id(v)] for v in graph.outputs])
 
 
 def compile_model(

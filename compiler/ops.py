@@ -250,6 +250,8 @@ def flops(node: Node) -> int:
     k = OP_KINDS[node.op]
     if node.op in custom_ops.OPS:
         return custom_ops.flops(node)
+    if node.op == update_op.UPDATE:
+        return update_op.flops(node)
     if k is Kind.MATMUL:
         a, b = node.args[1:3] if node.op == "addmm" else node.args[:2]
         batch = math.prod(a.shape[:-2])

@@ -184,6 +184,12 @@ def _run_chunk(targets: list[Tensor], inputs: list[Tensor], body: str, rows: sli
             rows_of.copy_(result)
 
 
+def flops(node: Node) -> int:
+    """One per element per step, as the traced pointwise nodes counted."""
+    targets, _, body, _ = node.args
+    return targets[0].numel * len(decode(body).steps)
+
+
 def workspace_bytes(node: Node) -> int:
     """The most bytes one chunk's results hold at once (each freed after its last read, or
     continued in place by the step it dies at)."""
