@@ -29,9 +29,10 @@ from torch.utils.checkpoint import checkpoint
 from benchmarks.bench_memory import batch, held
 from compiler.budget import Budget, compile_within
 from compiler.compile import CompileOptions, optimize, trace_model
+from compiler.models import resolve_model
+from compiler.passes.recompute import RecomputePolicy
 from compiler.plan import fmt_bytes
 from examples.loss import lm_loss
-from memfit.models import resolve_model
 from runtime.arena import allocations
 
 
@@ -85,8 +86,8 @@ def main() -> None:
         n_layers = len(example.module.blocks)
         options = CompileOptions(int(b), int(t))
         traced = trace_model(example, lm_loss, options)
-        policy = {"checkpoint_layers": n_layers}
-        ckpt = optimize(traced, replace(options, recompute_policy=policy))
+        policy = RecomputePolicy(checkpoint_layers=n_layers)
+        ckpt = optimize(traced, replace(options, recompute=policy))
         assert ckpt.plan is not None
         ckpt_extra = ckpt.plan.extra_flops_percent
         rows = [

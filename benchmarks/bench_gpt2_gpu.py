@@ -9,7 +9,8 @@ Part 1, per fused group kind (Triton tutorials style): the generated kernel agai
 nodes run one ATen op at a time (what eager does), as time and effective bandwidth.
 Part 2, the whole training step: eager, triton (fresh tensors) and triton on the planned arena:
 median step time and peak device memory; plus the loss head's peak with and without the fused
-linear cross-entropy (`passes/fusion.py:loss_head_peak`, from the graph: no device needed).
+linear cross-entropy (`passes/linear_cross_entropy.py:loss_head_peak`, from the graph: no device
+needed).
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from compiler.codegen.triton import Kernel, group_kernels, group_members
+from compiler.codegen.fusibility import group_members
+from compiler.codegen.triton import group_kernels
 from compiler.compile import CompileOptions, compile_model
 from compiler.ir import Graph
-from compiler.passes.fusion import loss_head_peak
+from compiler.models import resolve_model
+from compiler.passes.linear_cross_entropy import loss_head_peak
+from compiler.passes.recompute import RecomputePolicy
 from examples.loss import lm_loss
-from memfit.models import resolve_model
 from runtime import eager, triton_backend
 from runtime.program import Program
 
@@ -63,14 +66,13 @@ def kernel_rows(graph: Graph, device: torch.device, repeat: int) -> Table:
         if kernel.key in seen:
             continue
         seen.add(kernel.key)
-        made = {id(v) for n in members[kernel.group] for v in n.outputs}
-        reads = [v for n in members[kernel.group] for v in n.inputs if id(v) not in made]
-        env = {id(v): _random(v, device) for v in reads}
-        aten = timed(partial(_run_nodes, members[kernel.group], env, device), device, repeat)
+        feeds = {v.name: _random(v, device) for v in kernel.inputs}
+        group = Graph(list(kernel.inputs), members[kernel.group], list(kernel.outputs))
+        aten = timed(partial(eager.Eager(group, device).run, feeds), device, repeat)
         fn = triton_backend.load_kernel(kernel, device)
-        args = [env[id(v)] for v in kernel.inputs]
+        args = [feeds[v.name] for v in kernel.inputs]
         outs = [torch.empty(v.shape, dtype=v.dtype, device=device) for v in kernel.outputs]
-        ms = timed(partial(_launch, fn, kernel, args, outs), device, repeat)
+        ms = timed(partial(triton_backend.launch, kernel, fn, args, outs), device, repeat)
         table.add_row(
             kernel.name,
             "×".join(map(str, kernel.domain)) or "scalar",
@@ -91,17 +93,6 @@ def _random(v: object, device: torch.device) -> torch.Tensor:
     return torch.zeros(v.shape, dtype=v.dtype, device=device)
 
 
-def _run_nodes(nodes: list, env: dict, device: torch.device) -> None:
-    local = dict(env)
-    for node in nodes:
-        for v, t in zip(node.outputs, eager.run_node(node, local, device), strict=True):
-            local[id(v)] = t
-
-
-def _launch(fn: Callable, kernel: Kernel, args: list, outs: list) -> None:
-    fn[(kernel.grid,)](*args, *outs, BLOCK=kernel.block, num_warps=kernel.num_warps)
-
-
 def step_rows(args: argparse.Namespace, device: torch.device) -> Table:
     """Median step time and peak memory per backend, the peak against the plan's.
 
@@ -115,8 +106,8 @@ def step_rows(args: argparse.Namespace, device: torch.device) -> Table:
         table.add_column(column, justify="left" if column == "backend" else "right")
     torch.manual_seed(0)
     model = resolve_model(args.model, device=device)
-    policy = {"activation_fraction": args.memory_budget} if args.memory_budget else {}
-    options = CompileOptions(args.batch, args.seq, backend="triton", recompute_policy=policy)
+    policy = RecomputePolicy(activation_fraction=args.memory_budget or None)
+    options = CompileOptions(args.batch, args.seq, backend="triton", recompute=policy)
     compiled = compile_model(model, lm_loss, options)
     assert compiled.plan is not None
     backends: dict[str, Callable[[], object]] = {
@@ -143,11 +134,13 @@ def step_rows(args: argparse.Namespace, device: torch.device) -> Table:
     plain = compile_model(
         resolve_model(args.model, device="meta"),
         lm_loss,
-        CompileOptions(args.batch, args.seq, fused_cross_entropy=False, recompute=False),
+        CompileOptions(args.batch, args.seq, fused_cross_entropy=False, recompute=None),
     )
+    report = compiled.context.recompute
+    extra = report.extra_flops if report else 0
     table.caption = (
         f"planned step peak {compiled.plan.peak_bytes / 2**30:.2f} GiB"
-        f" (+{compiled.context.stats.get('recompute.extra_flops', 0) / 1e9:.0f} GFLOP recomputed);"
+        f" (+{extra / 1e9:.0f} GFLOP recomputed);"
         f" loss head peak: {loss_head_peak(plain.graph) / 2**30:.2f} GiB materialised →"
         f" {loss_head_peak(compiled.graph) / 2**30:.2f} GiB fused linear cross-entropy;"
         f" {len(group_kernels(compiled.graph))} fused groups"

@@ -7,7 +7,7 @@ bytes the allocator hands out on top during the step (profiler memory events,
 and eager's `zero_grad(set_to_none=True)` has freed the gradients, as in steady training.
 "step" columns leave out what both sides must hold anyway (parameters, buffers, moments).
 
-memfit runs twice: keeping every activation the backward reads (`recompute=False`), and as
+memfit runs twice: keeping every activation the backward reads (`recompute=None`), and as
 `compile_model` compiles by default (the recompute pass's min-cut before the schedule).
 
     .venv/bin/python benchmarks/bench_memory.py                    # tiny and small configs
@@ -26,9 +26,10 @@ from rich.table import Table
 from torch import Tensor
 
 from compiler.compile import CompileOptions, compile_model
+from compiler.models import resolve_model
+from compiler.passes.recompute import RecomputePolicy
 from compiler.plan import fmt_bytes
 from examples.loss import lm_loss
-from memfit.models import resolve_model
 from runtime.arena import Arena, allocations
 from runtime.program import Program
 
@@ -72,7 +73,8 @@ def memfit_peaks(name: str, b: int, t: int, recompute: bool) -> tuple[Peaks, Pea
     """(planned, measured, arena / lower bound, planning seconds) of memfit's step."""
     torch.manual_seed(0)
     example = resolve_model(name)
-    options = CompileOptions(batch_size=b, seq_len=t, recompute=recompute)
+    policy = RecomputePolicy() if recompute else None
+    options = CompileOptions(batch_size=b, seq_len=t, recompute=policy)
     compiled = compile_model(example, lm_loss, options)
     graph, plan, timings = compiled.graph, compiled.plan, compiled.context.timings
     assert plan is not None

@@ -24,15 +24,15 @@ from rich.table import Table
 
 from compiler.compile import CompileOptions, compile_model
 from compiler.lora import LoraConfig
-from compiler.passes.precision import saved_for_backward, state_bytes
+from compiler.models import resolve_model
+from compiler.passes.precision import Precision, saved_for_backward, state_bytes
 from examples.loss import lm_loss
-from memfit.models import resolve_model
-from memfit.prune_cmd import corpus_batches, load_state, train_steps, validation_loss
+from runtime.corpus_runs import corpus_batches, load_state, train_steps, validation_loss
 
 LORA = LoraConfig(r=8, alpha=16, targets=("q", "k", "v", "o"))
 CONFIGS: dict[str, dict] = {
     "fp32 full fine-tune": {},
-    "bf16 full fine-tune": {"precision": "bf16"},
+    "bf16 full fine-tune": {"precision": Precision.BF16},
     "LoRA r=8 (fp32 base)": {"lora": LORA},
     "LoRA r=8 + int8 base": {"lora": LORA, "quantize_base": "int8"},
     "LoRA r=8 + nf4 base": {"lora": LORA, "quantize_base": "nf4"},
@@ -80,7 +80,7 @@ def bench_training(steps: int, batch: int, seq: int, lr: float) -> Table:
         table.add_column(column, justify="left" if column == "precision" else "right")
     val = list(islice(corpus_batches("val", batch, seq), 8))
     reference = None
-    for precision in ("fp32", "bf16", "fp16"):
+    for precision in Precision:
         torch.manual_seed(0)
         model = resolve_model("gpt2-tiny")
         options = CompileOptions(batch_size=batch, seq_len=seq, precision=precision)

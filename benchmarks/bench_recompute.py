@@ -28,7 +28,13 @@ from compiler.ir import Node
 from compiler.ops import OP_KINDS, Kind, flops, ir_name
 from compiler.passes.manager import PassContext
 from compiler.passes.noop_views import eliminate_noop_views
-from compiler.passes.recompute import Boundary, layer_checkpoint_saved, recompute_pass, rewrite
+from compiler.passes.recompute import (
+    Boundary,
+    RecomputePolicy,
+    layer_checkpoint_saved,
+    recompute_pass,
+    rewrite,
+)
 from compiler.trace import trace
 from examples import build_example
 from examples.loss import lm_loss
@@ -133,10 +139,11 @@ def main() -> None:
         f" {'torch saved MiB':>15} {'recompute GFLOP':>16} {'% step':>7}"
     )
     for fraction in (float(f) for f in args.budgets.split(",")):
-        ctx = PassContext(options={"activation_budget": int(fraction * full)})
-        recompute_pass(graph, ctx)
-        ours_saved = ctx.stats["recompute.saved_bytes_after"]
-        ours_extra = ctx.stats["recompute.extra_matmul_flops"]
+        ctx = PassContext()
+        recompute_pass(graph, ctx, RecomputePolicy(activation_budget=int(fraction * full)))
+        assert ctx.recompute is not None
+        ours_saved = ctx.recompute.saved_bytes_after
+        ours_extra = ctx.recompute.extra_matmul_flops
         theirs_saved, theirs_bw = torch_partition(example.module, x, fraction)
         theirs_extra = theirs_bw - torch_none[1]
         print(

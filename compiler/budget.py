@@ -11,12 +11,11 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
 
 from compiler.compile import CompiledStep, CompileOptions, TracedStep, optimize
 from compiler.errors import MemfitError
 from compiler.ir import Role
-from compiler.passes.recompute import InfeasibleBudgetError
+from compiler.passes.recompute import InfeasibleBudgetError, RecomputePolicy
 from compiler.plan import fmt_bytes
 
 MAX_ROUNDS = 8
@@ -60,11 +59,7 @@ def parse_size(text: str, flag: str) -> int:
     return nbytes
 
 
-def _with_policy(options: CompileOptions, **policy: object) -> CompileOptions:
-    return replace(options, recompute=True, recompute_policy=dict(policy))
-
-
-Planner = Callable[[dict[str, Any]], CompiledStep]  # recompute policy → the planned step
+Planner = Callable[[RecomputePolicy], CompiledStep]  # recompute policy → the planned step
 
 
 def compile_within(
@@ -72,10 +67,11 @@ def compile_within(
 ) -> CompiledStep:
     """The least-recompute compilation of `traced` whose plan fits `budget`."""
     if budget.fraction is not None:
-        return optimize(traced, _with_policy(options, activation_fraction=budget.fraction))
+        policy = RecomputePolicy(activation_fraction=budget.fraction)
+        return optimize(traced, replace(options, recompute=policy))
     assert budget.nbytes is not None
     step = fit_bytes(
-        lambda policy: optimize(traced, _with_policy(options, **policy)), budget.nbytes, n_layers
+        lambda policy: optimize(traced, replace(options, recompute=policy)), budget.nbytes, n_layers
     )
     if step is None:
         raise _infeasible(traced, options, budget.nbytes, n_layers)
@@ -99,7 +95,8 @@ def fit_bytes(plan: Planner, nbytes: int, n_layers: int | None = None) -> Compil
 
 
 def _extra_flops(step: CompiledStep) -> int:
-    return step.context.stats.get("recompute.extra_flops", 0)
+    report = step.context.recompute
+    return report.extra_flops if report else 0
 
 
 def _fits(step: CompiledStep, nbytes: int) -> bool:
@@ -110,8 +107,9 @@ def _fits(step: CompiledStep, nbytes: int) -> bool:
 def _programmed(plan: Planner, nbytes: int) -> CompiledStep | None:
     """The recompute program's plan, its activation budget iterated on the real plan's peak
     (from the min-cut down, at most to the fewest bytes any choice saves)."""
-    step = plan({})  # the min-cut: cheap ops only
-    activation = step.context.stats.get("recompute.saved_bytes_after", 0)
+    step = plan(RecomputePolicy())  # the min-cut: cheap ops only
+    report = step.context.recompute
+    activation = report.saved_bytes_after if report else 0
     floor = 0  # until the program says how few bytes any choice saves
     for _ in range(MAX_ROUNDS):
         assert step.plan is not None
@@ -122,10 +120,10 @@ def _programmed(plan: Planner, nbytes: int) -> CompiledStep | None:
             return None
         activation = max(activation - over, floor)
         try:
-            step = plan({"activation_budget": activation})
+            step = plan(RecomputePolicy(activation_budget=activation))
         except InfeasibleBudgetError as e:
             floor = activation = e.smallest
-            step = plan({"activation_budget": activation})
+            step = plan(RecomputePolicy(activation_budget=activation))
     step = fewest_saved(plan)  # out of rounds: the last resort
     return step if _fits(step, nbytes) else None
 
@@ -133,9 +131,9 @@ def _programmed(plan: Planner, nbytes: int) -> CompiledStep | None:
 def fewest_saved(plan: Planner) -> CompiledStep:
     """The program's plan that saves the fewest bytes, whatever it recomputes."""
     try:
-        return plan({"activation_budget": 0})
+        return plan(RecomputePolicy(activation_budget=0))
     except InfeasibleBudgetError as e:
-        return plan({"activation_budget": e.smallest})
+        return plan(RecomputePolicy(activation_budget=e.smallest))
 
 
 def _checkpointed(
@@ -145,7 +143,7 @@ def _checkpointed(
     bytes, fewer FLOPs); skipped when one block already costs more than `programmed`."""
 
     def blocks(m: int) -> CompiledStep:
-        return plan({"checkpoint_layers": n_layers, "checkpoint_blocks": m})
+        return plan(RecomputePolicy(checkpoint_layers=n_layers, checkpoint_blocks=m))
 
     fewest = blocks(1)
     if programmed is not None and _extra_flops(programmed) <= _extra_flops(fewest):
@@ -174,9 +172,10 @@ def _infeasible(
     The fewest saved bytes is not the lowest peak (recomputing much at once has its own peak),
     so the smallest peak of the tightest policies is reported.
     """
-    candidates = [_with_policy(options, activation_fraction=f) for f in FRACTIONS[-2:]]
+    policies = [RecomputePolicy(activation_fraction=f) for f in FRACTIONS[-2:]]
     if n_layers:
-        candidates.append(_with_policy(options, checkpoint_layers=n_layers))
+        policies.append(RecomputePolicy(checkpoint_layers=n_layers))
+    candidates = [replace(options, recompute=p) for p in policies]
     plans = [optimize(traced, c).plan for c in candidates]
     plan = min((p for p in plans if p is not None), key=lambda p: p.peak_bytes)
     largest = max(plan.values, key=lambda v: v.size)
@@ -207,26 +206,26 @@ FRACTIONS = (0.75, 0.5, 0.35, 0.25, 0.15, 0.1)
 
 def sweep_budgets(traced: TracedStep, options: CompileOptions, n_layers: int) -> list[SweepPoint]:
     """Peak vs extra FLOPs over budgets, with no-recompute and per-layer checkpointing."""
-    runs = [("no recompute", replace(options, recompute=False))]
-    runs += [("min-cut (default)", _with_policy(options))]
-    runs += [(f"budget {f:g}", _with_policy(options, activation_fraction=f)) for f in FRACTIONS]
-    runs += [("per-layer checkpointing", _with_policy(options, checkpoint_layers=n_layers))]
+    runs: list[tuple[str, RecomputePolicy | None]] = [("no recompute", None)]
+    runs += [("min-cut (default)", RecomputePolicy())]
+    runs += [(f"budget {f:g}", RecomputePolicy(activation_fraction=f)) for f in FRACTIONS]
+    runs += [("per-layer checkpointing", RecomputePolicy(checkpoint_layers=n_layers))]
     if n_layers > 1:
-        last_kept = {"checkpoint_layers": n_layers, "checkpoint_blocks": n_layers - 1}
-        runs += [("checkpoint all but last", _with_policy(options, **last_kept))]
+        last_kept = RecomputePolicy(checkpoint_layers=n_layers, checkpoint_blocks=n_layers - 1)
+        runs += [("checkpoint all but last", last_kept)]
     points = []
-    for label, opts in runs:
-        step = optimize(traced, opts)
+    for label, policy in runs:
+        step = optimize(traced, replace(options, recompute=policy))
         assert step.plan is not None
-        stats = step.context.stats
+        report = step.context.recompute
         activation = step.plan.breakdown().get(Role.ACTIVATION, 0)
         points.append(
             SweepPoint(
                 label,
                 step.plan.peak_bytes,
                 activation,
-                stats.get("recompute.extra_flops", 0),
-                stats.get("recompute.step_flops", 0) or 1,
+                _extra_flops(step),
+                (report.step_flops if report else 0) or 1,
             )
         )
     return points

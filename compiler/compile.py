@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -14,13 +14,14 @@ from compiler.lora import LoraConfig, apply_lora
 from compiler.mesh import Mesh, MeshError
 from compiler.passes.buffers import plan_buffers
 from compiler.passes.fused_update import fuse_updates
-from compiler.passes.fusion import fuse, linear_cross_entropy
-from compiler.passes.manager import PassContext, PassManager
+from compiler.passes.fusion import FusionOptions, fuse
+from compiler.passes.linear_cross_entropy import linear_cross_entropy
+from compiler.passes.manager import Pass, PassContext, PassManager
 from compiler.passes.noop_views import eliminate_noop_views
-from compiler.passes.precision import precision_pass
-from compiler.passes.recompute import recompute_pass
+from compiler.passes.precision import Precision, precision_pass
+from compiler.passes.recompute import RecomputePolicy, recompute_pass
 from compiler.passes.schedule import schedule
-from compiler.passes.shard import DEFAULT_BUCKET_BYTES, shard_pass, tensor_parallel
+from compiler.passes.shard import DEFAULT_BUCKET_BYTES, ShardOptions, shard_pass, tensor_parallel
 from compiler.plan import MemoryPlan
 from compiler.quantize import QuantMode, quantize_frozen_linears
 from compiler.trace import AdamW, LossFn, trace
@@ -29,22 +30,26 @@ from examples import ExampleModel
 
 @dataclass
 class CompileOptions:
+    """Everything a compilation is asked for; `pass_manager` builds each pass's options."""
+
     batch_size: int = 8
     seq_len: int | None = None  # default: the model's block size
     optimizer: AdamW | None = field(default_factory=AdamW)
     return_grads: bool = False
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (compute dtype; master weights stay fp32)
+    precision: Precision = Precision.FP32  # compute dtype; master weights stay fp32
     lora: LoraConfig | None = None  # rewrites the module in place before tracing
     quantize_base: QuantMode | None = None  # int8 | nf4: frozen Linear weights quantised
     mesh: Mesh | None = None  # data/tensor parallel: compile rank `rank`'s step (per-rank batch)
     rank: int = 0
     bucket_bytes: int = DEFAULT_BUCKET_BYTES  # gradient bucket size of the data-parallel reduction
-    recompute: bool = True  # False: keep every activation the backward reads (no min-cut)
-    recompute_policy: dict[str, Any] = field(default_factory=dict)  # see recompute.choose_saved
+    recompute: RecomputePolicy | None = RecomputePolicy()  # None: keep every activation
     backend: str = "eager"  # eager | triton: triton groups fusible nodes into generated kernels
     fused_cross_entropy: bool = True  # the LM head as chunked linear+cross-entropy ops
     dump_after: set[str] = field(default_factory=set)
     dump_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        self.precision = Precision(self.precision)  # a name from a flag or a config file
 
 
 @dataclass
@@ -56,21 +61,30 @@ class CompiledStep:
     plan: MemoryPlan | None = None  # where every byte of the step lives (passes/buffers.py)
 
 
-def pass_manager(*, recompute: bool = True) -> PassManager:
-    """The pipeline, in order. Each entry is one file in compiler/passes/."""
-    return PassManager(
-        [
-            ("noop_views", eliminate_noop_views),
-            ("shard", shard_pass),
-            ("linear_cross_entropy", linear_cross_entropy),
-            ("precision", precision_pass),
-            ("fused_update", fuse_updates),
-            *([("recompute", recompute_pass)] if recompute else []),
-            ("schedule", schedule),
-            ("fusion", fuse),
-            ("buffers", plan_buffers),
-        ]
-    )
+def pass_manager(
+    options: CompileOptions | None = None, shard: ShardOptions | None = None
+) -> PassManager:
+    """The pipeline, in order, each pass bound to its own options. Each entry is one file in
+    compiler/passes/; a pass switched off by `options` is left out."""
+    options = options or CompileOptions()
+    if shard is not None:  # ZeRO holds parameters in the compute precision
+        shard = replace(shard, precision=options.precision)
+    passes: list[tuple[str, Pass]] = [
+        ("noop_views", eliminate_noop_views),
+        ("shard", partial(shard_pass, options=shard)),
+    ]
+    if options.fused_cross_entropy:
+        passes.append(("linear_cross_entropy", linear_cross_entropy))
+    passes.append(("precision", partial(precision_pass, precision=options.precision)))
+    passes.append(("fused_update", partial(fuse_updates, backend=options.backend)))
+    if options.recompute is not None:
+        passes.append(("recompute", partial(recompute_pass, policy=options.recompute)))
+    passes += [
+        ("schedule", schedule),
+        ("fusion", partial(fuse, options=FusionOptions(options.backend))),
+        ("buffers", plan_buffers),
+    ]
+    return PassManager(passes)
 
 
 def example_batch(model: ExampleModel, batch_size: int, seq_len: int) -> tuple[Tensor, Tensor]:
@@ -85,7 +99,7 @@ def example_batch(model: ExampleModel, batch_size: int, seq_len: int) -> tuple[T
 class TracedStep:
     graph: Graph
     seq_len: int
-    sharding: dict[str, Any]
+    shard: ShardOptions | None  # a mesh's data-parallel rewrite of the traced step
     # the graph after the passes before recompute, per (precision, backend, fused head): they
     # do not depend on the recompute policy, so a budget search or sweep runs them once
     prepared: dict[tuple, tuple[Graph, PassContext]] = field(
@@ -107,20 +121,19 @@ def trace_model(model: ExampleModel, loss_fn: LossFn, options: CompileOptions) -
         apply_lora(model.module, options.lora)
     if options.quantize_base is not None:
         quantize_frozen_linears(model.module, options.quantize_base)
-    optimizer, sharding = options.optimizer, {}
+    optimizer, shard = options.optimizer, None
     if options.mesh is not None:  # the shard pass rebuilds the update on each rank's shapes
         if options.optimizer is None or options.return_grads:
             raise MeshError(
                 "a --dp/--tp mesh compiles whole training steps (an optimizer, no grads)"
             )
         loss_fn = tensor_parallel(model.module, loss_fn, options.mesh, options.rank)
-        trainable = [n for n, p in model.module.named_parameters() if p.requires_grad]
-        sharding = {"mesh": options.mesh, "trainable": trainable, "optimizer": optimizer}
-        sharding["bucket_bytes"] = options.bucket_bytes
+        trainable = tuple(n for n, p in model.module.named_parameters() if p.requires_grad)
+        shard = ShardOptions(options.mesh, trainable, optimizer, options.bucket_bytes)
         optimizer = None
     batch = example_batch(model, options.batch_size, seq_len)
     graph = trace(model.module, loss_fn, batch, optimizer, return_grads=options.return_grads)
-    return TracedStep(graph, seq_len, sharding)
+    return TracedStep(graph, seq_len, shard)
 
 
 def optimize(traced: TracedStep, options: CompileOptions) -> CompiledStep:
@@ -128,40 +141,26 @@ def optimize(traced: TracedStep, options: CompileOptions) -> CompiledStep:
 
     The passes before the policy's (recompute, or schedule without it) run once per traced
     step and option set; each plan continues from a copy of their graph."""
-
-    def context(policy: dict[str, Any]) -> PassContext:
-        return PassContext(
-            options={
-                "precision": options.precision,
-                "backend": options.backend,
-                "fused_cross_entropy": options.fused_cross_entropy,
-                **policy,
-                **traced.sharding,
-            },
-            dump_after=set(options.dump_after),
-            dump_dir=options.dump_dir,
-        )
-
-    ctx = context(options.recompute_policy)
-    passes = pass_manager(recompute=options.recompute).passes
+    ctx = PassContext(dump_after=set(options.dump_after), dump_dir=options.dump_dir)
+    passes = pass_manager(options, traced.shard).passes
     split = next(i for i, (name, _) in enumerate(passes) if name in POLICY_PASSES)
     if options.dump_after:  # the dumps of every pass are asked for: no shortcut
         graph = PassManager(passes).run(parse(dump(traced.graph)), ctx)
     else:
         key = (options.precision, options.backend, options.fused_cross_entropy)
         if key not in traced.prepared:
-            before = context({})
+            before = PassContext()
             prefix = PassManager(passes[:split]).run(parse(dump(traced.graph)), before)
             traced.prepared[key] = (prefix, before)
         prefix, before = traced.prepared[key]
         ctx.timings.update(before.timings)
-        ctx.stats.update(before.stats)
+        ctx.shard = before.shard
         graph = PassManager(passes[split:]).run(clone(prefix), ctx)
-    if ctx.plan is not None and "recompute.extra_flops" in ctx.stats:
+    if ctx.plan is not None and ctx.recompute is not None:
         ctx.plan.recompute = {
-            "extra_flops": ctx.stats["recompute.extra_flops"],
-            "step_flops": ctx.stats["recompute.step_flops"],
-            "values": ctx.stats["recompute.recomputed"],
+            "extra_flops": ctx.recompute.extra_flops,
+            "step_flops": ctx.recompute.step_flops,
+            "values": list(ctx.recompute.recomputed),
         }
     return CompiledStep(graph, ctx, options.batch_size, traced.seq_len, ctx.plan)
 

@@ -8,7 +8,7 @@ logsumexp: one more pass over the chunk, no saved activation that a low-precisio
 round) and turns them into the gradient chunk in place. The torch
 implementation below is what the eager backend runs and the reference for the Triton kernels in
 `compiler/codegen/cross_entropy.py`; the fake (meta) implementations let the verifier check
-shapes. `passes/fusion.py` rewrites the traced loss head into these ops.
+shapes. `passes/linear_cross_entropy.py` rewrites the traced loss head into these ops.
 """
 
 from __future__ import annotations

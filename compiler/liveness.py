@@ -141,6 +141,57 @@ def liveness(
     ]
 
 
+UPDATES_SELF = {
+    "index_put",
+    "index_add",
+    "scatter.value",
+    "scatter.src",
+    "scatter_add",
+    "slice_scatter",
+    "select_scatter",
+}
+
+
+def in_place(graph: Graph, facts: Storage, lifetimes: list[Lifetime]) -> dict[int, Value]:
+    """id(output) → the dying input whose buffer it takes over (`lifetimes`: without reuse).
+
+    A pointwise op whose input dies at this node (the buffer itself, not a view of it, and no
+    other input viewing it), with the output's shape and dtype, writes its output over that
+    input — elementwise, each element is read before it is written. The scatter-like ops
+    (index_put, scatter, slice_scatter, ...) take their `self` the same way: they copy `self`
+    into the output and update it, so the copy vanishes. The schedule pass counts these
+    writes when it compares orders; the buffers pass lays them out.
+    """
+    life = {id(lt.value): lt for lt in lifetimes}
+    taken = set(facts.pinned)
+    reuse: dict[int, Value] = {}
+    for i, node in enumerate(graph.nodes):
+        if len(node.outputs) != 1 or id(node.outputs[0]) not in life:
+            continue
+        out, inputs = node.outputs[0], facts.inputs[id(node)]
+        if kind(node.op) is Kind.POINTWISE:  # elementwise: v may be read twice, not via views
+            candidates = inputs
+        elif node.op in UPDATES_SELF:  # v only as `self`: a scatter from v would read it late
+            candidates = [node.args[0]]
+            rest = Node(node.op, node.args[1:], node.kwargs, []).inputs
+        else:
+            continue
+        for v in candidates:
+            others = rest if node.op in UPDATES_SELF else [w for w in inputs if w is not v]
+            lt = life.get(id(v))
+            if (
+                lt is not None
+                and lt.end == i
+                and id(v) not in taken
+                and (v.shape, v.dtype) == (out.shape, out.dtype)
+                and all(facts.owner[id(w)] is not v for w in others)
+            ):
+                reuse[id(out)] = v
+                taken.add(id(v))  # handed over once
+                break
+    return reuse
+
+
 class Interval(Protocol):
     """What the byte counts need: a Lifetime here, a PlannedValue in a plan."""
 

@@ -31,13 +31,15 @@ from rich.table import Table
 from compiler.compile import CompileOptions, compile_model
 from compiler.ir import Role
 from compiler.mesh import Mesh
+from compiler.models import resolve_model
+from compiler.passes.precision import Precision
+from compiler.passes.recompute import RecomputePolicy
 from compiler.passes.shard import DEFAULT_BUCKET_BYTES
 from compiler.plan import MemoryPlan, fmt_bytes
 from examples import GPT2_CONFIGS, LLAMA_CONFIGS, ExampleModel
 from examples.gpt2 import GPT2
 from examples.llama import Llama, LlamaConfig
 from examples.loss import lm_loss
-from memfit.models import resolve_model
 
 SCALING_LAYERS = (2, 3)  # traced depths whose difference is one layer
 
@@ -48,7 +50,7 @@ class RankPlan:
 
     model: str
     mesh: Mesh
-    precision: str
+    precision: Precision
     batch: int  # rows per rank (the global batch is batch · dp)
     seq: int
     layers: int
@@ -122,7 +124,7 @@ def _build(name: str, layers: int | None) -> ExampleModel:
 def compile_rank(
     model: ExampleModel,
     mesh: Mesh,
-    precision: str,
+    precision: Precision,
     batch: int,
     seq: int,
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
@@ -135,7 +137,7 @@ def compile_rank(
         precision=precision,
         mesh=mesh,
         bucket_bytes=bucket_bytes,
-        recompute=recompute,
+        recompute=RecomputePolicy() if recompute else None,
     )
     plan = compile_model(model, lm_loss, options).plan
     assert plan is not None
@@ -145,7 +147,7 @@ def compile_rank(
 def rank_plan(
     name: str,
     mesh: Mesh,
-    precision: str,
+    precision: Precision,
     batch: int,
     seq: int | None = None,
     *,
@@ -202,7 +204,7 @@ def _affine(at_a: int, at_b: int, steps: int) -> int:
 def largest_batch(
     name: str,
     mesh: Mesh,
-    precision: str,
+    precision: Precision,
     device_bytes: int,
     seq: int | None = None,
     **kw: Any,
@@ -226,11 +228,11 @@ def largest_batch(
 
 
 def llama_formula(
-    cfg: LlamaConfig, mesh: Mesh, precision: str, batch: int, seq: int
+    cfg: LlamaConfig, mesh: Mesh, precision: Precision, batch: int, seq: int
 ) -> dict[str, int]:
     """Rank bytes at the peak for a memfit Llama under bf16/fp16 and ZeRO ≥ 1 (derivation and
     notation in docs/parallel-memory.md). Keys: the terms, and "total"."""
-    if mesh.zero < 1 or precision not in ("bf16", "fp16"):
+    if mesh.zero < 1 or precision.low_dtype is None:
         raise ValueError("the formula covers mixed-precision ZeRO (bf16/fp16, --zero 1 or 2)")
     s, b, h, a, f, t = seq, batch, cfg.n_embd, cfg.n_head, cfg.ffn_dim, mesh.tp
     hkv, v, n = cfg.kv_heads * cfg.head_dim, cfg.vocab_size, cfg.n_layer

@@ -20,6 +20,7 @@ from torch._decomp import core_aten_decompositions
 from torch.func import functional_call
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from compiler.builder import GraphBuilder
 from compiler.errors import TraceError, UnsupportedOpError, is_library, short_path, user_frame
 from compiler.ir import Graph, Node, Phase, Role, Value
 from compiler.ops import OP_KINDS, Kind, ir_name, kind
@@ -202,45 +203,45 @@ def _to_ir(
     writes: list[str],
     return_grads: bool,
 ) -> Graph:
-    graph = Graph()
+    builder = GraphBuilder()
     env: dict[fx.Node, object] = {}
-    taken = set(names)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for fx_node, name, role in zip(placeholders, names, roles, strict=True):
-        value = _value(fx_node.meta["val"], name, role)
-        graph.inputs.append(value)
-        env[fx_node] = value
+        meta = _tensor(fx_node.meta["val"], name)
+        env[fx_node] = builder.input(name, tuple(meta.shape), meta.dtype, role)
 
     for fx_node in gm.graph.nodes:
         if fx_node.op == "call_function" and fx_node.target.__name__ == "getitem":
             env[fx_node] = env[fx_node.args[0]][fx_node.args[1]]
         elif fx_node.op == "call_function":
-            graph.nodes.append(_convert(fx_node, env, taken))
+            _convert(fx_node, env, builder)
         elif fx_node.op == "output":
             results = [env[a] for a in fx_node.args[0]]
 
     n_loss = len(results) - n_grads - len(writes)
     losses, grads = results[:n_loss], results[n_loss : n_loss + n_grads]
     updates = results[n_loss + n_grads :]
-    graph.outputs = [*losses, *grads] if return_grads else losses
-    by_name = {v.name: v for v in graph.inputs}
-    for target, new in zip(writes, updates, strict=True):
-        graph.nodes.append(Node("copy_", (by_name[target], new), {}, [], Phase.OPTIMIZER))
+    by_name = {v.name: v for v in builder.inputs}
+    with builder.at(Phase.OPTIMIZER):
+        for target, new in zip(writes, updates, strict=True):
+            builder.write(by_name[target], new)
+    graph = builder.graph([*losses, *grads] if return_grads else losses)
     eliminate_dead_nodes(graph)
     _assign_phases_and_roles(graph, losses, grads)
     return graph
 
 
-def _value(meta: object, name: str, role: Role = Role.TEMPORARY) -> Value:
+def _tensor(meta: object, name: str) -> Tensor:
     if not isinstance(meta, Tensor):
         raise TraceError(f"%{name} is not a tensor ({type(meta).__name__}); memfit traces tensors")
-    return Value(name, tuple(int(d) for d in meta.shape), meta.dtype, role)
+    return meta
 
 
 _DROPPED_KWARGS = {"device", "layout", "pin_memory"}
 
 
-def _convert(fx_node: fx.Node, env: dict[fx.Node, object], taken: set[str]) -> Node:
+def _convert(fx_node: fx.Node, env: dict[fx.Node, object], builder: GraphBuilder) -> None:
+    """Emit the IR node of one ATen call; its outputs are typed by the op on meta tensors."""
     op = ir_name(fx_node.target)
     source = _source(fx_node)
     if op not in OP_KINDS:
@@ -266,23 +267,18 @@ def _convert(fx_node: fx.Node, env: dict[fx.Node, object], taken: set[str]) -> N
     }
     meta = fx_node.meta["val"]
     metas = meta if isinstance(meta, list | tuple) else [meta]
-    if any(isinstance(d, torch.SymInt) for m in metas for d in getattr(m, "shape", ())):
+    for i, m in enumerate(metas):
+        _tensor(m, f"{fx_node.name}.{i}")
+    if any(isinstance(d, torch.SymInt) for m in metas for d in m.shape):
         where = f" at {source}" if source else ""
         raise TraceError(
             f"op aten.{op} (node {fx_node.name}){where} has an output shape that depends on"
             " tensor values. memfit compiles static graphs: nonzero, masked_select, boolean"
             " indexing and .item() cannot be traced; use masks of static shape instead"
         )
-    outputs = []
-    for i, m in enumerate(metas):
-        name = fx_node.name if len(metas) == 1 else f"{fx_node.name}.{i}"
-        while name in taken:
-            name += "_"
-        taken.add(name)
-        outputs.append(_value(m, name))
-    node = Node(op, tuple(arg(a) for a in fx_node.args), kwargs, outputs, Phase.FORWARD, source)
+    with builder.at(Phase.FORWARD, source):
+        outputs = builder.emit(op, tuple(arg(a) for a in fx_node.args), kwargs, names=fx_node.name)
     env[fx_node] = outputs if isinstance(meta, list | tuple) else outputs[0]
-    return node
 
 
 def eliminate_dead_nodes(graph: Graph) -> None:

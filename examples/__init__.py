@@ -6,7 +6,7 @@ llama-7b/13b/70b are real Llama-2 shapes meant for planning only: build them und
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 from torch import nn
@@ -43,18 +43,26 @@ LLAMA_CONFIGS: dict[str, LlamaConfig] = {
 }
 
 
-def _builder(name: str, cfg: GPT2Config | LlamaConfig) -> Callable[[], ExampleModel]:
+def _builder(name: str, cfg: GPT2Config | LlamaConfig) -> Callable[..., ExampleModel]:
     model_cls = GPT2 if isinstance(cfg, GPT2Config) else Llama
-    return lambda: ExampleModel(model_cls(cfg), cfg.vocab_size, cfg.block_size, name)
+
+    def build(vocab_size: int | None = None) -> ExampleModel:
+        sized = cfg if vocab_size is None else replace(cfg, vocab_size=vocab_size)
+        return ExampleModel(model_cls(sized), sized.vocab_size, sized.block_size, name)
+
+    return build
 
 
-EXAMPLES: dict[str, Callable[[], ExampleModel]] = {
+EXAMPLES: dict[str, Callable[..., ExampleModel]] = {
     name: _builder(name, cfg) for name, cfg in (GPT2_CONFIGS | LLAMA_CONFIGS).items()
 }
 
 
-def build_example(name: str) -> ExampleModel:
-    """Build the named model on the current default device (see the module docstring)."""
+def build_example(name: str, vocab_size: int | None = None) -> ExampleModel:
+    """Build the named model on the current default device (see the module docstring).
+
+    `vocab_size` replaces the config's: a run embeds exactly its data's vocabulary.
+    """
     if name not in EXAMPLES:
         raise KeyError(f"unknown example {name!r}; valid names: {', '.join(EXAMPLES)}")
-    return EXAMPLES[name]()
+    return EXAMPLES[name](vocab_size)

@@ -2,10 +2,16 @@
 
 Errors a user can act on (bad MODEL, unsupported op, bad data...) print as one paragraph and
 exit with status 2; `--debug` shows the traceback instead.
+
+A command's module is imported only when that command runs or shows its help: torch, scipy
+and matplotlib take seconds to load, and `memfit --help` should answer at once. The one-line
+summaries `memfit --help` lists are therefore declared here (tests/test_cli_speed.py checks
+them against each command's own docstring).
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 from typing import Any
 
@@ -13,32 +19,112 @@ import click
 from rich.console import Console
 
 from compiler.errors import MemfitError
-from memfit.compile_cmd import compile_command
-from memfit.kernels_cmd import inspect_kernels_command
-from memfit.plan_cmd import plan_command
-from memfit.prune_cmd import prune_command
-from memfit.train_cmd import train_command
-from pipelines.commands import prepare_command
 from pipelines.errors import DataError
 
 console = Console(stderr=True)
 
+# name: (module, attribute, the first sentence of the command's docstring)
+COMMANDS = {
+    "compile": (
+        "memfit.compile_cmd",
+        "compile_command",
+        "Trace MODEL's training step (forward, backward, AdamW) and run the pass pipeline.",
+    ),
+    "plan": (
+        "memfit.plan_cmd",
+        "plan_command",
+        "Plan MODEL's training step (forward, backward, AdamW): schedule, liveness, one arena.",
+    ),
+    "train": (
+        "memfit.train_cmd",
+        "train_command",
+        "Train MODEL (default: gpt2-tiny on the embedded corpus, CPU) with a compiled step.",
+    ),
+    "prepare": (
+        "memfit.prepare_cmd",
+        "prepare_command",
+        "Tokenize text, JSONL or Parquet INPUTS (files or directories) into Arrow files in --out.",
+    ),
+    "prune": (
+        "memfit.prune_cmd",
+        "prune_command",
+        "Prune MODEL's Linear weights by magnitude and report the validation-loss cost.",
+    ),
+}
+INSPECT_COMMANDS = {
+    "kernels": (
+        "memfit.kernels_cmd",
+        "inspect_kernels_command",
+        "List the fused groups of a compiled ARTIFACT: ops, bytes moved, FLOPs.",
+    ),
+}
 
-class _Group(click.Group):
-    """Turns MemfitError/DataError into one readable paragraph unless --debug."""
+
+class _LazyGroup(click.Group):
+    """Subcommands from a table of (module, attribute, summary), imported on first use."""
+
+    def __init__(self, *args: Any, lazy: dict[str, tuple[str, str, str]], **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.lazy = lazy
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.commands or name not in self.lazy:
+            return super().get_command(ctx, name)
+        module, attribute, _ = self.lazy[name]
+        command = getattr(importlib.import_module(module), attribute)
+        self.add_command(command, name)
+        return command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The listing from the summaries in the table: no command module is imported."""
+        names = self.list_commands(ctx)
+        limit = formatter.width - 6 - max(map(len, names))
+        rows = [
+            (name, click.utils.make_default_short_help(self.lazy[name][2], limit))
+            if name in self.lazy
+            else (name, self.commands[name].get_short_help_str(limit))
+            for name in names
+        ]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+class _Group(_LazyGroup):
+    """Turns MemfitError/DataError/OSError into one readable paragraph unless --debug.
+
+    `--debug` is accepted anywhere on the command line (`memfit train … --debug` too): it is
+    taken out of the arguments before click parses them.
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if "--debug" in args[1:]:
+            args = ["--debug", *(a for a in args if a != "--debug")]
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except (MemfitError, DataError, ValueError, KeyError) as exc:
+        except (MemfitError, DataError, OSError, ValueError, KeyError) as exc:
             if ctx.params.get("debug"):
                 raise
-            message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-            console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+            console.print(f"[bold red]error:[/] {_message(exc)}", highlight=False, markup=True)
             sys.exit(2)
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+def _message(exc: Exception) -> str:
+    """The paragraph a user reads: an OSError names its file and the system's reason."""
+    if isinstance(exc, KeyError) and exc.args:
+        return str(exc.args[0])
+    if isinstance(exc, OSError) and exc.strerror and not isinstance(exc, MemfitError):
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{exc.strerror} (rerun with --debug for the traceback)"
+    return str(exc)
+
+
+@click.group(cls=_Group, lazy=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 def main(debug: bool) -> None:
     """memfit: a training compiler that makes transformer training fit in less memory.
@@ -48,14 +134,6 @@ def main(debug: bool) -> None:
     """
 
 
-@main.group()
+@main.group(cls=_LazyGroup, lazy=INSPECT_COMMANDS)
 def inspect() -> None:
     """Look inside a compiled artifact."""
-
-
-inspect.add_command(inspect_kernels_command, "kernels")
-main.add_command(compile_command, "compile")
-main.add_command(plan_command, "plan")
-main.add_command(train_command, "train")
-main.add_command(prepare_command, "prepare")
-main.add_command(prune_command, "prune")

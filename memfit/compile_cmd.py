@@ -1,20 +1,21 @@
-"""`memfit compile MODEL`: trace and optimise one training step, write the artifact."""
+"""`memfit compile MODEL`: trace and optimise one training step, write the artifact.
+
+The compiler (and torch) is imported when the command runs, not to print its --help.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
 from rich.table import Table
 
-from compiler.artifact import summarize, write_artifact
-from compiler.compile import CompileOptions, compile_model, pass_manager
-from compiler.ir import Graph
-from examples.loss import lm_loss
-from memfit.kernels_cmd import emit_kernels
-from memfit.models import resolve_model
 from memfit.options import lowering_kwargs, lowering_options, model_shape_options
+
+if TYPE_CHECKING:
+    from compiler.compile import CompiledStep
 
 console = Console()
 
@@ -61,6 +62,12 @@ def compile_command(
     dump_after: tuple[str, ...],
 ) -> None:
     """Trace MODEL's training step (forward, backward, AdamW) and run the pass pipeline."""
+    from compiler.artifact import write_artifact
+    from compiler.compile import CompileOptions, compile_model, pass_manager
+    from compiler.models import resolve_model
+    from examples.loss import lm_loss
+    from memfit.kernels_cmd import emit_kernels
+
     lowering = lowering_kwargs(precision, lora, quantize_base)
     if emit_dir is not None and backend != "triton":
         raise click.BadParameter(
@@ -90,19 +97,29 @@ def compile_command(
     if emit_dir is not None:
         written = emit_kernels(compiled.graph, emit_dir)
         console.print(f"wrote {len(written)} kernel sources to {emit_dir}", highlight=False)
-    console.print(_summary_table(compiled.graph, model, out_dir))
+    console.print(_summary_table(compiled, model, out_dir))
 
 
-def _summary_table(graph: Graph, model: str, out_dir: Path) -> Table:
-    summary = summarize(graph)
+def _summary_table(compiled: CompiledStep, model: str, out_dir: Path) -> Table:
+    """Bytes by role at the step's peak, the numbers `memfit plan` shows. (Summing what each
+    value declares over the whole step would add up temporaries that are never live together,
+    and count every view again.)"""
+    from compiler.artifact import summarize
+    from compiler.plan import fmt_bytes
+
+    summary = summarize(compiled.graph)
     phases = ", ".join(f"{k} {v}" for k, v in summary.nodes_by_phase.items())
     table = Table(
         title=f"{model}: {summary.nodes} nodes ({phases}); {summary.parameters:,} parameters"
     )
     table.add_column("role")
-    table.add_column("declared bytes", justify="right")
-    for role, nbytes in summary.bytes_by_role.items():
-        if nbytes:
-            table.add_row(role, f"{nbytes / 2**20:,.1f} MiB")
-    table.caption = f"artifact: {out_dir}/ (manifest.json, graph.txt)"
+    table.add_column("at the step's peak", justify="right")
+    plan = compiled.plan
+    assert plan is not None, "the buffers pass plans every compiled step"
+    for role, nbytes in plan.breakdown().items():
+        table.add_row(str(role), fmt_bytes(nbytes))
+    if plan.workspace:
+        table.add_row("kernel scratch", fmt_bytes(plan.workspace))
+    table.add_row("step peak", fmt_bytes(plan.peak_bytes), style="bold")
+    table.caption = f"artifact: {out_dir}/ (manifest.json, graph.txt); `memfit plan` for more"
     return table

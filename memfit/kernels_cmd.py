@@ -9,19 +9,23 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
 from rich.table import Table
 
-from compiler.codegen.triton import Kernel, group_kernels, group_members
-from compiler.ir import Graph, parse
+if TYPE_CHECKING:  # the compiler (and torch) load when a command runs, not for --help
+    from compiler.codegen.triton import Kernel
+    from compiler.ir import Graph
 
 console = Console()
 
 
 def emit_kernels(graph: Graph, out_dir: Path) -> list[Path]:
     """Write one readable `.py` per fused group and an `index.json`; returns the kernel files."""
+    from compiler.codegen.triton import group_kernels
+
     out_dir.mkdir(parents=True, exist_ok=True)
     paths, index = [], []
     for k in group_kernels(graph):
@@ -51,6 +55,8 @@ def emit_kernels(graph: Graph, out_dir: Path) -> list[Path]:
 
 def unfused_bytes(graph: Graph) -> dict[int, int]:
     """group id → bytes its nodes would read and write if each ran as its own kernel."""
+    from compiler.codegen.fusibility import group_members
+
     return {
         group: sum(v.nbytes for n in members for v in [*n.inputs, *n.outputs])
         for group, members in group_members(graph).items()
@@ -97,6 +103,9 @@ def _mib(n: int) -> str:
 )
 def inspect_kernels_command(artifact: Path) -> None:
     """List the fused groups of a compiled ARTIFACT: ops, bytes moved, FLOPs."""
+    from compiler.codegen.triton import group_kernels
+    from compiler.ir import parse
+
     graph = parse((artifact / "graph.txt").read_text())
     kernels = group_kernels(graph)
     if not kernels:

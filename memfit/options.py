@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from compiler.errors import MemfitError
+from compiler.passes.precision import PRECISIONS, Precision
 
 F = Callable[..., Any]
 
@@ -56,7 +57,7 @@ def lowering_options(func: F) -> F:
     """--precision plus the adapter options: how the step's weights and math are lowered."""
     return click.option(
         "--precision",
-        type=click.Choice(["fp32", "bf16", "fp16"]),
+        type=click.Choice(PRECISIONS),
         default="fp32",
         show_default=True,
         help="Compute precision; master weights and AdamW states stay fp32.",
@@ -75,4 +76,4 @@ def lowering_kwargs(precision: str, lora: str | None, quantize_base: str | None)
         config = LoraConfig.parse(lora) if lora else None
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--lora") from None
-    return {"precision": precision, "lora": config, "quantize_base": quantize_base}
+    return {"precision": Precision(precision), "lora": config, "quantize_base": quantize_base}

@@ -19,7 +19,7 @@ from rich.console import Console
 from compiler.budget import parse_size
 from compiler.mesh import Mesh
 from compiler.parallel_plan import example_config, largest_batch, llama_formula, rank_plan
-from compiler.passes.precision import PRECISIONS
+from compiler.passes.precision import PRECISIONS, Precision
 from compiler.plan import fmt_bytes
 from examples.llama import LlamaConfig
 from memfit.options import PlanError, model_shape_options
@@ -85,7 +85,7 @@ def parallel_plan_command(
     fmt: str,
 ) -> None:
     """Plan one rank of MODEL on a --dp × --tp mesh with ZeRO --zero (shapes only)."""
-    mesh = Mesh(dp, tp, zero)
+    mesh, precision = Mesh(dp, tp, zero), Precision(precision)
     with console.status(f"planning rank 0 of {mesh.world} ({mesh})"):
         if device_memory is not None:
             batch_size, plan = largest_batch(
@@ -100,7 +100,7 @@ def parallel_plan_command(
             plan = rank_plan(model, mesh, precision, batch_size, seq_len, recompute=recompute)
     cfg = example_config(model)
     formula = None
-    if isinstance(cfg, LlamaConfig) and zero >= 1 and precision != "fp32" and not recompute:
+    if isinstance(cfg, LlamaConfig) and zero >= 1 and precision.low_dtype and not recompute:
         formula = llama_formula(cfg, mesh, precision, max(batch_size, 1), plan.seq)
     if fmt == "json":
         out = plan.to_dict() | {"formula": formula}

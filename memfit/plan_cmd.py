@@ -17,12 +17,13 @@ from rich.table import Table
 
 from compiler.budget import Budget, SweepPoint, compile_within, sweep_budgets
 from compiler.compile import CompileOptions, optimize, trace_model
+from compiler.models import resolve_model
 from compiler.passes.precision import PRECISIONS
+from compiler.passes.recompute import RecomputePolicy
 from compiler.plan import MemoryPlan, fmt_bytes
 from compiler.plan_render import write_html, write_png
 from compiler.sweep_render import write_sweep_png
 from examples.loss import lm_loss
-from memfit.models import resolve_model
 from memfit.options import PlanError, adapter_options, lowering_kwargs, model_shape_options
 from memfit.parallel_cmd import mesh_options, parallel_plan_command
 
@@ -102,6 +103,16 @@ def plan_command(
     With --dp/--tp/--zero (or --device-memory) it plans one rank of that mesh from shapes only.
     """
     if dp * tp > 1 or zero or device_memory:
+        _refuse_with_a_mesh(
+            {
+                "--format": fmt if fmt in ("png", "html") else None,
+                "--out": out,
+                "--lora": lora,
+                "--quantize-base": quantize_base,
+                "--sweep": sweep or None,
+            },
+            memory_budget,
+        )
         click.get_current_context().invoke(
             parallel_plan_command,
             model=model,
@@ -133,7 +144,7 @@ def plan_command(
     options = CompileOptions(
         batch_size=batch_size,
         seq_len=seq,
-        recompute=recompute,
+        recompute=RecomputePolicy() if recompute else None,
         **lowering_kwargs(precision, lora, quantize_base),
     )
     with console.status(f"tracing {model} (batch {batch_size} × {seq})"):
@@ -157,13 +168,12 @@ def plan_command(
     plan.config = config | ({"memory_budget": memory_budget} if budget else {})
     _emit(plan, fmt, out or _default_path(model, batch_size, seq, fmt))
     if fmt == "table":
-        t = compiled.context.timings
-        stats = compiled.context.stats
+        t, order = compiled.context.timings, compiled.context.schedule
+        assert order is not None
         console.print(
             f"planned in {t['schedule'] + t['buffers']:.2f} s (schedule {t['schedule']:.2f} s,"
-            f" buffers {t['buffers']:.2f} s); live peak {fmt_bytes(stats['schedule.peak_traced'])}"
-            f" in the traced order → {fmt_bytes(stats['schedule.peak'])} scheduled"
-            f" ({stats['schedule.strategy']})",
+            f" buffers {t['buffers']:.2f} s); live peak {fmt_bytes(order.peak_traced)}"
+            f" in the traced order → {fmt_bytes(order.peak)} scheduled ({order.strategy})",
             highlight=False,
         )
 
@@ -207,3 +217,22 @@ def _emit(plan: MemoryPlan, fmt: str, path: Path | None) -> None:
         assert path is not None
         (write_png if fmt == "png" else write_html)(plan, path)
         console.print(f"wrote {path}", highlight=False)
+
+
+def _refuse_with_a_mesh(given: dict[str, object], memory_budget: str | None) -> None:
+    """Flags the per-rank plan of a mesh does not honour yet: refused before any planning,
+    rather than planned without them."""
+    ignored = [
+        flag if value is True else f"{flag} {value}" for flag, value in given.items() if value
+    ]
+    if ignored:
+        raise PlanError(
+            f"{', '.join(ignored)}: not planned with a mesh (--dp/--tp/--zero/--device-memory)"
+            " yet; the per-rank plan prints a table or json (--format json). Drop the flag, or"
+            " plan one process without the mesh flags"
+        )
+    if memory_budget is not None and Budget.parse(memory_budget).fraction is not None:
+        raise PlanError(
+            f"--memory-budget {memory_budget}: a fraction of the activation memory is planned"
+            " for one process; with a mesh give the rank's size, e.g. --memory-budget 40GB"
+        )

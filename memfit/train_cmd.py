@@ -63,9 +63,21 @@ DEFAULT = TrainConfig()
     show_default=True,
     help="Checkpoint every N steps (and at the end).",
 )
+@click.option(
+    "--keep-checkpoints",
+    type=click.IntRange(min=1),
+    default=DEFAULT.keep_checkpoints,
+    show_default=True,
+    help="How many of the newest checkpoints to keep.",
+)
 @click.option("--seed", type=int, default=DEFAULT.seed, show_default=True)
 @lowering_options
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out.")
+@click.option(
+    "--deterministic",
+    is_flag=True,
+    help="Bit-identical runs whatever the thread count (trains on one thread).",
+)
 @click.option(
     "--dp",
     type=click.IntRange(min=1),
@@ -95,6 +107,8 @@ def train_command(
         console.quiet = True
     with console.status("preparing data and compiling the step") as status:
         trainer = Trainer(cfg, progress=status.update)
+    for notice in trainer.notices:
+        console.print(f"[bold]note:[/] {notice}", highlight=False)
     first: float | None = None
     last = None
     columns = (
@@ -122,7 +136,9 @@ def train_command(
         trainer.parallel.close()
     if last is not None and first is not None:
         console.print(
-            f"trained {cfg.model} to step {last.step}: loss {first:.4f} → {last.loss:.4f}"
+            f"trained {cfg.model} ({trainer.vocab_size:,}-token vocabulary"
+            f"{', from the data' if trainer.vocab_from_data else ''}) to step {last.step}:"
+            f" loss {first:.4f} → {last.loss:.4f}"
             f" (validation {'n/a' if last.val_loss is None else f'{last.val_loss:.4f}'});"
             f" run directory {cfg.out}"
         )

@@ -99,8 +99,8 @@ def prepare(
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     out_dir = Path(out_dir)
-    _check_out_dir(out_dir, overwrite)
     files = _expand(inputs)
+    _check_out_dir(out_dir, overwrite)
     jobs = _plan_jobs(files, text_column)
     total_bytes = sum(job.nbytes for job in jobs)
     if workers is None:
@@ -176,13 +176,14 @@ def _expand(inputs: Sequence[Path | str]) -> list[Path]:
     files: list[Path] = []
     for path in map(Path, inputs):
         if path.is_dir():
-            files.extend(
-                sorted(
-                    p
-                    for p in path.rglob("*")
-                    if p.is_file() and not any(s.startswith(".") for s in p.relative_to(path).parts)
-                )
+            found = sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file() and not any(s.startswith(".") for s in p.relative_to(path).parts)
             )
+            if not found:  # never an empty dataset, which --overwrite would put over good data
+                raise DataError(f"{path}: directory holds no input files (hidden ones are skipped)")
+            files.extend(found)
         else:
             files.append(path)
     return files

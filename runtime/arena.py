@@ -14,7 +14,7 @@ step. Results equal `runtime.eager.run_graph` bit for bit. A Program runs out of
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -26,12 +26,13 @@ from torch.profiler import ProfilerActivity, profile
 
 from compiler import custom_ops, update_op
 from compiler.ir import Graph, Node, Value
+from compiler.liveness import UPDATES_SELF
+from compiler.meta import bind
 from compiler.ops import OP_KINDS, Kind, kind, out_variant, resolve
-from compiler.passes.buffers import UPDATES_SELF
 from compiler.plan import MemoryPlan
+from runtime.interpreter import Env, Interpreter, Step
 
-Env = dict[int, Tensor]
-Step = Callable[[Env], Any]
+Run = Callable[[Env], list[Tensor]]
 
 _ARITHMETIC = ("add", "sub", "mul", "div", "eq", "ne", "lt", "gt", "le", "ge")
 _TENSOR_FORM = {f"{p}.Scalar": f"{p}.Tensor" for p in _ARITHMETIC} | {
@@ -53,12 +54,11 @@ _IN_PLACE = {
 assert _IN_PLACE.keys() == UPDATES_SELF
 
 
-class Arena:
+class Arena(Interpreter):
     """Runs `graph` as `plan` lays it out; callable as a `runtime.program.Backend`."""
 
     def __init__(self, graph: Graph, plan: MemoryPlan, device: torch.device | str = "cpu") -> None:
-        self.graph = graph
-        self.device = torch.device(device)
+        super().__init__(graph, device)
         self.buffer = torch.empty(plan.arena_bytes, dtype=torch.uint8, device=self.device)
         placed = {v.name: v for v in plan.values}
         self.views: Env = {}
@@ -68,43 +68,37 @@ class Arena:
                     raw = self.buffer[p.offset : p.offset + v.nbytes]
                     self.views[id(v)] = raw.view(v.dtype).view(v.shape)
         self.fallbacks: set[str] = set()
-        self.steps = [self._compile(node) for node in graph.nodes]
+        self.steps = self.schedule()
+        self.compiled = {id(step): self.compile(step) for step in self.steps}
 
-    def __call__(
-        self, graph: Graph, feeds: Mapping[str, Tensor], device: torch.device | None = None
-    ) -> list[Tensor]:
-        if graph is not self.graph:
-            raise ValueError("this arena was planned for another graph")
-        env = dict(self.views)
-        env.update((id(v), feeds[v.name]) for v in graph.inputs)
-        for step in self.steps:
-            step(env)
-        return [env[id(v)] for v in graph.outputs]
+    def schedule(self) -> list[Step]:
+        """What runs, in order: every node (a subclass may launch groups as kernels)."""
+        return list(self.graph.nodes)
 
-    def _compile(self, node: Node) -> Step:
-        """One node as a closure over the environment of tensors."""
+    def run_node(self, node: Node, env: Env) -> list[Tensor]:
+        return self.compiled[id(node)](env)
+
+    def compile(self, node: Node) -> Run:
+        """One node as a function of the environment of tensors, writing into its views."""
         op, args, kwargs = node.op, node.args, node.kwargs
-        outs = [id(v) for v in node.outputs]
-        out = outs[0] if outs else 0
         if op == update_op.UPDATE:  # in place: it has no outputs of its own
             return partial(_run_into, update_op.update_into, [], args)
         if kind(op) is Kind.WRITE:
-            return lambda env: _bind(args[0], env).copy_(_bind(args[1], env))
+            return partial(_write, args)
         if kind(op) is Kind.VIEW:
-            return partial(_define, outs, resolve(op), args, kwargs)
+            return partial(_define, resolve(op), args, kwargs)
+        if op == "empty.memory_format":
+            return lambda env: [self.views.get(id(node.outputs[0]))]
+        outs = [self.views[id(v)] for v in node.outputs]
         if op in _FILL or op in _CONSTANT:
             value = args[_FILL[op]] if op in _FILL else _CONSTANT[op]
-            return lambda env: env[out].fill_(value)
-        if op == "empty.memory_format":
-            return lambda env: None
+            return lambda env: [outs[0].fill_(value)]
         if op in ("clone", "_to_copy"):
-            return lambda env: env[out].copy_(_bind(args[0], env))
+            return lambda env: [outs[0].copy_(bind(args[0], env))]
         if op == "embedding":
-            return lambda env: torch.index_select(
-                _bind(args[0], env), 0, _bind(args[1], env).reshape(-1), out=env[out].flatten(0, -2)
-            )
+            return partial(_embedding, outs, args)
         if op in _IN_PLACE:
-            return partial(_update_copy, out, _IN_PLACE[op], args, kwargs)
+            return partial(_update_copy, outs, _IN_PLACE[op], args, kwargs)
         if op in custom_ops.INTO:
             return partial(_run_into, custom_ops.INTO[op], outs, args)
         if _TENSOR_FORM.get(op) in OP_KINDS:
@@ -142,52 +136,61 @@ class Arena:
         return tuple(args)
 
 
-def _define(outs: list[int], fn: Callable[..., Any], args: Any, kwargs: Any, env: Env) -> None:
+def _write(args: Any, env: Env) -> list[Tensor]:
+    """copy_: the new value into the persistent tensor (no outputs)."""
+    bind(args[0], env).copy_(bind(args[1], env))
+    return []
+
+
+def _define(fn: Callable[..., Any], args: Any, kwargs: Any, env: Env) -> list[Tensor]:
     """Run a view op: its results alias its input, nothing is written."""
-    env.update(zip(outs, _results(fn(*_bind(args, env), **_bind(kwargs, env))), strict=True))
+    return _results(fn(*bind(args, env), **bind(kwargs, env)))
 
 
 def _run_out(
-    fn: Callable[..., Any], outs: dict[str, int], args: Any, kwargs: Any, env: Env
-) -> None:
+    fn: Callable[..., Any], outs: dict[str, Tensor], args: Any, kwargs: Any, env: Env
+) -> list[Tensor]:
     """The usual case: the op's out= overload writes into the planned views."""
-    fn(*_bind(args, env), **_bind(kwargs, env), **{n: env[o] for n, o in outs.items()})
+    fn(*bind(args, env), **bind(kwargs, env), **outs)
+    return list(outs.values())
 
 
-def _run_into(fn: Callable[..., Any], outs: list[int], args: Any, env: Env) -> None:
+def _embedding(outs: list[Tensor], args: Any, env: Env) -> list[Tensor]:
+    """embedding as index_select, which has an out= form that does not allocate."""
+    weight, ids = bind(args[:2], env)
+    torch.index_select(weight, 0, ids.reshape(-1), out=outs[0].flatten(0, -2))
+    return outs
+
+
+def _run_into(fn: Callable[..., Any], outs: list[Tensor], args: Any, env: Env) -> list[Tensor]:
     """memfit's own ops: their computation, given the planned views as its outputs."""
-    fn(*_bind(args, env), *(env[o] for o in outs))
+    fn(*bind(args, env), *outs)
+    return outs
 
 
 def _compute_then_copy(
-    outs: list[int], fn: Callable[..., Any], args: Any, kwargs: Any, env: Env
-) -> None:
+    outs: list[Tensor], fn: Callable[..., Any], args: Any, kwargs: Any, env: Env
+) -> list[Tensor]:
     """The fallback for ops with no allocation-free form: their results are allocated."""
-    for o, t in zip(outs, _results(fn(*_bind(args, env), **_bind(kwargs, env))), strict=True):
-        env[o].copy_(t)
+    for o, t in zip(outs, _results(fn(*bind(args, env), **bind(kwargs, env))), strict=True):
+        o.copy_(t)
+    return outs
 
 
-def _update_copy(out: int, update: Callable[..., Any], args: Any, kwargs: Any, env: Env) -> None:
+def _update_copy(
+    outs: list[Tensor], update: Callable[..., Any], args: Any, kwargs: Any, env: Env
+) -> list[Tensor]:
     """A scatter-like op: `self` copied into the planned view (unless planned in place), then
     updated there."""
-    dst, src = env[out], _bind(args[0], env)
+    dst, src = outs[0], bind(args[0], env)
     if dst.data_ptr() != src.data_ptr():
         dst.copy_(src)
-    update(dst, *_bind(args[1:], env), **_bind(kwargs, env))
+    update(dst, *bind(args[1:], env), **bind(kwargs, env))
+    return outs
 
 
 def _results(result: Any) -> list[Tensor]:
     return list(result) if isinstance(result, list | tuple) else [result]
-
-
-def _bind(obj: Any, env: Env) -> Any:
-    if isinstance(obj, Value):
-        return env[id(obj)]
-    if isinstance(obj, list | tuple):
-        return type(obj)(_bind(x, env) for x in obj)
-    if isinstance(obj, dict):
-        return {k: _bind(v, env) for k, v in obj.items()}
-    return obj
 
 
 @dataclass(frozen=True)

@@ -22,22 +22,29 @@ from torch import Tensor
 from compiler.compile import CompileOptions, compile_model, example_batch
 from compiler.errors import MemfitError
 from compiler.lora import LoraConfig
-from compiler.mesh import Mesh
+from compiler.mesh import Mesh, MeshError
+from compiler.models import resolve_model
+from compiler.passes.precision import Precision
 from compiler.passes.shard import DEFAULT_BUCKET_BYTES, parallel_loss
 from compiler.trace import AdamW, trace, trace_update
+from examples import EXAMPLES
 from examples.loss import lm_loss
-from memfit.models import resolve_model
-from pipelines.commands import default_dataset
+from pipelines.corpus import default_dataset
+from pipelines.integrity import verified_dataset
 from pipelines.loader import TokenDataset, WindowLoader
 from pipelines.manifest import Manifest, token_mismatch_check
 from runtime.checkpoint import (
+    checkpoints,
+    find_resumable,
     latest_checkpoint,
     load_checkpoint,
+    remove_stale,
     save_checkpoint,
     write_text_atomic,
 )
 from runtime.distributed import Parallel, launched_world
 from runtime.program import Program, initial_state
+from runtime.run_settings import check_resume, run_settings
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
@@ -63,46 +70,67 @@ class TrainConfig:
     val_every: int = 100
     val_batches: int = 4
     checkpoint_every: int = 100
+    keep_checkpoints: int = 3
     seed: int = 0
     resume: bool = False
+    deterministic: bool = False  # bit-identical runs whatever the thread count (one thread)
     device: str = "cpu"
     dp: int | None = None  # data-parallel ranks; None: every launched rank not used by tp
     tp: int = 1  # tensor-parallel ranks
     zero: int = 0  # ZeRO stage over the data-parallel ranks
     bucket_bytes: int = DEFAULT_BUCKET_BYTES  # gradients reduced together across dp ranks
-    precision: str = "fp32"  # compute precision; master weights and AdamW states stay fp32
+    precision: Precision = Precision.FP32  # master weights and AdamW states stay fp32
     lora: LoraConfig | None = None  # adapters on a frozen base
     quantize_base: str | None = None  # int8 | nf4 frozen base (with lora)
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "memfit")
 
     def check(self) -> None:
         bad = [
-            f"{name} must be ≥ {low}, got {getattr(self, name)}"
+            f"--{name.removesuffix('_size').removesuffix('_len').replace('_', '-')} must be"
+            f" ≥ {low}, got {getattr(self, name)}"
             for name, low in [
                 ("steps", 1),
                 ("batch_size", 1),
+                ("seq_len", 1),
                 ("grad_accum", 1),
                 ("warmup", 0),
                 ("val_every", 0),
                 ("checkpoint_every", 0),
+                ("keep_checkpoints", 1),
             ]
-            if getattr(self, name) < low
+            if getattr(self, name) is not None and getattr(self, name) < low
         ]
         if not (self.lr > 0 and math.isfinite(self.lr)):
-            bad.append(f"lr must be a positive number, got {self.lr}")
+            bad.append(f"--lr must be a positive number, got {self.lr}")
         if bad:
             raise TrainingError("bad training options: " + "; ".join(bad))
 
     def mesh(self) -> Mesh | None:
         """The mesh to run on; None for one process. Checked against the batch."""
-        dp = launched_world() // max(self.tp, 1) if self.dp is None else self.dp
+        world = launched_world()
+        if self.dp is None and world % max(self.tp, 1):
+            raise MeshError(
+                f"--tp {self.tp} does not divide the {world} process(es) launched; launch a"
+                f" multiple of {self.tp} with torchrun --nproc-per-node"
+            )
+        dp = max(world // max(self.tp, 1), 1) if self.dp is None else self.dp
         mesh = Mesh(dp, self.tp, self.zero)
-        if mesh.world == 1 and launched_world() == 1:
+        if mesh.world == 1 and world == 1:
             return None
+        mesh.check_world(world)  # before the batch: a missing torchrun is the first problem
         mesh.check_batch(self.batch_size)
         if self.grad_accum > 1:
             raise TrainingError("--grad-accum with --dp/--tp is not supported yet")
         return mesh
+
+
+def make_deterministic() -> None:
+    """One intra-op thread and deterministic kernels: every run of the same command computes
+    the same bits. A CPU reduction split over N threads sums in an order that depends on N
+    (and MKL may change N under load), which moves losses by ~1e-7 from run to run."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -132,23 +160,29 @@ class Trainer:
         self.cfg = cfg
         say = progress or (lambda _msg: None)
         torch.manual_seed(cfg.seed)
+        if cfg.deterministic:
+            make_deterministic()
         mesh = cfg.mesh()
         self.parallel = Parallel.from_env(mesh, cfg.device) if mesh else None
-        example = resolve_model(cfg.model)
-        self.seq_len = cfg.seq_len or example.block_size
+        if self.is_writer:  # before minutes of compiling: --out must be writable
+            _make_run_dir(cfg.out)
         data_dir = cfg.data or default_dataset(cfg.cache_dir)
         self.manifest = Manifest.load(Path(data_dir))
         vocab = int(self.manifest.tokenizer.get("vocab_size", 0))
+        example = resolve_model(cfg.model, vocab_size=vocab or None)
+        self.seq_len = cfg.seq_len or example.block_size
+        self.notices: list[str] = []  # what the run decided that the user must hear
+        self.vocab_from_data = cfg.model in EXAMPLES  # a built-in example embeds the data's
+        self.vocab_size = example.vocab_size
         if vocab > example.vocab_size:
             raise TrainingError(
                 f"the data in {data_dir} has a vocabulary of {vocab} tokens but {cfg.model}"
                 f" embeds only {example.vocab_size}"
             )
-        self.loader = WindowLoader(
-            TokenDataset.open(data_dir, "train"), cfg.batch_size, self.seq_len, seed=cfg.seed
-        )
+        train_data = verified_dataset(data_dir, "train", cfg.cache_dir)
+        self.loader = WindowLoader(train_data, cfg.batch_size, self.seq_len, seed=cfg.seed)
         window_tokens = cfg.batch_size * self.seq_len
-        self.val_dataset = _optional_split(data_dir, "val", window_tokens)
+        self.val_dataset = _optional_split(data_dir, "val", window_tokens, cfg.cache_dir)
         optimizer = AdamW(weight_decay=cfg.weight_decay)
         accumulate = cfg.grad_accum > 1
         say(f"tracing {cfg.model} (batch {cfg.batch_size} × {self.seq_len})")
@@ -168,7 +202,8 @@ class Trainer:
             self.state = initial_state(compiled.graph, example.module, cfg.device)
             self.train_program = Program(compiled.graph, self.state, cfg.device)
         else:
-            self.parallel.bind(compiled.context.stats["shard.layout"], example.module)
+            assert compiled.context.shard is not None  # a mesh's step is sharded
+            self.parallel.bind(compiled.context.shard, example.module)
             self.state = self.parallel.initial_state(compiled.graph, example.module, cfg.device)
             backend = self.parallel.backend
             self.train_program = Program(compiled.graph, self.state, cfg.device, backend)
@@ -192,12 +227,15 @@ class Trainer:
                 self.train_program.backend,
             )
         self.step = 0
+        self.settings = run_settings(cfg, self.seq_len, self.manifest)
         self.checkpoints = cfg.out / CHECKPOINTS
+        if self.is_writer and self.checkpoints.is_dir():
+            remove_stale(self.checkpoints)
         if cfg.resume:
             self._resume()
-        elif (done := latest_checkpoint(self.checkpoints)) is not None:
+        elif done := checkpoints(self.checkpoints):
             raise TrainingError(
-                f"{cfg.out} already holds a run (checkpoint {done.name}); pass --resume to"
+                f"{cfg.out} already holds a run (checkpoint {done[-1].name}); pass --resume to"
                 " continue it or --out for a new run (nothing was overwritten)"
             )
 
@@ -247,8 +285,9 @@ class Trainer:
         """Train to `cfg.steps`, yielding a record per step; checkpoints as configured."""
         cfg = self.cfg
         cfg.out.mkdir(parents=True, exist_ok=True)
-        writer = self.parallel is None or self.parallel.is_writer
-        metrics = open(cfg.out / METRICS if writer else os.devnull, "a")  # noqa: SIM115
+        # A fresh run replaces the lines of one killed before its first checkpoint.
+        mode = "a" if self.step else "w"
+        metrics = open(cfg.out / METRICS if self.is_writer else os.devnull, mode)  # noqa: SIM115
         tokens_per_step = cfg.batch_size * self.seq_len * cfg.grad_accum
         try:
             while self.step < cfg.steps:
@@ -283,30 +322,39 @@ class Trainer:
 
     # --- checkpoints ----------------------------------------------------------------------
 
+    @property
+    def is_writer(self) -> bool:
+        """Only one process writes checkpoints and metrics."""
+        return self.parallel is None or self.parallel.is_writer
+
     def save(self) -> Path:
         state = {
             "step": self.step,
             "loader": self.loader.state_dict(),
             "tokenizer": self.manifest.tokenizer,
             "config": _jsonable(asdict(self.cfg)),
+            "settings": self.settings,
         }
         if self.train_program.loss_scaler is not None:
             state["loss_scaler"] = self.train_program.loss_scaler.state_dict()
+        keep = self.cfg.keep_checkpoints
         if self.parallel is None:
-            return save_checkpoint(self.checkpoints, self.step, self.state, state)
+            return save_checkpoint(self.checkpoints, self.step, self.state, state, keep)
         full = self.parallel.to_full(self.state)  # every rank takes part; rank 0 writes
         path = self.checkpoints / f"step-{self.step:08d}"
         if self.parallel.is_writer:
-            path = save_checkpoint(self.checkpoints, self.step, full, state)
+            path = save_checkpoint(self.checkpoints, self.step, full, state, keep)
         self.parallel.barrier()
         return path
 
     def _resume(self) -> None:
-        path = latest_checkpoint(self.checkpoints)
-        if path is None:
-            raise TrainingError(f"--resume: no checkpoint in {self.checkpoints}")
+        found = find_resumable(self.checkpoints)
+        path = found.path
+        if found.skipped:
+            self.notices.append(found.report())
         tensors, state = load_checkpoint(path)
         token_mismatch_check(self.manifest, state["tokenizer"])
+        check_resume(state.get("settings"), self.settings, path)
         if self.parallel is not None:  # the checkpoint is full: take this rank's pieces
             tensors = self.parallel.to_local(tensors, self.state)
         missing = self.state.keys() - tensors.keys()
@@ -323,15 +371,29 @@ class Trainer:
         self.step = state["step"]
         if self.train_program.loss_scaler is not None and "loss_scaler" in state:
             self.train_program.loss_scaler.load_state_dict(state["loss_scaler"])
-        if self.parallel is None or self.parallel.is_writer:
+        if self.is_writer:
             _truncate_metrics(self.cfg.out / METRICS, self.step)
 
 
-def _optional_split(directory: Path, split: str, window_tokens: int) -> TokenDataset | None:
+def _optional_split(
+    directory: Path, split: str, window_tokens: int, cache_dir: Path
+) -> TokenDataset | None:
     """The split, if it holds at least one batch of windows; validation is skipped otherwise."""
     info = Manifest.load(Path(directory)).splits.get(split)
     enough = info is not None and info.tokens > window_tokens
-    return TokenDataset.open(directory, split) if enough else None
+    return verified_dataset(Path(directory), split, cache_dir) if enough else None
+
+
+def _make_run_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise TrainingError(
+            f"--out {out}: cannot write the run directory there ({e.strerror}: {e.filename})"
+        ) from e
 
 
 def _take(loader: WindowLoader, n: int) -> Iterator[tuple[Tensor, Tensor]]:
@@ -343,7 +405,14 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop records after `step`: they are recomputed, identically, after a resume."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] > step:
+                break
+        except ValueError:  # a line a kill tore in half: the last one written
+            break
+        kept.append(line)
     write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 

@@ -25,7 +25,6 @@ import os
 import sys
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +32,15 @@ import torch
 from torch import Tensor
 
 from compiler import custom_ops
-from compiler.codegen.triton import Kernel, group_kernels, group_members
+from compiler.codegen.fusibility import group_members
+from compiler.codegen.triton import Kernel, group_kernels
 from compiler.ir import Graph, Node, Value
+from compiler.meta import bind
 from compiler.ops import Kind, kind
 from compiler.plan import MemoryPlan
-from runtime.arena import Arena, Env
-from runtime.eager import run_node
+from runtime.arena import Arena, Run
+from runtime.eager import Eager
+from runtime.interpreter import Env, Step
 
 CACHE_ENV = "MEMFIT_KERNEL_CACHE"
 _RESHAPES = ("view", "_unsafe_view")
@@ -92,38 +94,11 @@ def load_kernel(kernel: Kernel, device: torch.device) -> Callable[..., Any]:
     return _LOADED[key]
 
 
-@dataclass(frozen=True)
-class _Launch:
-    kernel: Kernel
-
-    @property
-    def reads(self) -> list[Value]:
-        return list(self.kernel.inputs)
-
-    @property
-    def writes(self) -> tuple[Value, ...]:
-        return self.kernel.outputs
-
-
-@dataclass(frozen=True)
-class _Eager:
-    node: Node
-
-    @property
-    def reads(self) -> list[Value]:
-        return self.node.inputs
-
-    @property
-    def writes(self) -> list[Value]:
-        return self.node.outputs
-
-
-Step = _Launch | _Eager
 _PLANS: weakref.WeakKeyDictionary[Graph, list[Step]] = weakref.WeakKeyDictionary()
 
 
 def steps(graph: Graph) -> list[Step]:
-    """The graph as launches and eager nodes, in schedule order (cached per graph object)."""
+    """The graph as kernels and eager nodes, in schedule order (cached per graph object)."""
     if graph in _PLANS:
         return _PLANS[graph]
     kernels = {k.group: k for k in group_kernels(graph)}
@@ -135,9 +110,9 @@ def steps(graph: Graph) -> list[Step]:
     plan: list[Step] = []
     for node in graph.nodes:
         if node.group not in contiguous:
-            plan.append(_Eager(node))
-        elif not plan or not isinstance(plan[-1], _Launch) or plan[-1].kernel.group != node.group:
-            plan.append(_Launch(kernels[node.group]))
+            plan.append(node)
+        elif not plan or not isinstance(plan[-1], Kernel) or plan[-1].group != node.group:
+            plan.append(kernels[node.group])
     _PLANS[graph] = plan
     return plan
 
@@ -154,51 +129,42 @@ def _run_custom(node: Node, args: list[Any], outs: Sequence[Tensor] = ()) -> lis
     return list(result) if isinstance(result, tuple) else [result]
 
 
-def _bind(args: tuple[Any, ...], env: Mapping[int, Tensor]) -> list[Any]:
-    return [env[id(a)] if isinstance(a, Value) else a for a in args]
+def launch(
+    kernel: Kernel, fn: Callable[..., Any], ins: list[Tensor], outs: list[Tensor]
+) -> list[Tensor]:
+    """Launch a group's kernel on its inputs (made contiguous: it indexes with static
+    strides) into `outs`."""
+    args = [t.contiguous() for t in ins]
+    fn[(kernel.grid,)](*args, *outs, BLOCK=kernel.block, num_warps=kernel.num_warps)
+    return outs
+
+
+class Triton(Eager):
+    """Fused groups as kernels, the fused loss head through its Triton kernels, every other
+    node as ATen; each result a fresh tensor."""
+
+    def __init__(self, graph: Graph, device: torch.device | str = "cpu") -> None:
+        super().__init__(graph, device)
+        if self.device.type == "cpu":
+            require_interpreter()
+        self.steps = steps(graph)
+
+    def run_node(self, node: Node, env: Env) -> list[Tensor]:
+        if node.op in custom_ops.OPS:
+            return _run_custom(node, bind(node.args, env))
+        return super().run_node(node, env)
+
+    def run_kernel(self, kernel: Kernel, env: Env) -> list[Tensor]:
+        outs = [torch.empty(v.shape, dtype=v.dtype, device=self.device) for v in kernel.outputs]
+        ins = [env[id(v)] for v in kernel.inputs]
+        return launch(kernel, load_kernel(kernel, self.device), ins, outs)
 
 
 def run_graph(
     graph: Graph, inputs: Mapping[str, Tensor], device: torch.device | str = "cpu"
 ) -> list[Tensor]:
     """Run `graph` on named inputs like `runtime.eager.run_graph`, fused groups as kernels."""
-    device = torch.device(device)
-    if device.type == "cpu":
-        require_interpreter()
-    missing = [v.name for v in graph.inputs if v.name not in inputs]
-    if missing:
-        raise KeyError(f"missing graph inputs: {', '.join('%' + n for n in missing)}")
-    plan = steps(graph)
-    last: dict[int, int] = {}
-    for i, step in enumerate(plan):
-        for v in step.reads:
-            last[id(v)] = i
-    for v in graph.outputs:
-        last[id(v)] = len(plan)
-    env: dict[int, Tensor] = {id(v): inputs[v.name] for v in graph.inputs}
-    for i, step in enumerate(plan):
-        if isinstance(step, _Launch):
-            results = _launch(step.kernel, env, device)
-        elif step.node.op in custom_ops.OPS:
-            results = _run_custom(step.node, _bind(step.node.args, env))
-        else:
-            results = run_node(step.node, env, device)
-        for v, t in zip(step.writes, results, strict=True):
-            if id(v) in last:
-                env[id(v)] = t
-        for v in step.reads:
-            if last.get(id(v)) == i:
-                del env[id(v)]
-    return [env[id(v)] for v in graph.outputs]
-
-
-def _launch(kernel: Kernel, env: Mapping[int, Tensor], device: torch.device) -> list[Tensor]:
-    args = [env[id(v)].contiguous() for v in kernel.inputs]
-    outs = [torch.empty(v.shape, dtype=v.dtype, device=device) for v in kernel.outputs]
-    load_kernel(kernel, device)[(kernel.grid,)](
-        *args, *outs, BLOCK=kernel.block, num_warps=kernel.num_warps
-    )
-    return outs
+    return Triton(graph, device).run(inputs)
 
 
 class TritonArena(Arena):
@@ -211,26 +177,38 @@ class TritonArena(Arena):
     """
 
     def __init__(self, graph: Graph, plan: MemoryPlan, device: torch.device | str = "cpu") -> None:
-        super().__init__(graph, plan, device)
-        if self.device.type == "cpu":
+        if torch.device(device).type == "cpu":
             require_interpreter()
-        by_node = {id(n): step for n, step in zip(graph.nodes, self.steps, strict=True)}
-        members = group_members(graph)
         self.producer = graph.producers()
         self.launched: list[int] = []  # group ids run as kernels
         self.unfused: list[int] = []  # group ids run node by node (overlapping plan)
-        self.steps = []
-        for step in steps(graph):
-            if isinstance(step, _Launch) and self._safe(step.kernel):
-                self.steps.append(self._launcher(step.kernel))
-                self.launched.append(step.kernel.group)
-            elif isinstance(step, _Launch):
-                self.steps += [by_node[id(n)] for n in members[step.kernel.group]]
-                self.unfused.append(step.kernel.group)
-            elif step.node.op in custom_ops.OPS:
-                self.steps.append(self._custom(step.node))
+        super().__init__(graph, plan, device)
+
+    def schedule(self) -> list[Step]:
+        members = group_members(self.graph)
+        out: list[Step] = []
+        for step in steps(self.graph):
+            if isinstance(step, Kernel) and self._safe(step):
+                out.append(step)
+                self.launched.append(step.group)
+            elif isinstance(step, Kernel):
+                out += members[step.group]
+                self.unfused.append(step.group)
             else:
-                self.steps.append(by_node[id(step.node)])
+                out.append(step)
+        return out
+
+    def run_kernel(self, kernel: Kernel, env: Env) -> list[Tensor]:
+        return self.compiled[id(kernel)](env)
+
+    def compile(self, step: Step) -> Run:
+        if isinstance(step, Kernel):
+            fn, outs = load_kernel(step, self.device), [self.views[id(v)] for v in step.outputs]
+            return lambda env: launch(step, fn, [env[id(v)] for v in step.inputs], outs)
+        if step.op in custom_ops.OPS:  # the fused loss head: Triton row kernels on chunks
+            outs = [self.views[id(v)] for v in step.outputs]
+            return lambda env: _run_custom(step, bind(step.args, env), outs)
+        return super().compile(step)
 
     def _storage(self, v: Value) -> tuple[int, int, bool] | None:
         """The planned byte range `v` lives in (a view: its base's), and whether `v` is laid
@@ -259,18 +237,3 @@ class TritonArena(Arena):
                 if r is not None and r[0] < hi and lo < r[1] and not exact:
                     return False
         return True
-
-    def _launcher(self, kernel: Kernel) -> Callable[[Env], None]:
-        fn = load_kernel(kernel, self.device)
-        ins, outs = [id(v) for v in kernel.inputs], [id(v) for v in kernel.outputs]
-
-        def launch(env: Env) -> None:
-            args = [env[i].contiguous() for i in ins] + [env[o] for o in outs]
-            fn[(kernel.grid,)](*args, BLOCK=kernel.block, num_warps=kernel.num_warps)
-
-        return launch
-
-    def _custom(self, node: Node) -> Callable[[Env], None]:
-        """The fused cross-entropy ops: Triton row kernels on chunks, into the planned views."""
-        outs = [id(v) for v in node.outputs]
-        return lambda env: _run_custom(node, _bind(node.args, env), [env[o] for o in outs])

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
+
+from tests.strategies import DEEP_EXAMPLES
+
+# HYPOTHESIS_PROFILE=deep: ≥ 1000 examples for every property (see tests.strategies.examples)
+settings.register_profile("deep", max_examples=DEEP_EXAMPLES, deadline=None)
+if os.environ.get("HYPOTHESIS_PROFILE"):
+    settings.load_profile(os.environ["HYPOTHESIS_PROFILE"])
 
 
 @pytest.fixture
@@ -15,3 +25,15 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def passes_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small byte-level corpus, no validation split: the compiler's own pass sources."""
+    from pipelines.prepare import prepare
+
+    root = Path(__file__).resolve().parents[1]
+    files = sorted(p for p in (root / "compiler" / "passes").glob("*.py") if p.stat().st_size)
+    out = tmp_path_factory.mktemp("data") / "prepared"
+    prepare(files, out, "byte", val_fraction=0.0, progress=False)
+    return out

@@ -8,13 +8,28 @@ tensors, so every generated graph is valid by construction.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from typing import Any
 
 import torch
+from hypothesis import settings
 from hypothesis import strategies as st
 
 from compiler.ir import Graph, Node, Phase, Role, Value
-from runtime.eager import run_node
+from compiler.meta import run_node
+
+DEEP_EXAMPLES = 1000
+DEEP = os.environ.get("HYPOTHESIS_PROFILE") == "deep"
+
+
+def examples(count: int, **kwargs: Any) -> settings:
+    """A property's settings: `count` examples in CI, at least DEEP_EXAMPLES under
+    HYPOTHESIS_PROFILE=deep (an explicit max_examples would override a profile's)."""
+    return settings(
+        max_examples=max(count, DEEP_EXAMPLES) if DEEP else count, deadline=None, **kwargs
+    )
+
 
 DIMS = (2, 3, 4)
 UNARY = ("neg", "tanh", "sigmoid", "relu", "abs", "gelu", "silu")

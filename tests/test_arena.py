@@ -9,21 +9,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from compiler import custom_ops
 from compiler.ir import Graph
 from compiler.passes.buffers import plan_buffers
-from compiler.passes.fusion import linear_cross_entropy
+from compiler.passes.linear_cross_entropy import linear_cross_entropy
 from compiler.passes.manager import PassContext
 from compiler.passes.noop_views import eliminate_noop_views
-from compiler.passes.precision import precision_pass
+from compiler.passes.precision import Precision, precision_pass
 from compiler.passes.schedule import schedule
 from runtime.arena import Arena, allocations
 from runtime.eager import run_graph
 from runtime.program import Program
-from tests.strategies import random_inputs
+from tests.strategies import examples, random_inputs
 from tests.test_schedule import feeds, shuffled, steps, traced_step
 
 SCALAR = 8  # bytes: a 0-dim f64 scalar (lr, step arithmetic) cast inside an f32 kernel
@@ -37,7 +37,7 @@ def planned(graph: Graph) -> Arena:
 
 
 @given(steps(), st.data())
-@settings(max_examples=30, deadline=None)
+@examples(30)
 def test_random_graphs_run_bit_for_bit_like_eager(graph: Graph, data: st.DataObject) -> None:
     arena = planned(shuffled(graph, data))
     expected_in, got_in = random_inputs(graph), random_inputs(graph)
@@ -79,7 +79,7 @@ def test_training_steps_match_eager_and_allocate_only_inside_named_kernels(name:
 def test_low_precision_steps_match_eager_bit_for_bit(precision: str) -> None:
     """Scalars meeting bf16/fp16 tensors are wrapped the way ATen wraps them (float64)."""
     graph, model = traced_step("llama-tiny" if precision == "fp16" else "gpt2-tiny")
-    graph = precision_pass(graph, PassContext(options={"precision": precision}))
+    graph = precision_pass(graph, PassContext(), Precision(precision))
     arena = planned(graph)
     reference, inputs = feeds(graph, model), feeds(graph, model)
     for scale in (v for v in graph.inputs if v.name == "loss_scale"):

@@ -4,11 +4,11 @@ and results stay bit-identical to no recomputation."""
 from __future__ import annotations
 
 from dataclasses import replace
-from functools import cache
+from functools import cache, partial
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from compiler.budget import (
@@ -25,13 +25,13 @@ from compiler.compile import CompiledStep, CompileOptions, TracedStep, optimize,
 from compiler.ir import Graph, dump, parse
 from compiler.passes.buffers import plan_buffers
 from compiler.passes.manager import PassContext, PassManager
-from compiler.passes.recompute import recompute_pass
+from compiler.passes.recompute import RecomputePolicy, recompute_pass
 from compiler.passes.schedule import schedule
 from examples import build_example
 from examples.loss import lm_loss
 from runtime.eager import run_graph
 from runtime.program import Program
-from tests.strategies import random_inputs
+from tests.strategies import examples, random_inputs
 from tests.test_recompute import joint_graphs
 
 OPTIONS = CompileOptions(batch_size=4, seq_len=32, return_grads=True)
@@ -77,7 +77,7 @@ def peak_range() -> tuple[int, int]:
 
 
 @given(st.floats(0.1, 1.0))
-@settings(max_examples=3, deadline=None)
+@examples(3)
 def test_byte_budgets_hold_for_the_real_plan(frac: float) -> None:
     floor, default = peak_range()
     nbytes = int(floor + frac * (default - floor))
@@ -87,25 +87,25 @@ def test_byte_budgets_hold_for_the_real_plan(frac: float) -> None:
 
 def test_checkpointings_peak_is_met_with_less_recompute() -> None:
     """At the peak of per-layer full checkpointing, the budget search pays less than it."""
-    policy = {"checkpoint_layers": 2}
-    checkpointing = optimize(traced(), replace(OPTIONS, recompute_policy=policy))
+    policy = RecomputePolicy(checkpoint_layers=2)
+    checkpointing = optimize(traced(), replace(OPTIONS, recompute=policy))
     assert checkpointing.plan is not None
     nbytes = checkpointing.plan.peak_bytes
     step = compile_within(traced(), OPTIONS, Budget(nbytes=nbytes), n_layers=2)
     assert step.plan is not None and step.plan.peak_bytes <= nbytes
-    extra = [s.context.stats["recompute.extra_flops"] for s in (step, checkpointing)]
-    assert extra[0] < extra[1], extra
+    ours, theirs = step.context.recompute, checkpointing.context.recompute
+    assert ours and theirs and ours.extra_flops < theirs.extra_flops, (ours, theirs)
 
 
 def test_fraction_budget_saves_less_and_keeps_results() -> None:
     step = compile_within(traced(), OPTIONS, Budget(fraction=0.5))
-    stats = step.context.stats
-    assert stats["recompute.saved_bytes_after"] <= 0.5 * stats["recompute.saved_bytes_before"]
+    report = step.context.recompute
+    assert report is not None and report.saved_bytes_after <= 0.5 * report.saved_bytes_before
     assert step.plan is not None and step.plan.recompute["values"]
     model = build_example("gpt2-tiny")
     torch.manual_seed(0)
     reference = build_example("gpt2-tiny").module
-    plain = optimize(traced(), CompileOptions(**{**OPTIONS.__dict__, "recompute": False}))
+    plain = optimize(traced(), replace(OPTIONS, recompute=None))
     x = torch.randint(0, 256, (4, 33))
     a = Program.from_module(step.graph, reference).step(x[:, :-1], x[:, 1:])
     b = Program.from_module(plain.graph, reference).step(x[:, :-1], x[:, 1:])
@@ -122,9 +122,13 @@ def test_infeasible_budget_names_the_smallest_peak() -> None:
 def planner(graph: Graph) -> Planner:
     """Recompute, schedule and plan a fresh copy of `graph` under a recompute policy."""
 
-    def plan(policy: dict) -> CompiledStep:
-        ctx = PassContext(options=policy)
-        passes = [("recompute", recompute_pass), ("schedule", schedule), ("buffers", plan_buffers)]
+    def plan(policy: RecomputePolicy) -> CompiledStep:
+        ctx = PassContext()
+        passes = [
+            ("recompute", partial(recompute_pass, policy=policy)),
+            ("schedule", schedule),
+            ("buffers", plan_buffers),
+        ]
         out = PassManager(passes).run(parse(dump(graph)), ctx)
         return CompiledStep(out, ctx, 0, 0, ctx.plan)
 
@@ -132,13 +136,17 @@ def planner(graph: Graph) -> Planner:
 
 
 @given(joint_graphs(), st.floats(0, 1))
-@settings(max_examples=30, deadline=None)
+@examples(30)
 def test_random_graphs_fit_feasible_byte_budgets_bit_identically(graph: Graph, frac: float) -> None:
     """Feasible: at least the peak of the min-cut or of the fewest saved bytes, the two ends
     of the program's search. The plan found fits the budget and runs bit for bit like the
     graph without recomputation; one byte fits nothing."""
     plan = planner(graph)
-    ends = [p.plan.peak_bytes for p in (plan({}), fewest_saved(plan)) if p.plan is not None]
+    ends = [
+        p.plan.peak_bytes
+        for p in (plan(RecomputePolicy()), fewest_saved(plan))
+        if p.plan is not None
+    ]
     nbytes = int(min(ends) + frac * (max(ends) - min(ends)))
     step = fit_bytes(plan, nbytes)
     assert step is not None and step.plan is not None and step.plan.peak_bytes <= nbytes

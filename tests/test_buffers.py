@@ -11,16 +11,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from compiler.ir import Graph, Node, Role, Value
-from compiler.liveness import ALIGN, liveness, storage
-from compiler.passes.buffers import STRATEGIES, in_place, plan_buffers
+from compiler.liveness import ALIGN, in_place, liveness, storage
+from compiler.passes.buffers import STRATEGIES, plan_buffers
 from compiler.passes.manager import PassContext
 from compiler.passes.schedule import schedule
 from compiler.passes.verify import verify
 from compiler.plan import MemoryPlan
+from tests.strategies import examples
 from tests.test_schedule import shuffled, steps, traced_step
 
 
@@ -50,13 +51,13 @@ def assert_sound(plan: MemoryPlan) -> None:
 
 
 @given(steps(), st.data())
-@settings(max_examples=40, deadline=None)
+@examples(40)
 def test_random_schedules_get_sound_plans(graph: Graph, data: st.DataObject) -> None:
     assert_sound(plan_of(shuffled(graph, data)))
 
 
 @given(steps(), st.data())
-@settings(max_examples=20, deadline=None)
+@examples(20)
 def test_every_strategy_alone_is_sound(graph: Graph, data: st.DataObject) -> None:
     graph = shuffled(graph, data)
     plan = plan_of(graph)

@@ -83,7 +83,7 @@ def test_debug_shows_the_traceback() -> None:
         (["compile", "gpt2-tiny", "--seq", "65"], "sequence length must be in 1..64"),
         (["compile", "gpt2-tiny", "--batch", "0"], "Invalid value for '--batch'"),
         (["compile", "gpt2-tiny", "--dump-after", "nopass"], "nopass (passes:"),
-        (["train", "--steps", "0"], "steps must be ≥ 1"),
+        (["train", "--steps", "0"], "--steps must be ≥ 1"),
     ],
 )
 def test_bad_flags_are_named(args: list[str], expected: str) -> None:

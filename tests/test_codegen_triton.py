@@ -10,20 +10,14 @@ import pytest
 from click.testing import CliRunner
 from rich.console import Console
 
-from compiler.codegen.triton import (
-    _linear_offset,
-    emit,
-    fusible,
-    group_domain,
-    group_kernels,
-    group_members,
-)
+from compiler.codegen.fusibility import fusible, group_domain, group_members
+from compiler.codegen.triton import _linear_offset, emit, group_kernels
 from compiler.ir import Graph, dump, parse
-from compiler.passes.fusion import fuse, internal_values
+from compiler.passes.fusion import FusionOptions, fuse, internal_values
 from compiler.passes.manager import PassContext
 from memfit.kernels_cmd import emit_kernels, inspect_kernels_command, kernel_table
 
-TRITON = PassContext(options={"backend": "triton"})
+TRITON = FusionOptions("triton")
 
 LAYER_NORM_RELU = """\
 input %x: f32[4,33] input
@@ -37,7 +31,7 @@ output %r, %ln.1, %ln.2
 
 
 def fused(text: str) -> Graph:
-    return fuse(parse(text), TRITON)
+    return fuse(parse(text), PassContext(), TRITON)
 
 
 def test_layer_norm_and_its_consumer_become_one_row_kernel() -> None:
@@ -110,7 +104,7 @@ output %y
 """
     )
     assert group_domain(graph.nodes, set()) is None
-    assert len(group_members(fuse(graph, TRITON))) == 2
+    assert len(group_members(fuse(graph, PassContext(), TRITON))) == 2
 
 
 def test_phases_are_never_fused_together() -> None:

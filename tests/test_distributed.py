@@ -36,8 +36,8 @@ from safetensors.torch import load_file
 
 from compiler.compile import CompileOptions, compile_model
 from compiler.mesh import Mesh, MeshError
+from compiler.models import resolve_model
 from examples.loss import lm_loss
-from memfit.models import resolve_model
 from pipelines.prepare import prepare
 from runtime.checkpoint import LATEST, latest_checkpoint
 from runtime.distributed import Parallel, launched_world
@@ -173,7 +173,8 @@ def _bf16_zero2_steps(out: Path) -> None:
     if parallel is None:
         program = Program.from_module(compiled.graph, model.module)
     else:
-        parallel.bind(compiled.context.stats["shard.layout"], model.module)
+        assert compiled.context.shard is not None
+        parallel.bind(compiled.context.shard, model.module)
         state = parallel.initial_state(compiled.graph, model.module, "cpu")
         program = Program(compiled.graph, state, "cpu", parallel.backend)
     losses = []

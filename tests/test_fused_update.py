@@ -106,7 +106,7 @@ def test_triton_backend_keeps_the_traced_update() -> None:
     new = Value("new", (4,), torch.float32)
     graph = Graph([target], [Node("neg", (target,), {}, [new], Phase.OPTIMIZER)])
     graph.nodes.append(Node("copy_", (target, new), {}, [], Phase.OPTIMIZER))
-    assert fuse_updates(graph, PassContext(options={"backend": "triton"})) is graph
+    assert fuse_updates(graph, PassContext(), backend="triton") is graph
     assert [n.op for n in fuse_updates(graph, PassContext()).nodes] == [update_op.UPDATE]
 
 

@@ -6,14 +6,14 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 
 from compiler.ir import Graph, Node, ParseError, Phase, Role, Value, dump, parse
-from tests.strategies import graphs
+from tests.strategies import examples, graphs
 
 
 @given(graphs())
-@settings(max_examples=80, deadline=None)
+@examples(80)
 def test_dump_parse_dump_is_identical(graph: Graph) -> None:
     text = dump(graph)
     assert dump(parse(text)) == text

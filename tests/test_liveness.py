@@ -4,11 +4,12 @@ read no bytes, outputs live to the end; and the lower bound is the true most-byt
 from __future__ import annotations
 
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from compiler.ir import Graph, Node, Phase, Role, Value
 from compiler.liveness import ALIGN, liveness, lower_bound, padded, storage
+from tests.strategies import examples
 from tests.test_schedule import shuffled, steps
 
 F32 = torch.float32
@@ -63,7 +64,7 @@ def test_a_buffer_shows_the_most_telling_role_of_its_views() -> None:
 
 
 @given(steps(), st.data())
-@settings(max_examples=30, deadline=None)
+@examples(30)
 def test_lifetimes_match_a_brute_force_reading_of_the_schedule(
     graph: Graph, data: st.DataObject
 ) -> None:

@@ -21,9 +21,9 @@ from compiler.lora import (
     save_adapters,
     target_modules,
 )
+from compiler.models import resolve_model
 from examples import ExampleModel
 from examples.loss import lm_loss
-from memfit.models import resolve_model
 from runtime.eager import run_graph
 from runtime.program import Program, initial_state
 

@@ -14,6 +14,7 @@ import torch
 
 from compiler.compile import CompiledStep, CompileOptions, compile_model
 from compiler.liveness import live_total, liveness, scratch
+from compiler.passes.recompute import RecomputePolicy
 from examples import build_example
 from examples.loss import lm_loss
 from runtime.arena import allocations
@@ -35,18 +36,20 @@ def eager_peak(step: CompiledStep) -> int:
 @pytest.mark.parametrize(
     ("name", "policy"),
     [
-        ("gpt2-tiny", {"activation_fraction": 0.5}),
-        ("gpt2-tiny", {"checkpoint_layers": 2}),
-        ("llama-tiny", {"activation_fraction": 0.25}),
-        ("llama-tiny", {}),  # the min-cut
+        ("gpt2-tiny", RecomputePolicy(activation_fraction=0.5)),
+        ("gpt2-tiny", RecomputePolicy(checkpoint_layers=2)),
+        ("llama-tiny", RecomputePolicy(activation_fraction=0.25)),
+        ("llama-tiny", RecomputePolicy()),  # the min-cut
     ],
 )
-def test_eager_step_peak_is_the_planned_peak(name: str, policy: dict) -> None:
+def test_eager_step_peak_is_the_planned_peak(name: str, policy: RecomputePolicy) -> None:
     torch.manual_seed(0)
     example = build_example(name)
-    options = CompileOptions(BATCH, SEQ, recompute_policy=policy)
+    options = CompileOptions(BATCH, SEQ, recompute=policy)
     step = compile_model(example, lm_loss, options)
-    assert step.context.stats["recompute.extra_flops"] > 0  # something really is recomputed
+    assert (
+        step.context.recompute and step.context.recompute.extra_flops > 0
+    )  # something really is recomputed
     program = Program.from_module(step.graph, example.module, backend=run_graph)
     tokens = torch.randint(0, example.vocab_size, (BATCH, SEQ))
     program.step(tokens, tokens.roll(1, 1))  # AdamW's moments exist from here on

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 
 from compiler.ir import Graph, Node, Role, Value
 from compiler.passes.manager import PassContext
 from compiler.passes.noop_views import eliminate_noop_views
 from compiler.passes.verify import verify
 from runtime.eager import run_graph
-from tests.strategies import graphs, random_inputs
+from tests.strategies import examples, graphs, random_inputs
 
 
 @given(graphs())
-@settings(max_examples=60, deadline=None)
+@examples(60)
 def test_preserves_results(graph: Graph) -> None:
     inputs = random_inputs(graph)
     before = run_graph(graph, inputs)

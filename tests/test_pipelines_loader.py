@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import assume, given, settings
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from pipelines.errors import DataError
 from pipelines.loader import TokenDataset, WindowLoader
 from pipelines.prepare import prepare
+from tests.strategies import examples
 
 
 def positions(n: int) -> TokenDataset:
@@ -25,7 +26,7 @@ def take(loader: WindowLoader, count: int) -> list[tuple[torch.Tensor, torch.Ten
     return [next(loader) for _ in range(count)]
 
 
-@settings(max_examples=60, deadline=None)
+@examples(60)
 @given(
     n=st.integers(2, 2000),
     seq_len=st.integers(1, 16),
@@ -61,7 +62,7 @@ def test_one_epoch_covers_each_window_once_across_ranks(
         assert torch.equal(covered, torch.arange(windows * seq_len)), "each token once"
 
 
-@settings(max_examples=40, deadline=None)
+@examples(40)
 @given(
     n=st.integers(40, 600),
     seq_len=st.integers(1, 8),

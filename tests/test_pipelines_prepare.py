@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from pipelines.commands import default_dataset, prepare_command
-from pipelines.corpus import embedded_corpus
+from memfit.prepare_cmd import prepare_command
+from pipelines.corpus import default_dataset, embedded_corpus
 from pipelines.errors import DataError
 from pipelines.manifest import MANIFEST_NAME, Manifest, token_mismatch_check
 from pipelines.prepare import prepare

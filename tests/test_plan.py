@@ -18,6 +18,7 @@ from compiler.errors import MemfitError
 from compiler.ir import Role
 from compiler.passes.buffers import plan_buffers
 from compiler.passes.manager import PassContext
+from compiler.passes.recompute import RecomputePolicy
 from compiler.passes.schedule import schedule
 from compiler.plan import MemoryPlan
 from compiler.plan_render import figure, recomputed, write_html, write_png
@@ -134,9 +135,9 @@ def test_a_byte_budget_plan_shows_what_was_recomputed() -> None:
 
 
 def test_pictures_mark_what_was_recomputed(tmp_path: Path) -> None:
-    policy = {"activation_fraction": 0.5}
+    policy = RecomputePolicy(activation_fraction=0.5)
     step = compile_model(
-        build_example("gpt2-tiny"), lm_loss, CompileOptions(2, 16, recompute_policy=policy)
+        build_example("gpt2-tiny"), lm_loss, CompileOptions(2, 16, recompute=policy)
     )
     plan = step.plan
     assert plan is not None and recomputed(plan)

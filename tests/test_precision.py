@@ -8,17 +8,19 @@ from itertools import islice
 
 import pytest
 import torch
-from hypothesis import assume, given, settings
+from hypothesis import assume, given
 from torch.testing import assert_close
 
 from compiler.compile import CompiledStep, CompileOptions, compile_model
 from compiler.errors import VerifyError
 from compiler.ir import Graph, Node, Phase, Role, Value
+from compiler.models import resolve_model
 from compiler.ops import Kind, kind
 from compiler.passes.manager import PassContext
 from compiler.passes.precision import (
     FOUND_INF,
     LOSS_SCALE,
+    Precision,
     accumulator_dtype,
     check_precision,
     lower_precision,
@@ -29,12 +31,11 @@ from compiler.passes.precision import (
 from compiler.passes.verify import verify
 from examples import ExampleModel
 from examples.loss import lm_loss
-from memfit.models import resolve_model
-from memfit.prune_cmd import corpus_batches, train_steps
+from runtime.corpus_runs import corpus_batches, train_steps
 from runtime.eager import run_graph
 from runtime.loss_scale import LossScaler
 from runtime.program import Program, initial_state
-from tests.strategies import graphs, random_inputs
+from tests.strategies import examples, graphs, random_inputs
 
 BF16 = torch.bfloat16
 
@@ -78,7 +79,7 @@ def batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @given(graphs())
-@settings(max_examples=40, deadline=None)
+@examples(40)
 def test_random_graphs_accumulate_in_fp32_and_never_cast_twice_in_a_row(graph: Graph) -> None:
     low = check_precision(verify(lower_precision(graph, BF16)))
     producers = low.producers()
@@ -95,7 +96,7 @@ def test_random_graphs_accumulate_in_fp32_and_never_cast_twice_in_a_row(graph: G
 
 
 @given(graphs())
-@settings(max_examples=30, deadline=None)
+@examples(30)
 def test_random_graphs_compute_the_same_numbers_when_the_low_dtype_is_exact(graph: Graph) -> None:
     """Lowered to float64 every inserted cast is exact, so any difference from the fp32
     original would be a value wired to the wrong place, not rounding."""
@@ -144,9 +145,9 @@ def test_check_rejects_ping_pong_chains_duplicates_and_low_accumulators() -> Non
 
 def test_fp32_is_the_identity_and_unknown_precisions_are_refused(gpt2_bf16: Compiled) -> None:
     graph = gpt2_bf16[1].graph
-    assert precision_pass(graph, PassContext(options={"precision": "fp32"})) is graph
+    assert precision_pass(graph, PassContext(), Precision.FP32) is graph
     with pytest.raises(ValueError, match="unknown precision 'fp8'"):
-        precision_pass(graph, PassContext(options={"precision": "fp8"}))
+        CompileOptions(precision="fp8")  # type: ignore[arg-type]
 
 
 # --- GPT-2 tiny in bf16 ----------------------------------------------------------------------

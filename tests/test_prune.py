@@ -7,16 +7,17 @@ from __future__ import annotations
 import pytest
 import torch
 from click.testing import CliRunner
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from compiler.compile import CompileOptions, compile_model
 from compiler.ir import Phase, Role
+from compiler.models import resolve_model
 from compiler.prune import MaskedLinear, magnitude_mask, parse_pattern, prune_linears
 from examples.loss import lm_loss
-from memfit.models import resolve_model
 from memfit.prune_cmd import prune_command, revived
 from runtime.program import Program
+from tests.strategies import examples
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
     sparsity=st.sampled_from([0.25, 0.5, 0.75]),
     seed=st.integers(0, 2**16),
 )
-@settings(max_examples=40, deadline=None)
+@examples(40)
 def test_masks_keep_the_largest_magnitudes(
     rows: int, cols: int, sparsity: float, seed: int
 ) -> None:

@@ -7,13 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
 from compiler.compile import CompileOptions, compile_model
 from compiler.ir import Graph, Phase, Role, Value
 from compiler.lora import LoraConfig, LoraLinear
+from compiler.models import resolve_model
 from compiler.ops import Kind, kind
 from compiler.passes.precision import state_bytes
 from compiler.quantize import (
@@ -25,9 +26,9 @@ from compiler.quantize import (
     quantize_frozen_linears,
 )
 from examples.loss import lm_loss
-from memfit.models import resolve_model
 from runtime.eager import run_graph
 from runtime.program import initial_state
+from tests.strategies import examples
 
 NF4_HALF_GAP = max(b - a for a, b in zip(NF4_LEVELS, NF4_LEVELS[1:], strict=False)) / 2
 
@@ -42,7 +43,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
     seed=st.integers(0, 2**16),
     mode=st.sampled_from(["int8", "nf4"]),
 )
-@settings(max_examples=40, deadline=None)
+@examples(40)
 def test_round_trip_is_within_half_a_step_of_each_block(
     rows: int, blocks_per_row: int, scale: float, seed: int, mode: str
 ) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from compiler.ir import Graph, Phase
@@ -14,6 +14,7 @@ from compiler.passes.noop_views import eliminate_noop_views
 from compiler.passes.recompute import (
     Boundary,
     InfeasibleBudgetError,
+    RecomputePolicy,
     budget_floor,
     layer_checkpoint_saved,
     recompute_pass,
@@ -25,7 +26,7 @@ from examples import build_example
 from examples.loss import lm_loss
 from runtime.eager import run_graph
 from runtime.program import Program
-from tests.strategies import graphs, random_inputs
+from tests.strategies import examples, graphs, random_inputs
 
 
 @st.composite
@@ -45,26 +46,26 @@ def _same(a: Graph, b: Graph) -> None:
 
 
 @given(joint_graphs())
-@settings(max_examples=50, deadline=None)
+@examples(50)
 def test_min_cut_keeps_results_bit_identical(graph: Graph) -> None:
     out = verify(recompute_pass(graph, PassContext()))
     _same(graph, out)
 
 
 @given(joint_graphs(), st.floats(0, 1))
-@settings(max_examples=50, deadline=None)
+@examples(50)
 def test_feasible_budget_holds_and_infeasible_raises(graph: Graph, frac: float) -> None:
     boundary = Boundary.of(graph)
     floor = boundary.saved_bytes(budget_floor(boundary))
     full = boundary.saved_bytes(boundary.needed)
     budget = int(floor + frac * (full - floor))
-    ctx = PassContext(options={"activation_budget": budget})
-    out = verify(recompute_pass(graph, ctx))
-    assert ctx.stats.get("recompute.saved_bytes_after", 0) <= budget
+    ctx = PassContext()
+    out = verify(recompute_pass(graph, ctx, RecomputePolicy(activation_budget=budget)))
+    assert ctx.recompute is None or ctx.recompute.saved_bytes_after <= budget
     _same(graph, out)
     if floor > 0:
         with pytest.raises(InfeasibleBudgetError, match="smallest achievable is"):
-            recompute_pass(graph, PassContext(options={"activation_budget": floor - 1}))
+            recompute_pass(graph, PassContext(), RecomputePolicy(activation_budget=floor - 1))
 
 
 @pytest.fixture(scope="module")
@@ -85,13 +86,13 @@ def test_example_model_is_bit_identical_and_saves_less(gpt2_step, fraction) -> N
     graph, model, x = gpt2_step
     boundary = Boundary.of(graph)
     before = boundary.saved_bytes(boundary.needed)
-    options = {} if fraction is None else {"activation_budget": int(fraction * before)}
-    ctx = PassContext(options=options)
-    out = verify(recompute_pass(graph, ctx))
-    assert ctx.stats["recompute.saved_bytes_after"] < before
+    budget = None if fraction is None else int(fraction * before)
+    ctx = PassContext()
+    out = verify(recompute_pass(graph, ctx, RecomputePolicy(activation_budget=budget)))
+    assert ctx.recompute is not None and ctx.recompute.saved_bytes_after < before
     if fraction is not None:
-        assert ctx.stats["recompute.saved_bytes_after"] <= fraction * before
-    assert ctx.stats["recompute.extra_flops"] < 0.25 * ctx.stats["recompute.step_flops"]
+        assert ctx.recompute.saved_bytes_after <= fraction * before
+    assert ctx.recompute.extra_flops < 0.25 * ctx.recompute.step_flops
     for a, b in zip(_run(graph, model, x), _run(out, model, x), strict=True):
         assert torch.equal(a, b)
 

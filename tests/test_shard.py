@@ -7,23 +7,24 @@ import copy
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from compiler import collectives
 from compiler.compile import CompileOptions, compile_model
 from compiler.ir import Phase, Role, dump, parse
 from compiler.mesh import Mesh, MeshError
+from compiler.models import resolve_model
 from compiler.passes.shard import Bucket, ShardLayout, TPSpec, buckets
 from compiler.passes.verify import verify
 from examples.loss import lm_loss
-from memfit.models import resolve_model
 from runtime.program import Program
+from tests.strategies import examples
 
 shapes = st.lists(st.tuples(st.integers(1, 5), st.integers(1, 4)), min_size=1, max_size=5)
 
 
-@settings(max_examples=25, deadline=None)
+@examples(25)
 @given(shapes=shapes, world=st.integers(1, 4))
 def test_bucket_flatten_split_round_trip_and_shards_cover_it(
     shapes: list[tuple[int, int]], world: int
@@ -51,7 +52,7 @@ def test_buckets_keep_gradient_order_and_close_at_the_cap() -> None:
     assert [b.names for b in got] == [("c", "a", "b"), ("d",)]
 
 
-@settings(max_examples=25, deadline=None)
+@examples(25)
 @given(
     rows=st.integers(1, 3), cols=st.integers(1, 3), tp=st.integers(1, 4), parts=st.integers(1, 3)
 )
@@ -93,7 +94,7 @@ def zero2() -> tuple[object, ShardLayout]:
     torch.manual_seed(0)
     options = CompileOptions(batch_size=2, seq_len=16, mesh=Mesh(2, 1, 2), bucket_bytes=64 * 1024)
     compiled = compile_model(resolve_model("gpt2-tiny"), lm_loss, options)
-    return compiled.graph, compiled.context.stats["shard.layout"]
+    return compiled.graph, compiled.context.shard
 
 
 def test_zero2_states_are_shards_of_the_buckets(zero2: tuple) -> None:

@@ -3,6 +3,7 @@ are clear errors."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ from safetensors.torch import load_file
 
 from memfit.cli import main
 from pipelines.prepare import prepare
-from runtime.checkpoint import LATEST, latest_checkpoint
+from runtime.checkpoint import CHECKSUMS, LATEST, STATE, latest_checkpoint
 
 ARGS = ["gpt2-tiny", "--batch", "4", "--seq", "32", "--steps", "40", "--warmup", "5"]
 
@@ -43,6 +44,10 @@ def _train(out: Path, data: Path, *extra: str) -> subprocess.Popen[bytes]:
 def _losses(out: Path) -> dict[int, float]:
     lines = (out / "metrics.jsonl").read_text().splitlines()
     return {r["step"]: r["loss"] for r in map(json.loads, lines)}
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _final_tensors(out: Path) -> dict:
@@ -105,6 +110,10 @@ def test_resume_with_other_tokenizer_is_refused(data: Path, tmp_path: Path) -> N
     state = json.loads(state_file.read_text())
     state["tokenizer"] = {"kind": "bpe", "vocab_size": 256}
     state_file.write_text(json.dumps(state))
+    sums_file = state_file.parent / CHECKSUMS  # sealed again: the state is intact, but other
+    sums = json.loads(sums_file.read_text())
+    sums["files"][STATE] = {"bytes": state_file.stat().st_size, "sha256": _sha256(state_file)}
+    sums_file.write_text(json.dumps(sums))
     result = CliRunner().invoke(main, [*args, "--resume"])
     assert result.exit_code == 2
     assert "tokenizer" in result.output or "data" in result.output

@@ -19,6 +19,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from collections.abc import Callable  # noqa: E402
+from functools import partial  # noqa: E402
 
 import torch.nn.functional as F  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
@@ -28,8 +29,9 @@ from compiler import custom_ops  # noqa: E402
 from compiler.codegen import cross_entropy  # noqa: E402
 from compiler.codegen.triton import group_kernels  # noqa: E402
 from compiler.ir import Graph, parse  # noqa: E402
-from compiler.passes.fusion import fuse, linear_cross_entropy  # noqa: E402
-from compiler.passes.manager import PassContext, PassManager  # noqa: E402
+from compiler.passes.fusion import FusionOptions, fuse  # noqa: E402
+from compiler.passes.linear_cross_entropy import linear_cross_entropy  # noqa: E402
+from compiler.passes.manager import Pass, PassContext, PassManager  # noqa: E402
 from compiler.passes.noop_views import eliminate_noop_views  # noqa: E402
 from compiler.plan import MemoryPlan, PlannedValue  # noqa: E402
 from compiler.trace import AdamW, trace  # noqa: E402
@@ -38,6 +40,7 @@ from examples.llama import RMSNorm, apply_rope, rope_tables  # noqa: E402
 from runtime import eager, triton_backend  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+TRITON = FusionOptions("triton")
 RTOL, ATOL = 1e-5, 1e-6  # fp32; kernels differ from ATen only in summation order
 
 
@@ -63,15 +66,19 @@ def weighted_sum(out: Tensor, weights: Tensor) -> Tensor:
     return (out * weights).sum()
 
 
-def fused_graph(module: nn.Module, loss_fn: Callable, batch: tuple[Tensor, Tensor], **kw) -> Graph:
-    graph = trace(module, loss_fn, batch, kw.pop("optimizer", None), return_grads=True)
-    passes = [
-        ("noop_views", eliminate_noop_views),
-        ("linear_cross_entropy", linear_cross_entropy),
-        ("fusion", fuse),
-    ]
-    ctx = PassContext(options={"backend": "triton", **kw})
-    return PassManager(passes).run(graph, ctx)
+def fused_graph(
+    module: nn.Module,
+    loss_fn: Callable,
+    batch: tuple[Tensor, Tensor],
+    optimizer: AdamW | None = None,
+    fused_cross_entropy: bool = True,
+) -> Graph:
+    graph = trace(module, loss_fn, batch, optimizer, return_grads=True)
+    passes: list[tuple[str, Pass]] = [("noop_views", eliminate_noop_views)]
+    if fused_cross_entropy:
+        passes.append(("linear_cross_entropy", linear_cross_entropy))
+    passes.append(("fusion", partial(fuse, options=TRITON)))
+    return PassManager(passes).run(graph, PassContext())
 
 
 def feeds(graph: Graph, module: nn.Module, batch: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
@@ -283,7 +290,7 @@ SCALE = ROW_SUM.format(cols=1, op="mul.Tensor(%r, 2.0)")
 def test_arena_launches_a_group_only_when_its_plan_is_safe(
     text: str, z_offset: int, fused: bool
 ) -> None:
-    graph = fuse(parse(text), PassContext(options={"backend": "triton"}))
+    graph = fuse(parse(text), PassContext(), TRITON)
     offsets = {"y": 0, "r": 256, "z": z_offset}
     planned = [
         PlannedValue(v.name, v.nbytes, v.nbytes, offsets[v.name], 0, 3, v.role)
@@ -369,7 +376,7 @@ SINGLE_OPS = [
 def test_single_op_kernel_matches_aten(line: str) -> None:
     decl, call = line.split(" = ")
     graph = parse(f"{OPERANDS}%y: {decl} output = {call}  # forward\noutput %y\n")
-    graph = fuse(graph, PassContext(options={"backend": "triton"}))
+    graph = fuse(graph, PassContext(), TRITON)
     assert graph.nodes[0].group is not None, "not fused: the op would have stayed in ATen"
     gen = torch.Generator().manual_seed(0)
     x, g = torch.randn(5, 7, generator=gen), torch.randn(5, 7, generator=gen)

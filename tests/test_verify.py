@@ -4,23 +4,23 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from compiler.errors import VerifyError
 from compiler.ir import Graph, Value
 from compiler.passes.verify import verify
-from tests.strategies import graphs
+from tests.strategies import examples, graphs
 
 
 @given(graphs())
-@settings(max_examples=60, deadline=None)
+@examples(60)
 def test_accepts_valid_graphs(graph: Graph) -> None:
     assert verify(graph) is graph
 
 
 @given(graphs(min_nodes=2), st.data())
-@settings(max_examples=60, deadline=None)
+@examples(60)
 def test_rejects_dangling_input(graph: Graph, data: st.DataObject) -> None:
     node = data.draw(st.sampled_from([n for n in graph.nodes if n.inputs]))
     victim = data.draw(st.sampled_from(node.inputs))
@@ -31,7 +31,7 @@ def test_rejects_dangling_input(graph: Graph, data: st.DataObject) -> None:
 
 
 @given(graphs(min_nodes=2), st.data())
-@settings(max_examples=60, deadline=None)
+@examples(60)
 def test_rejects_use_before_def(graph: Graph, data: st.DataObject) -> None:
     producers = graph.producers()
     consumers = [
@@ -46,7 +46,7 @@ def test_rejects_use_before_def(graph: Graph, data: st.DataObject) -> None:
 
 
 @given(graphs(), st.data())
-@settings(max_examples=60, deadline=None)
+@examples(60)
 def test_rejects_shape_mismatch(graph: Graph, data: st.DataObject) -> None:
     node = data.draw(st.sampled_from(graph.nodes))
     out = node.outputs[0]

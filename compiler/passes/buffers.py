@@ -1,10 +1,5 @@
-"""buffers: give every arena buffer an offset in ONE arena, writing in place where legal.
-
-In place: a pointwise op whose input dies at this node (the buffer itself, not a view of it, and
-no other input viewing it), with the output's shape and dtype, writes its output over that
-input — elementwise, each element is read before it is written. The scatter-like ops
-(index_put, scatter, slice_scatter, ...) take their `self` the same way: they copy `self` into
-the output and update it, so the copy vanishes. A chain of such writes is one buffer.
+"""buffers: give every arena buffer an offset in ONE arena, writing in place where legal
+(`compiler.liveness.in_place`: a chain of such writes is one buffer).
 
 Offsets: the schedule fixes each buffer's lifetime, so placing them is packing rectangles
 (offset × time). Each buffer goes into the tightest gap that the buffers overlapping it in time
@@ -20,53 +15,10 @@ import bisect
 
 import numpy as np
 
-from compiler.ir import Graph, Node, Value
-from compiler.liveness import Lifetime, Storage, liveness, lower_bound, scratch, storage
-from compiler.ops import Kind, kind
+from compiler.ir import Graph
+from compiler.liveness import Lifetime, in_place, liveness, lower_bound, scratch, storage
 from compiler.passes.manager import PassContext
 from compiler.plan import MemoryPlan
-
-UPDATES_SELF = {
-    "index_put",
-    "index_add",
-    "scatter.value",
-    "scatter.src",
-    "scatter_add",
-    "slice_scatter",
-    "select_scatter",
-}
-
-
-def in_place(graph: Graph, facts: Storage, lifetimes: list[Lifetime]) -> dict[int, Value]:
-    """id(output) → the dying input whose buffer it takes over (`lifetimes`: without reuse)."""
-    life = {id(lt.value): lt for lt in lifetimes}
-    taken = set(facts.pinned)
-    reuse: dict[int, Value] = {}
-    for i, node in enumerate(graph.nodes):
-        if len(node.outputs) != 1 or id(node.outputs[0]) not in life:
-            continue
-        out, inputs = node.outputs[0], facts.inputs[id(node)]
-        if kind(node.op) is Kind.POINTWISE:  # elementwise: v may be read twice, not via views
-            candidates = inputs
-        elif node.op in UPDATES_SELF:  # v only as `self`: a scatter from v would read it late
-            candidates = [node.args[0]]
-            rest = Node(node.op, node.args[1:], node.kwargs, []).inputs
-        else:
-            continue
-        for v in candidates:
-            others = rest if node.op in UPDATES_SELF else [w for w in inputs if w is not v]
-            lt = life.get(id(v))
-            if (
-                lt is not None
-                and lt.end == i
-                and id(v) not in taken
-                and (v.shape, v.dtype) == (out.shape, out.dtype)
-                and all(facts.owner[id(w)] is not v for w in others)
-            ):
-                reuse[id(out)] = v
-                taken.add(id(v))  # handed over once
-                break
-    return reuse
 
 
 def groups(lifetimes: list[Lifetime]) -> list[list[Lifetime]]:

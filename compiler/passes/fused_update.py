@@ -122,9 +122,9 @@ def outline(nodes: list[Node], writes: list[Node]) -> Node:
     return Node(UPDATE, args, {}, [], Phase.OPTIMIZER, writes[-1].source or "update")
 
 
-def fuse_updates(graph: Graph, ctx: PassContext) -> Graph:
+def fuse_updates(graph: Graph, ctx: PassContext, backend: str = "eager") -> Graph:
     """Outline every update region (not for the Triton backend, which fuses it itself)."""
-    if ctx.options.get("backend", "eager") == "triton":
+    if backend == "triton":
         return graph
     found = regions(graph)
     if not found:
@@ -137,6 +137,4 @@ def fuse_updates(graph: Graph, ctx: PassContext) -> Graph:
         at[max(indices)] = outline(nodes, writes)
     out = graph.copy()
     out.nodes = [at.get(i, n) for i, n in enumerate(out.nodes) if at.get(i, n) is not None]
-    ctx.stats["fused_update.updates"] = len(found)
-    ctx.stats["fused_update.nodes"] = len(at)
     return out

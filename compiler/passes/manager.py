@@ -6,25 +6,32 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from compiler.ir import Graph, dump
 from compiler.passes.verify import verify
 
 if TYPE_CHECKING:
+    from compiler.passes.recompute import RecomputeReport
+    from compiler.passes.schedule import ScheduleReport
+    from compiler.passes.shard import ShardLayout
     from compiler.plan import MemoryPlan
 
 
-@dataclass
+@dataclass(slots=True)
 class PassContext:
-    """Options every pass may read, and what the manager records while running them."""
+    """What the manager records while running the passes, and the typed report each pass that
+    has one leaves (None until it runs). A pass's options are its own dataclass, bound in the
+    pipeline (compiler/compile.py), so a misspelt option or report fails where it is written
+    (slots: no attribute can be added by mistake)."""
 
-    options: dict[str, Any] = field(default_factory=dict)
     dump_after: set[str] = field(default_factory=set)
     dump_dir: Path | None = None
     timings: dict[str, float] = field(default_factory=dict)
     dumps: dict[str, str] = field(default_factory=dict)
-    stats: dict[str, Any] = field(default_factory=dict)  # evidence passes report, by "pass.key"
+    shard: ShardLayout | None = None  # a mesh's buckets and state shards
+    recompute: RecomputeReport | None = None  # what was kept and what recomputing costs
+    schedule: ScheduleReport | None = None  # the peak before and after reordering
     plan: MemoryPlan | None = None  # set by the buffers pass
 
 

@@ -30,41 +30,61 @@ an overflowing step leaves parameters and moments untouched, with no host sync i
 
 from __future__ import annotations
 
+import enum
 import logging
 from collections.abc import Callable
 
 import torch
 
+from compiler.builder import GraphBuilder
 from compiler.collectives import ALL_REDUCE, REDUCE_SCATTER
 from compiler.errors import VerifyError
 from compiler.ir import DTYPE_NAMES, Graph, Node, Phase, Role, Value, format_node
 from compiler.ops import Kind, kind
 from compiler.passes.manager import PassContext
 from compiler.trace import eliminate_dead_nodes, mark_activations
-from runtime.eager import run_node
 
 log = logging.getLogger(__name__)
 
-LOW_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
-PRECISIONS = ("fp32", *LOW_DTYPES)
+
+class Precision(enum.StrEnum):
+    """A step's compute precision; master weights, optimizer states and accumulators stay fp32.
+
+    One value from the command line through compile, plan and train: a name outside the enum
+    fails where it is converted, not deep in a pass."""
+
+    FP32 = "fp32"
+    BF16 = "bf16"
+    FP16 = "fp16"
+
+    @property
+    def low_dtype(self) -> torch.dtype | None:
+        """The dtype the step computes in, or None when that is fp32 (nothing to lower)."""
+        return {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}.get(self)
+
+    @classmethod
+    def _missing_(cls, value: object) -> Precision:
+        names = ", ".join(cls)
+        raise ValueError(f"unknown precision {value!r}; choose one of {names}")
+
+
+PRECISIONS = tuple(p.value for p in Precision)  # the names a command line offers
+
+
 LOSS_SCALE, FOUND_INF = "loss_scale", "found_inf"
 _F32 = torch.float32
 _TAKES_DTYPE = {"sum", "sum.dim_IntList", "mean", "mean.dim", "cumsum"}
 # scatters that add into their output, and collectives that sum over ranks
 _ACCUMULATING = {"index_add", "scatter_add", "embedding_dense_backward", ALL_REDUCE, REDUCE_SCATTER}
-_META = torch.device("meta")
 
 Read = Callable[[Value], Value]
 
 
-def precision_pass(graph: Graph, ctx: PassContext) -> Graph:
-    """The pass entry: `ctx.options["precision"]` is fp32 (no change), bf16 or fp16."""
-    precision = ctx.options.get("precision", "fp32")
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if precision == "fp32":
+def precision_pass(graph: Graph, ctx: PassContext, precision: Precision = Precision.FP32) -> Graph:
+    """The pass entry: fp32 leaves the graph as it is; bf16 and fp16 lower it."""
+    if precision.low_dtype is None:
         return graph
-    out = lower_precision(graph, LOW_DTYPES[precision], loss_scaling=precision == "fp16")
+    out = lower_precision(graph, precision.low_dtype, loss_scaling=precision is Precision.FP16)
     log.info(
         "precision %s: gradients %.1f -> %.1f MB, saved for backward %.1f -> %.1f MB",
         precision,
@@ -207,9 +227,7 @@ class _Lowering:
             if kind(node.op) is Kind.VIEW and id(node.inputs[0]) in self.weights:
                 self.weights.update(id(v) for v in node.outputs)
         self.fixed: set[int] = set()  # values that must be cast, never re-created (the seed)
-        self.inputs, self.nodes = list(graph.inputs), []
-        self.taken = {v.name for v in graph.values()}
-        self.phase, self.source = Phase.FORWARD, ""
+        self.b = GraphBuilder.rewriting(graph)
         self.loss_scale: Value | None = None
         self.found_inf: Value | None = None
         self.inv_scale: Value | None = None
@@ -220,10 +238,9 @@ class _Lowering:
         scaling = loss_scaling and any(n.phase is Phase.BACKWARD for n in self.src.nodes)
         seed = _loss_seed(self.src) if scaling else None
         if scaling:
-            self.loss_scale = Value(LOSS_SCALE, (), _F32, Role.INPUT)
-            self.inputs.append(self.loss_scale)
+            self.loss_scale = self.b.input(LOSS_SCALE, (), _F32, Role.INPUT)
         for node in self.src.nodes:
-            self.phase, self.source = node.phase, node.source
+            self.b.phase, self.b.source = node.phase, node.source
             if scaling and self.found_inf is None and node.phase is Phase.OPTIMIZER:
                 self.found_inf = self._found_inf()
             self._lower(node)
@@ -231,46 +248,12 @@ class _Lowering:
                 self._scale_seed(node.outputs[0])
         outputs = [self.master(v) for v in self.src.outputs]
         if scaling:
-            self.phase, self.source = Phase.OPTIMIZER, ""
+            self.b.phase, self.b.source = Phase.OPTIMIZER, ""
             outputs.append(self.found_inf or self._found_inf())
-        graph = Graph(self.inputs, self.nodes, outputs)
+        graph = self.b.graph(outputs)
         eliminate_dead_nodes(graph)
         mark_activations(graph)
         return graph
-
-    # --- emitting -------------------------------------------------------------------------
-
-    def emit(
-        self,
-        op: str,
-        args: tuple,
-        kwargs: dict,
-        names: list[str],
-        role: Role | list[Role] = Role.TEMPORARY,
-        read: Read = lambda v: v,
-    ) -> list[Value]:
-        """Append `op` with its Value arguments mapped by `read`; output types from meta."""
-        node = Node(op, args, dict(kwargs), [], self.phase, self.source)
-        node.map_args(read)
-        metas = {id(v): torch.empty(v.shape, dtype=v.dtype, device=_META) for v in node.inputs}
-        results = run_node(node, metas, _META)
-        roles = role if isinstance(role, list) else [role] * len(results)
-        node.outputs = [
-            Value(name, tuple(t.shape), t.dtype, r)
-            for name, t, r in zip(names, results, roles, strict=True)
-        ]
-        self.nodes.append(node)
-        return node.outputs
-
-    def fresh(self, name: str) -> str:
-        while name in self.taken:
-            name += "_"
-        self.taken.add(name)
-        return name
-
-    def emit1(self, op: str, args: tuple, kwargs: dict, name: str) -> Value:
-        """An inserted node with one output and a fresh name."""
-        return self.emit(op, args, kwargs, [self.fresh(name)])[0]
 
     # --- reading values in a dtype -----------------------------------------------------------
 
@@ -293,7 +276,7 @@ class _Lowering:
 
     def _key(self, v: Value, dtype: torch.dtype) -> tuple:
         """Casts of weights are per phase: the backward casts the master again."""
-        return (id(v), dtype, self.phase) if id(v) in self.weights else (id(v), dtype)
+        return (id(v), dtype, self.b.phase) if id(v) in self.weights else (id(v), dtype)
 
     def _convert(self, v: Value, cur: Value, dtype: torch.dtype, shortcuts: bool) -> Value:
         node = self.producers.get(id(v))
@@ -301,20 +284,23 @@ class _Lowering:
         if node is not None and shortcuts and id(v) not in self.fixed:
             op_kind = kind(node.op)
             if op_kind is Kind.VIEW:  # view of the cast: every view of v shares one cast
-                names = [self.fresh(f"{o.name}.{tag}") for o in node.outputs]
-                outs = self.emit(
-                    node.op, node.args, node.kwargs, names, read=lambda s: self.as_dtype(s, dtype)
+                outs = self.b.emit(
+                    node.op,
+                    node.args,
+                    node.kwargs,
+                    names=[f"{o.name}.{tag}" for o in node.outputs],
+                    read=lambda s: self.as_dtype(s, dtype),
                 )
                 for o, new in zip(node.outputs, outs, strict=True):
                     self.casts[self._key(o, dtype)] = new
                 return outs[node.outputs.index(v)]
             if op_kind is Kind.CREATION:  # make the constant in the dtype asked for
                 kwargs = node.kwargs | {"dtype": dtype}
-                name = self.fresh(f"{v.name}.{tag}")
-                return self.emit(node.op, node.args, kwargs, [name], read=self.current)[0]
+                name = f"{v.name}.{tag}"
+                return self.b.emit(node.op, node.args, kwargs, names=name, read=self.current)[0]
             if _is_exact_cast(node):  # cast the source once instead of a cast of a cast
                 return self.as_dtype(node.args[0], dtype)
-        return self.emit1("_to_copy", (cur,), {"dtype": dtype}, f"{v.name}.{tag}")
+        return self.b.emit1("_to_copy", (cur,), {"dtype": dtype}, f"{v.name}.{tag}")
 
     def master(self, v: Value) -> Value:
         """`v` in its traced dtype; a gradient also divided by the loss scale (fp16)."""
@@ -325,8 +311,8 @@ class _Lowering:
             return grad
         if id(v) not in self.unscaled:
             if self.inv_scale is None:
-                self.inv_scale = self.emit1("reciprocal", (self.loss_scale,), {}, "inv_scale")
-            self.unscaled[id(v)] = self.emit1(
+                self.inv_scale = self.b.emit1("reciprocal", (self.loss_scale,), {}, "inv_scale")
+            self.unscaled[id(v)] = self.b.emit1(
                 "mul.Tensor", (grad, self.inv_scale), {}, f"{v.name}.unscaled"
             )
         return self.unscaled[id(v)]
@@ -338,19 +324,20 @@ class _Lowering:
             dst, new = node.args
             value = self.master(new)
             if self.found_inf is not None:  # a skipped step writes back what was there
-                value = self.emit1(
+                value = self.b.emit1(
                     "where.self", (self.found_inf, dst, value), {}, f"{new.name}.kept"
                 )
-            self.nodes.append(Node("copy_", (dst, value), {}, [], node.phase, node.source))
+            self.b.write(dst, value)
             return
         read, kwargs = self._reads(node)
-        outs = self.emit(
+        outs = self.b.emit(
             node.op,
             node.args,
             kwargs,
-            [v.name for v in node.outputs],
-            [v.role for v in node.outputs],
-            read,
+            names=[v.name for v in node.outputs],
+            roles=[v.role for v in node.outputs],
+            read=read,
+            fresh=False,
         )
         for old, new in zip(node.outputs, outs, strict=True):
             self.env[id(old)] = new
@@ -383,7 +370,7 @@ class _Lowering:
     # --- fp16 loss scaling ----------------------------------------------------------------
 
     def _scale_seed(self, seed: Value) -> None:
-        scaled = self.emit1(
+        scaled = self.b.emit1(
             "mul.Tensor", (self.env[id(seed)], self.loss_scale), {}, f"{seed.name}.scaled"
         )
         self.env[id(seed)] = scaled
@@ -391,14 +378,12 @@ class _Lowering:
 
     def _found_inf(self) -> Value:
         """True iff a gradient holds inf or nan: each summed in fp32, then isnan(total · 0)."""
-        phase, self.phase = self.phase, Phase.OPTIMIZER
-        sums = [
-            self.emit1("sum", (self.env[id(g)],), {"dtype": _F32}, f"{g.name}.sum")
-            for g in self.grads.values()
-        ]
-        stacked = self.emit1("stack", (sums,), {}, "grad_sums")
-        total = self.emit1("sum", (stacked,), {}, "grad_total")
-        zeroed = self.emit1("mul.Tensor", (total, 0.0), {}, "grad_total.zeroed")  # inf·0 = nan
-        found = self.emit("isnan", (zeroed,), {}, [self.fresh(FOUND_INF)], Role.OUTPUT)[0]
-        self.phase = phase
-        return found
+        b = self.b
+        with b.at(Phase.OPTIMIZER):
+            sums = [
+                b.emit1("sum", (self.env[id(g)],), {"dtype": _F32}, f"{g.name}.sum")
+                for g in self.grads.values()
+            ]
+            total = b.emit1("sum", (b.emit1("stack", (sums,), {}, "grad_sums"),), {}, "grad_total")
+            zeroed = b.emit1("mul.Tensor", (total, 0.0), {}, "grad_total.zeroed")  # inf·0 = nan
+            return b.emit1("isnan", (zeroed,), {}, FOUND_INF, Role.OUTPUT)

@@ -8,14 +8,14 @@ backward use. Views are never saved (recomputing one is free; its base is what c
 - Without a budget: a min-cut (networkx) whose capacities are bytes picks the cheapest set of
   values to keep, recomputing only cheap ops (pointwise, views, reductions, copies, creation):
   never a matmul or a gather.
-- With `activation_budget` (bytes of saved values): a 0/1 program (scipy's HiGHS) picks saved
-  values and recomputed nodes minimising recomputed FLOPs subject to the bytes saved; matmuls
-  become recomputable too, so the budget can go below what cheap ops alone reach.
+- With an activation budget (bytes of saved values, `RecomputePolicy`): a 0/1 program (scipy's
+  HiGHS) picks saved values and recomputed nodes minimising recomputed FLOPs subject to the
+  bytes saved; matmuls become recomputable too, so the budget can go below what cheap ops alone
+  reach.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -24,6 +24,7 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import lil_matrix
 
+from compiler.builder import GraphBuilder
 from compiler.errors import MemfitError
 from compiler.ir import Graph, Node, Phase, Value
 from compiler.ops import Kind, flops, kind
@@ -221,80 +222,95 @@ def rewrite(graph: Graph, saved: Iterable[Value]) -> tuple[Graph, list[Node]]:
     keep = {id(v) for v in saved}
     remap: dict[int, Value] = {}
     clones: list[Node] = []
-    taken = {v.name for v in out.values()}
-    counter = itertools.count()
+    b = GraphBuilder.rewriting(out)
+    b.phase = Phase.BACKWARD
 
-    def ensure(v: Value, emit: list[Node]) -> Value:
+    def ensure(v: Value) -> Value:
         if id(v) not in boundary.producer or id(v) in keep:
             return v
         if id(v) in remap:
             return remap[id(v)]
         node = boundary.producer[id(v)]
-        args_ready = {id(u): ensure(u, emit) for u in boundary.forward_inputs(node)}
-        clone = Node(node.op, node.args, dict(node.kwargs), [], Phase.BACKWARD, node.source)
-        clone.map_args(lambda u: args_ready.get(id(u), u))
-        for old in node.outputs:
-            name = f"{old.name}.r"
-            while name in taken:
-                name = f"{old.name}.r{next(counter)}"
-            taken.add(name)
-            new = Value(name, old.shape, old.dtype)
-            clone.outputs.append(new)
-            remap[id(old)] = new
-        emit.append(clone)
+        ready = {id(u): ensure(u) for u in boundary.forward_inputs(node)}
+        with b.at(source=node.source):
+            names = [f"{old.name}.r" for old in node.outputs]
+            news = b.emit(
+                node.op, node.args, node.kwargs, names=names, read=lambda u: ready.get(id(u), u)
+            )
+        remap.update(zip(map(id, node.outputs), news, strict=True))
+        clones.append(b.nodes[-1])
         return remap[id(v)]
 
-    nodes: list[Node] = []
     for node in out.nodes:
         if node.phase is Phase.BACKWARD:
-            emit: list[Node] = []
-            fresh = {id(u): ensure(u, emit) for u in node.inputs}
+            fresh = {id(u): ensure(u) for u in node.inputs}
             node.map_args(lambda u, fresh=fresh: fresh.get(id(u), u))
-            nodes += emit
-            clones += emit
-        nodes.append(node)
-    out.nodes = nodes
+        b.append(node)
+    out.nodes = b.nodes
     mark_activations(out)
     return out, clones
 
 
-def choose_saved(graph: Graph, boundary: Boundary, options: dict) -> list[Value]:
-    """The saved set the options ask for.
+@dataclass(frozen=True)
+class RecomputePolicy:
+    """Which values the backward keeps: the min-cut unless a field asks otherwise.
 
-    `activation_budget` (bytes) or `activation_fraction` (of the no-recompute saved bytes):
-    the 0/1 program; `checkpoint_layers` (a layer count): per-layer full checkpointing (of the
-    first `checkpoint_blocks` blocks only, if given); otherwise the min-cut.
+    `activation_budget` (bytes of saved values) or `activation_fraction` (of the no-recompute
+    saved bytes): the 0/1 program; `checkpoint_layers` (a layer count): per-layer full
+    checkpointing, of the first `checkpoint_blocks` blocks only if given. One value shared by
+    compile, plan and train (`CompileOptions.recompute`; None there keeps every activation).
     """
-    if options.get("checkpoint_layers"):
+
+    activation_budget: int | None = None
+    activation_fraction: float | None = None
+    checkpoint_layers: int | None = None
+    checkpoint_blocks: int | None = None
+
+
+@dataclass(frozen=True)
+class RecomputeReport:
+    """What the recompute pass kept and what its choice costs: the evidence budgets read."""
+
+    saved_bytes_before: int  # bytes of the forward values the backward reads, none recomputed
+    saved_bytes_after: int  # bytes of the values kept
+    extra_flops: int  # FLOPs of the recomputed (cloned) nodes
+    extra_matmul_flops: int  # ... of which matmuls
+    step_flops: int  # FLOPs of the step before recomputation
+    recomputed: tuple[str, ...]  # names of the recomputed values, sorted
+
+
+def choose_saved(graph: Graph, boundary: Boundary, policy: RecomputePolicy) -> list[Value]:
+    """The saved set `policy` asks for (see RecomputePolicy)."""
+    if policy.checkpoint_layers:
         tokens = next(v for v in graph.inputs if v.name == "tokens")
-        n_layers = int(options["checkpoint_layers"])
-        checkpointed = int(options.get("checkpoint_blocks", n_layers))
+        n_layers = policy.checkpoint_layers
+        blocks = policy.checkpoint_blocks
+        checkpointed = n_layers if blocks is None else blocks
         return layer_checkpoint_saved(boundary, tokens, n_layers, checkpointed)
-    budget = options.get("activation_budget")
-    if options.get("activation_fraction") is not None:
-        budget = options["activation_fraction"] * boundary.saved_bytes(boundary.needed)
+    budget = policy.activation_budget
+    if policy.activation_fraction is not None:
+        budget = policy.activation_fraction * boundary.saved_bytes(boundary.needed)
     return min_cut_saved(boundary) if budget is None else budget_saved(boundary, int(budget))
 
 
-def recompute_pass(graph: Graph, ctx: PassContext) -> Graph:
-    """Save what `choose_saved` picks; recompute the rest of what the backward needs."""
+def recompute_pass(
+    graph: Graph, ctx: PassContext, policy: RecomputePolicy = RecomputePolicy()
+) -> Graph:
+    """Save what `choose_saved` picks; recompute the rest of what the backward needs.
+
+    Records a RecomputeReport as `ctx.recompute` (none when the backward reads no forward
+    value)."""
     boundary = Boundary.of(graph)
     if not boundary.needed:
         return graph
-    saved = choose_saved(graph, boundary, ctx.options)
+    saved = choose_saved(graph, boundary, policy)
     out, clones = rewrite(graph, saved)
-    step_flops = sum(flops(n) for n in graph.nodes)
-    extra = sum(flops(n) for n in clones)
-    ctx.stats.update(
-        {
-            "recompute.saved_bytes_before": boundary.saved_bytes(boundary.needed),
-            "recompute.saved_bytes_after": boundary.saved_bytes(saved),
-            "recompute.extra_flops": extra,
-            "recompute.extra_matmul_flops": sum(
-                flops(n) for n in clones if kind(n.op) is Kind.MATMUL
-            ),
-            "recompute.step_flops": step_flops,
-            "recompute.recomputed": sorted(v.name for n in clones for v in n.outputs),
-        }
+    ctx.recompute = RecomputeReport(
+        saved_bytes_before=boundary.saved_bytes(boundary.needed),
+        saved_bytes_after=boundary.saved_bytes(saved),
+        extra_flops=sum(flops(n) for n in clones),
+        extra_matmul_flops=sum(flops(n) for n in clones if kind(n.op) is Kind.MATMUL),
+        step_flops=sum(flops(n) for n in graph.nodes),
+        recomputed=tuple(sorted(v.name for n in clones for v in n.outputs)),
     )
     return out

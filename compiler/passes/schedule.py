@@ -19,11 +19,11 @@ come from the values, and a copy_ into persistent state stays after every read o
 from __future__ import annotations
 
 import heapq
+from dataclasses import dataclass
 
 from compiler import ops
 from compiler.ir import Graph, Phase
-from compiler.liveness import Storage, liveness, lower_bound, storage
-from compiler.passes.buffers import in_place
+from compiler.liveness import Storage, in_place, liveness, lower_bound, storage
 from compiler.passes.manager import PassContext
 
 
@@ -135,7 +135,17 @@ def list_schedule(
     return order
 
 
+@dataclass(frozen=True)
+class ScheduleReport:
+    """The live-bytes peak (a lower bound, in-place writes counted) the pass compared."""
+
+    peak_traced: int  # of the order the pass was given
+    peak: int  # of the order it chose
+    strategy: str  # which order won: "traced" or "list"
+
+
 def schedule(graph: Graph, ctx: PassContext) -> Graph:
+    """The order of lower peak, the traced one or the list scheduler's; `ctx.schedule` says."""
     facts = storage(graph)
     preds = dependencies(graph, facts)
     succs: list[list[int]] = [[] for _ in graph.nodes]
@@ -154,7 +164,5 @@ def schedule(graph: Graph, ctx: PassContext) -> Graph:
         lifetimes = liveness(trial, reuse, facts)
         peaks[name] = (lower_bound(lifetimes, len(order))[0], trial)
     best = min(peaks, key=lambda k: peaks[k][0])
-    ctx.stats["schedule.peak_traced"] = peaks["traced"][0]
-    ctx.stats["schedule.peak"] = peaks[best][0]
-    ctx.stats["schedule.strategy"] = best
+    ctx.schedule = ScheduleReport(peaks["traced"][0], peaks[best][0], best)
     return peaks[best][1]

@@ -1,7 +1,7 @@
 """shard: data parallelism and ZeRO as collectives in the training step's own graph.
 
 Input: a step traced WITHOUT an optimizer (outputs: the loss, then one gradient per trainable
-parameter, in `ctx.options["trainable"]` order). Output: the same forward and backward on this
+parameter, in `ShardOptions.trainable` order). Output: the same forward and backward on this
 rank's slice of the batch, gradient buckets reduced across the data-parallel group, and the
 AdamW update rebuilt on the shapes each rank really holds — so the verifier checks the shards
 and the planner counts exactly the bytes one rank needs.
@@ -17,7 +17,7 @@ and the planner counts exactly the bytes one rank needs.
   flat concatenation, split in dp equal parts): AdamW moments are `exp_avg.bucketK` of 1/dp of
   the bucket; the new shard is all-gathered and written back into every parameter.
 - zero=2: a reduce-scatter instead, so only the gradient shard outlives the bucket.
-- ZeRO with bf16/fp16 (`ctx.options["precision"]`): parameters are held in the low dtype and the
+- ZeRO with bf16/fp16 (`ShardOptions.precision`): parameters are held in the low dtype and the
   fp32 master copy becomes a sharded state `master.bucketK` (mixed-precision ZeRO); the forward
   reads the parameters through a widening cast the precision pass then folds away.
 
@@ -39,18 +39,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from compiler import collectives
+from compiler.builder import GraphBuilder
 from compiler.errors import VerifyError
-from compiler.ir import Graph, Node, Phase, Role, Value
+from compiler.ir import Graph, Phase, Role, Value
 from compiler.mesh import Mesh, MeshError
 from compiler.passes.manager import PassContext
+from compiler.passes.precision import Precision
 from compiler.trace import STATE_PREFIXES, AdamW, LossFn, mark_activations, trace_update
 from examples.gpt2 import GPT2
 from examples.llama import Llama
 from examples.loss import lm_loss
-from runtime.eager import run_node
 
 DEFAULT_BUCKET_BYTES = 25 * 2**20  # DDP's default
-LOW_PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16}
 MASTER = "master."
 DP = "dp"
 
@@ -131,23 +131,33 @@ def buckets(
     return out
 
 
-def shard_pass(graph: Graph, ctx: PassContext) -> Graph:
-    """The pass entry: a no-op without `ctx.options["mesh"]`; records the layout in ctx.stats."""
-    mesh: Mesh | None = ctx.options.get("mesh")
-    if mesh is None:
+@dataclass(frozen=True)
+class ShardOptions:
+    """How to shard a step traced without an optimizer: the mesh, the trainable parameters in
+    the traced gradients' order, the AdamW to rebuild per shard, the bucket size, and the
+    compute precision (ZeRO holds low-precision parameters with fp32 master shards)."""
+
+    mesh: Mesh
+    trainable: tuple[str, ...]
+    optimizer: AdamW = AdamW()
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES
+    precision: Precision = Precision.FP32
+
+
+def shard_pass(graph: Graph, ctx: PassContext, options: ShardOptions | None = None) -> Graph:
+    """The pass entry: a no-op without options (no mesh); records the layout as `ctx.shard`."""
+    if options is None:
         return graph
-    low = LOW_PRECISIONS.get(ctx.options.get("precision", "fp32"))
     rewrite = _Rewrite(
         graph,
-        mesh,
-        list(ctx.options["trainable"]),
-        ctx.options.get("optimizer") or AdamW(),
-        ctx.options.get("bucket_bytes", DEFAULT_BUCKET_BYTES),
-        low if mesh.zero >= 1 else None,
+        options.mesh,
+        list(options.trainable),
+        options.optimizer,
+        options.bucket_bytes,
+        options.precision.low_dtype if options.mesh.zero >= 1 else None,
     )
     out = rewrite.run()
-    ctx.stats["shard.layout"] = rewrite.layout
-    ctx.stats["shard.collectives"] = sum(n.op in collectives.COMMUNICATING for n in out.nodes)
+    ctx.shard = rewrite.layout
     return out
 
 
@@ -183,59 +193,18 @@ class _Rewrite:
             max(ready.get(id(self.grad_of[n]), -1) for n in b.names) for b in self.buckets
         ]
         self.layout = ShardLayout(mesh, tuple(self.buckets), master=low is not None)
-        self.taken = {v.name for v in graph.values()}
-        self.inputs: list[Value] = []
-        self.nodes: list[Node] = []
-        self.phase = Phase.FORWARD
+        self.b = GraphBuilder.rewriting(graph)
+        self.b.source = "shard"
         self.scalars: dict[int, Value] = {}  # the update's shared scalar values, by template id
-
-    # --- emitting ---------------------------------------------------------------------------
-
-    def fresh(self, name: str) -> str:
-        while name in self.taken:
-            name += "_"
-        self.taken.add(name)
-        return name
-
-    def emit(
-        self,
-        op: str,
-        args: tuple,
-        kwargs: dict | None = None,
-        name: str = "t",
-        role: Role = Role.TEMPORARY,
-    ) -> Value:
-        """Append `op`; its one output's type comes from running it on meta tensors."""
-        node = Node(op, args, dict(kwargs or {}), [], self.phase, "shard")
-        metas = {id(v): torch.empty(v.shape, dtype=v.dtype, device="meta") for v in node.inputs}
-        (t,) = run_node(node, metas, torch.device("meta"))
-        node.outputs = [Value(self.fresh(name), tuple(t.shape), t.dtype, role)]
-        self.nodes.append(node)
-        return node.outputs[0]
-
-    def input(
-        self,
-        name: str,
-        shape: tuple[int, ...],
-        dtype: torch.dtype,
-        role: Role = Role.OPTIMIZER_STATE,
-    ) -> Value:
-        value = Value(name, shape, dtype, role)
-        self.inputs.append(value)
-        self.taken.add(name)
-        return value
-
-    def write(self, dst: Value, src: Value) -> None:
-        self.nodes.append(Node("copy_", (dst, src), {}, [], Phase.OPTIMIZER, "shard"))
 
     def piece(self, flat: Value, offset: int, shape: tuple[int, ...], name: str) -> Value:
         """`flat[offset : offset + numel]` viewed as `shape` (no bytes of its own)."""
         numel = math.prod(shape)
         if offset or numel != flat.shape[0]:
-            flat = self.emit(
+            flat = self.b.emit1(
                 "slice.Tensor", (flat, 0, offset, offset + numel), name=name, role=flat.role
             )
-        return self.emit("view", (flat, list(shape)), name=name, role=flat.role)
+        return self.b.emit1("view", (flat, list(shape)), name=name, role=flat.role)
 
     # --- the rewrite ------------------------------------------------------------------------
 
@@ -243,56 +212,54 @@ class _Rewrite:
         params = self.params
         if self.low is not None:  # mixed-precision ZeRO: low-precision parameters
             params = {n: Value(n, v.shape, self.low, Role.PARAM) for n, v in params.items()}
-        self.inputs = [params.get(v.name, v) for v in self.src.inputs]
+        b = self.b
+        b.inputs = [params.get(v.name, v) for v in self.src.inputs]
         env: dict[int, Value] = {}
         if self.low is not None:
             for name, v in self.params.items():
-                env[id(v)] = self.emit(
-                    "_to_copy", (params[name],), {"dtype": v.dtype}, f"{name}.f32"
+                env[id(v)] = b.emit1(
+                    "_to_copy", (params[name],), {"dtype": v.dtype}, name=f"{name}.f32"
                 )
         started: dict[int, Value] = {}
         for i, node in enumerate(self.src.nodes):
-            self.nodes.append(
-                Node(node.op, node.args, dict(node.kwargs), node.outputs, node.phase, node.source)
-            )
-            self.nodes[-1].map_args(lambda v: env.get(id(v), v))
+            b.copy(node, lambda v: env.get(id(v), v))
             for k in range(len(self.buckets)):
                 if self.ready[k] == i and self.mesh.dp > 1:
                     started[k] = self.start(k)
         for k in range(len(self.buckets)):
             if k not in started and self.mesh.dp > 1:  # gradients made by no node
                 started[k] = self.start(k)
-        self.phase = Phase.OPTIMIZER
-        lr = self.input("lr", (), torch.float64, Role.INPUT)
-        step = self.input("step", (), torch.float64, Role.INPUT)
+        b.phase = Phase.OPTIMIZER
+        lr = b.input("lr", (), torch.float64, Role.INPUT)
+        step = b.input("step", (), torch.float64, Role.INPUT)
         for k, bucket in enumerate(self.buckets):
             grad = self.finish(k, started[k], started.get(k + 1)) if self.mesh.dp > 1 else None
             self.update(k, bucket, grad, params, lr, step)
-        graph = Graph(self.inputs, self.nodes, [self.loss])
+        graph = b.graph([self.loss])
         mark_activations(graph)
         return graph
 
     def start(self, k: int) -> Value:
         """Launch bucket k's reduction (backward phase, right after its last gradient)."""
         bucket, dp = self.buckets[k], self.mesh.dp
-        self.phase = Phase.BACKWARD
+        self.b.phase = Phase.BACKWARD
         grads = [self.grad_of[n] for n in bucket.names]
         op = collectives.REDUCE_SCATTER if self.mesh.zero == 2 else collectives.ALL_REDUCE
-        return self.emit(op, (grads, DP, dp), name=f"grad.bucket{k}", role=Role.GRAD)
+        return self.b.emit1(op, (grads, DP, dp), name=f"grad.bucket{k}", role=Role.GRAD)
 
     def finish(self, k: int, started: Value, next_start: Value | None) -> Value:
         """Bucket k's averaged gradient: flat (zero 0), or this rank's shard (zero 1, 2).
         Its wait comes after the next bucket's start: the backward between them overlaps."""
         dp, grad = self.mesh.dp, Role.GRAD
         after = [] if next_start is None else [next_start]
-        reduced = self.emit(
+        reduced = self.b.emit1(
             collectives.WAIT, (started, after), name=f"grad.bucket{k}.done", role=grad
         )
         if self.mesh.zero == 1:
-            reduced = self.emit(
+            reduced = self.b.emit1(
                 collectives.SHARD, ([reduced], DP, dp), name=f"grad.shard{k}", role=grad
             )
-        return self.emit("mul.Scalar", (reduced, 1.0 / dp), name=f"grad.mean{k}", role=grad)
+        return self.b.emit1("mul.Scalar", (reduced, 1.0 / dp), name=f"grad.mean{k}", role=grad)
 
     def update(
         self,
@@ -314,27 +281,35 @@ class _Rewrite:
                     else self.piece(grad, offset, shape, f"grad.{name}")
                 )
                 p = params[name]
-                m, v = (self.input(pre + name, p.shape, p.dtype) for pre in STATE_PREFIXES)
+                m, v = (
+                    self.b.input(pre + name, p.shape, p.dtype, Role.OPTIMIZER_STATE)
+                    for pre in STATE_PREFIXES
+                )
                 new_p = self.adamw(name, p, g, m, v, lr, step)
-                self.write(p, new_p)
+                self.b.write(p, new_p)
             return
         dp, tag = self.mesh.dp, f"bucket{k}"
         members = [params[n] for n in bucket.names]
         f32 = self.params[bucket.names[0]].dtype
         if self.low is not None:
-            p = self.input(ShardLayout.state_name(MASTER, k), (bucket.shard,), f32)
+            p = self.b.input(
+                ShardLayout.state_name(MASTER, k), (bucket.shard,), f32, Role.OPTIMIZER_STATE
+            )
         else:
-            p = self.emit(collectives.SHARD, (members, DP, dp), name=f"param.{tag}")
-        m, v = (self.input(ShardLayout.state_name(pre, k), p.shape, f32) for pre in STATE_PREFIXES)
+            p = self.b.emit1(collectives.SHARD, (members, DP, dp), name=f"param.{tag}")
+        m, v = (
+            self.b.input(ShardLayout.state_name(pre, k), p.shape, f32, Role.OPTIMIZER_STATE)
+            for pre in STATE_PREFIXES
+        )
         assert grad is not None
         new_p = self.adamw(tag, p, grad, m, v, lr, step)
         if self.low is not None:
-            self.write(p, new_p)
-            new_p = self.emit("_to_copy", (new_p,), {"dtype": self.low}, name=f"{tag}.low")
-        started = self.emit(collectives.ALL_GATHER, (new_p, DP, dp), name=f"{tag}.gather")
-        full = self.emit(collectives.WAIT, (started, []), name=f"{tag}.gathered")
+            self.b.write(p, new_p)
+            new_p = self.b.emit1("_to_copy", (new_p,), {"dtype": self.low}, name=f"{tag}.low")
+        started = self.b.emit1(collectives.ALL_GATHER, (new_p, DP, dp), name=f"{tag}.gather")
+        full = self.b.emit1(collectives.WAIT, (started, []), name=f"{tag}.gathered")
         for dst, offset in zip(members, bucket.offsets(), strict=True):
-            self.write(dst, self.piece(full, offset, dst.shape, f"{dst.name}.new"))
+            self.b.write(dst, self.piece(full, offset, dst.shape, f"{dst.name}.new"))
 
     def adamw(
         self, tag: str, p: Value, g: Value, m: Value, v: Value, lr: Value, step: Value
@@ -354,20 +329,18 @@ class _Rewrite:
             if not on_tensor and id(out) in self.scalars:
                 env[id(out)] = self.scalars[id(out)]
                 continue
-            copy = Node(node.op, node.args, dict(node.kwargs), [], Phase.OPTIMIZER, "adamw")
-            copy.map_args(lambda x: env[id(x)])
-            shape = p.shape if on_tensor and out.shape == template.inputs[0].shape else out.shape
-            name = self.fresh(f"{out.name}.{tag}" if on_tensor else out.name)
-            copy.outputs = [Value(name, shape, out.dtype, Role.TEMPORARY)]
-            self.nodes.append(copy)
-            env[id(out)] = copy.outputs[0]
+            name = f"{out.name}.{tag}" if on_tensor else out.name
+            with self.b.at(Phase.OPTIMIZER, "adamw"):
+                (env[id(out)],) = self.b.emit(
+                    node.op, node.args, node.kwargs, names=name, read=lambda x: env[id(x)]
+                )
             if on_tensor:
                 depends.add(id(out))
             else:
-                self.scalars[id(out)] = copy.outputs[0]
+                self.scalars[id(out)] = env[id(out)]
         writes = {id(n.args[0]): env[id(n.args[1])] for n in template.nodes if n.op == "copy_"}
-        self.write(m, writes[id(template.inputs[2])])
-        self.write(v, writes[id(template.inputs[3])])
+        self.b.write(m, writes[id(template.inputs[2])])
+        self.b.write(v, writes[id(template.inputs[3])])
         return writes[id(template.inputs[0])]
 
 

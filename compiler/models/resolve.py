@@ -17,11 +17,16 @@ class ModelSpecError(MemfitError):
     """The MODEL string names nothing memfit can build."""
 
 
-def resolve_model(spec: str, *, device: str | torch.device = "cpu") -> ExampleModel:
-    """Build the model `spec` names on `device` ("meta" plans without allocating weights)."""
+def resolve_model(
+    spec: str, *, device: str | torch.device = "cpu", vocab_size: int | None = None
+) -> ExampleModel:
+    """Build the model `spec` names on `device` ("meta" plans without allocating weights).
+
+    `vocab_size` sizes a built-in example's embedding (a user's file builds its own).
+    """
     with torch.device(device):
         if spec in EXAMPLES:
-            return build_example(spec)
+            return build_example(spec, vocab_size)
         if ":" not in spec:
             raise ModelSpecError(
                 f"MODEL {spec!r} is neither a built-in example ({', '.join(EXAMPLES)}) nor"

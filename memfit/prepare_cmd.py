@@ -1,25 +1,17 @@
-"""CLI side of the pipelines: `memfit prepare`, and the default dataset a run falls back to.
+"""`memfit prepare`: the command line over `pipelines.prepare`.
 
 `memfit/cli.py` registers the command with `cli.add_command(prepare_command, "prepare")`.
 """
 
-import fcntl
-import hashlib
-import json
 from pathlib import Path
 
 import click
 from rich.console import Console
 from rich.table import Table
 
-from pipelines.corpus import embedded_corpus
 from pipelines.errors import DataError
-from pipelines.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest
+from pipelines.manifest import Manifest
 from pipelines.prepare import prepare
-from pipelines.tokenizer import ByteTokenizer
-
-# The embedded corpus has a few hundred documents: 5% gives a validation split of a dozen.
-DEFAULT_CORPUS_VAL_FRACTION = 0.05
 
 
 class DataErrorExit(click.ClickException):
@@ -96,34 +88,3 @@ def _summary(manifest: Manifest, out: Path) -> Table:
             name, f"{info.documents:,}", f"{info.tokens:,}", info.file, f"{info.bytes / 1e6:.1f}"
         )
     return table
-
-
-def default_dataset(cache_dir: Path, progress: bool = True) -> Path:
-    """Prepare the embedded corpus with the byte tokenizer once, and return its directory.
-
-    The cache key hashes the file list and sizes, so another interpreter gets its own entry; a
-    file lock makes concurrent callers (e.g. every rank of a torchrun job) prepare it once.
-    """
-    files = embedded_corpus()
-    identity = [
-        FORMAT_VERSION,
-        ByteTokenizer().to_json(),
-        DEFAULT_CORPUS_VAL_FRACTION,
-        [[str(path), path.stat().st_size] for path in files],
-    ]
-    key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
-    out = Path(cache_dir) / f"stdlib-{key}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / f"{out.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (out / MANIFEST_NAME).exists():
-            # Under the lock, output without a manifest is a crashed attempt: replace it.
-            prepare(
-                files,
-                out,
-                "byte",
-                val_fraction=DEFAULT_CORPUS_VAL_FRACTION,
-                overwrite=True,
-                progress=progress,
-            )
-    return out
