@@ -15,9 +15,9 @@ import time
 
 from compiler.budget import Budget, BudgetError, compile_within, sweep_budgets
 from compiler.compile import CompileOptions, optimize, trace_model
+from compiler.models import resolve_model
 from compiler.plan import fmt_bytes
 from examples.loss import lm_loss
-from memfit.models import resolve_model
 
 
 def cpu(fn):  # noqa: ANN001, ANN201
