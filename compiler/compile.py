@@ -12,6 +12,7 @@ from torch import Tensor
 from compiler.ir import Graph, Node, Value, dump, parse
 from compiler.lora import LoraConfig, apply_lora
 from compiler.mesh import Mesh, MeshError
+from compiler.passes.accumulate import accumulate_into
 from compiler.passes.buffers import plan_buffers
 from compiler.passes.fused_update import fuse_updates
 from compiler.passes.fusion import FusionOptions, fuse
@@ -77,6 +78,7 @@ def pass_manager(
         passes.append(("linear_cross_entropy", linear_cross_entropy))
     passes.append(("precision", partial(precision_pass, precision=options.precision)))
     passes.append(("fused_update", partial(fuse_updates, backend=options.backend)))
+    passes.append(("accumulate", accumulate_into))
     if options.recompute is not None:
         passes.append(("recompute", partial(recompute_pass, policy=options.recompute)))
     passes += [
