@@ -35,6 +35,7 @@ from compiler.passes.linear_cross_entropy import loss_head_peak
 from compiler.passes.recompute import RecomputePolicy
 from examples.loss import lm_loss
 from runtime import eager, triton_backend
+from runtime.interpreter import Interpreter
 from runtime.program import Program
 
 console = Console()
@@ -68,7 +69,7 @@ def kernel_rows(graph: Graph, device: torch.device, repeat: int) -> Table:
         seen.add(kernel.key)
         feeds = {v.name: _random(v, device) for v in kernel.inputs}
         group = Graph(list(kernel.inputs), members[kernel.group], list(kernel.outputs))
-        aten = timed(partial(eager.Eager(group, device).run, feeds), device, repeat)
+        aten = timed(partial(Interpreter(group, device).run, feeds), device, repeat)
         fn = triton_backend.load_kernel(kernel, device)
         args = [feeds[v.name] for v in kernel.inputs]
         outs = [torch.empty(v.shape, dtype=v.dtype, device=device) for v in kernel.outputs]

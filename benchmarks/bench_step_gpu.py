@@ -126,7 +126,8 @@ def build_step(
     tokens = torch.randint(0, model.vocab_size, (batch, seq), generator=gen).to(device)
     targets = tokens.roll(-1, 1)
     if system.startswith("memfit"):
-        from compiler.codegen.triton import group_kernels, group_members
+        from compiler.codegen.fusibility import group_members
+        from compiler.codegen.triton import group_kernels
         from compiler.compile import CompileOptions, compile_model
         from compiler.ir import Phase
         from runtime.program import Program

@@ -63,9 +63,12 @@ Planner = Callable[[RecomputePolicy], CompiledStep]  # recompute policy → the 
 
 
 def compile_within(
-    traced: TracedStep, options: CompileOptions, budget: Budget, n_layers: int | None = None
+    traced: TracedStep, options: CompileOptions, budget: Budget | None, n_layers: int | None = None
 ) -> CompiledStep:
-    """The least-recompute compilation of `traced` whose plan fits `budget`."""
+    """The least-recompute compilation of `traced` whose plan fits `budget` (None: the
+    options' own recompute policy)."""
+    if budget is None:
+        return optimize(traced, options)
     if budget.fraction is not None:
         policy = RecomputePolicy(activation_fraction=budget.fraction)
         return optimize(traced, replace(options, recompute=policy))
@@ -100,8 +103,7 @@ def _extra_flops(step: CompiledStep) -> int:
 
 
 def _fits(step: CompiledStep, nbytes: int) -> bool:
-    assert step.plan is not None
-    return step.plan.peak_bytes <= nbytes
+    return step.peak_bytes <= nbytes
 
 
 def _programmed(plan: Planner, nbytes: int) -> CompiledStep | None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from compiler.ir import Graph, Node, Value, dump, parse
+from compiler.ir import Graph, Node, Role, Value, dump, parse
 from compiler.lora import LoraConfig, apply_lora
 from compiler.mesh import Mesh, MeshError
 from compiler.passes.accumulate import accumulate_into
@@ -19,13 +19,19 @@ from compiler.passes.fusion import FusionOptions, fuse
 from compiler.passes.linear_cross_entropy import linear_cross_entropy
 from compiler.passes.manager import Pass, PassContext, PassManager
 from compiler.passes.noop_views import eliminate_noop_views
-from compiler.passes.precision import Precision, precision_pass
+from compiler.passes.precision import FOUND_INF, LOSS_SCALE, Precision, precision_pass
 from compiler.passes.recompute import RecomputePolicy, recompute_pass
 from compiler.passes.schedule import schedule
-from compiler.passes.shard import DEFAULT_BUCKET_BYTES, ShardOptions, shard_pass, tensor_parallel
+from compiler.passes.shard import (
+    DEFAULT_BUCKET_BYTES,
+    ShardLayout,
+    ShardOptions,
+    shard_pass,
+    tensor_parallel,
+)
 from compiler.plan import MemoryPlan
 from compiler.quantize import QuantMode, quantize_frozen_linears
-from compiler.trace import AdamW, LossFn, trace
+from compiler.trace import LR, STEP, Accumulate, AdamW, LossFn, trace
 from examples import ExampleModel
 
 
@@ -37,6 +43,7 @@ class CompileOptions:
     seq_len: int | None = None  # default: the model's block size
     optimizer: AdamW | None = field(default_factory=AdamW)
     return_grads: bool = False
+    grad_accum: int = 1  # micro-batches per optimizer step, summed inside the step (trace.py)
     precision: Precision = Precision.FP32  # compute dtype; master weights stay fp32
     lora: LoraConfig | None = None  # rewrites the module in place before tracing
     quantize_base: QuantMode | None = None  # int8 | nf4: frozen Linear weights quantised
@@ -53,6 +60,42 @@ class CompileOptions:
         self.precision = Precision(self.precision)  # a name from a flag or a config file
 
 
+@dataclass(frozen=True)
+class StepIO:
+    """What the runtime holds, feeds and reads for a step graph, named once here.
+
+    `state` is every persistent input by role (allocated once, carried across steps and in
+    checkpoints); `lr`/`step` are the optimizer's scalars and `loss_scale` fp16's, each None
+    when the graph does not take it; the loss is output 0 and `found_inf` is fp16's overflow
+    flag's output index. Gradients a graph returns are `grads`.
+    """
+
+    state: dict[str, Role]
+    batch: tuple[str, ...]
+    lr: str | None
+    step: str | None
+    loss_scale: str | None
+    found_inf: int | None
+    grads: tuple[str, ...]
+
+    @classmethod
+    def of(cls, graph: Graph) -> StepIO:
+        names = {v.name for v in graph.inputs}
+        outputs = [v.name for v in graph.outputs]
+        return cls(
+            state={v.name: v.role for v in graph.inputs if v.role.persistent},
+            batch=tuple(v.name for v in graph.inputs if v.role is Role.INPUT and v.shape),
+            lr=LR if LR in names else None,
+            step=STEP if STEP in names else None,
+            loss_scale=LOSS_SCALE if LOSS_SCALE in names else None,
+            found_inf=outputs.index(FOUND_INF) if FOUND_INF in outputs else None,
+            grads=tuple(v.name for v in graph.outputs if v.role is Role.GRAD),
+        )
+
+    def of_role(self, role: Role) -> list[str]:
+        return [name for name, r in self.state.items() if r is role]
+
+
 @dataclass
 class CompiledStep:
     graph: Graph
@@ -60,6 +103,24 @@ class CompiledStep:
     batch_size: int
     seq_len: int
     plan: MemoryPlan | None = None  # where every byte of the step lives (passes/buffers.py)
+    layout: ShardLayout | None = None  # a mesh's gradient buckets and state shards
+    # with grad_accum > 1: the micro-step run grad_accum - 1 times before this (the last) one
+    micro: CompiledStep | None = None
+
+    @property
+    def io(self) -> StepIO:
+        return StepIO.of(self.graph)
+
+    @property
+    def peak_bytes(self) -> int:
+        """The planned peak of a whole optimizer step: the larger arena of the two graphs
+        (they share one), the state this graph holds, the larger kernel scratch."""
+        assert self.plan is not None
+        if self.micro is None or self.micro.plan is None:
+            return self.plan.peak_bytes
+        arena = max(self.plan.arena_bytes, self.micro.plan.arena_bytes)
+        workspace = max(self.plan.workspace, self.micro.plan.workspace)
+        return arena + sum(self.plan.outside.values()) + workspace
 
 
 def pass_manager(
@@ -102,8 +163,10 @@ class TracedStep:
     graph: Graph
     seq_len: int
     shard: ShardOptions | None  # a mesh's data-parallel rewrite of the traced step
-    # the graph after the passes before recompute, per (precision, backend, fused head): they
-    # do not depend on the recompute policy, so a budget search or sweep runs them once
+    micro: Graph | None = None  # the accumulating micro-step, with grad_accum > 1
+    # the graph after the passes before recompute, per (source graph, precision, backend, fused
+    # head): they do not depend on the recompute policy, so a budget search or sweep runs them
+    # once (the micro-step's TracedStep shares this dict; its source graph keys its own entries)
     prepared: dict[tuple, tuple[Graph, PassContext]] = field(
         default_factory=dict, compare=False, repr=False
     )
@@ -133,9 +196,27 @@ def trace_model(model: ExampleModel, loss_fn: LossFn, options: CompileOptions) -
         trainable = tuple(n for n, p in model.module.named_parameters() if p.requires_grad)
         shard = ShardOptions(options.mesh, trainable, optimizer, options.bucket_bytes)
         optimizer = None
+    if options.grad_accum < 1:
+        raise ValueError(f"grad_accum must be ≥ 1, got {options.grad_accum}")
+    accumulate = options.grad_accum > 1
+    if accumulate and options.mesh is not None:
+        raise MeshError("gradient accumulation on a --dp/--tp mesh is not supported yet")
+    if accumulate and (options.return_grads or not optimizer):
+        raise ValueError("gradient accumulation compiles whole steps (an optimizer, no grads)")
     batch = example_batch(model, options.batch_size, seq_len)
-    graph = trace(model.module, loss_fn, batch, optimizer, return_grads=options.return_grads)
-    return TracedStep(graph, seq_len, shard)
+
+    def step(apply: bool) -> Graph:
+        how = Accumulate(options.grad_accum, apply) if accumulate else None
+        return trace(
+            model.module,
+            loss_fn,
+            batch,
+            optimizer,
+            return_grads=options.return_grads,
+            accumulate=how,
+        )
+
+    return TracedStep(step(True), seq_len, shard, step(False) if accumulate else None)
 
 
 def optimize(traced: TracedStep, options: CompileOptions) -> CompiledStep:
@@ -143,13 +224,22 @@ def optimize(traced: TracedStep, options: CompileOptions) -> CompiledStep:
 
     The passes before the policy's (recompute, or schedule without it) run once per traced
     step and option set; each plan continues from a copy of their graph."""
+    micro = None
+    if traced.micro is not None:
+        micro = optimize(replace(traced, graph=traced.micro, micro=None), options)
+    step = _optimize(traced, options)
+    step.micro = micro
+    return step
+
+
+def _optimize(traced: TracedStep, options: CompileOptions) -> CompiledStep:
     ctx = PassContext(dump_after=set(options.dump_after), dump_dir=options.dump_dir)
     passes = pass_manager(options, traced.shard).passes
     split = next(i for i, (name, _) in enumerate(passes) if name in POLICY_PASSES)
     if options.dump_after:  # the dumps of every pass are asked for: no shortcut
         graph = PassManager(passes).run(parse(dump(traced.graph)), ctx)
     else:
-        key = (options.precision, options.backend, options.fused_cross_entropy)
+        key = (id(traced.graph), options.precision, options.backend, options.fused_cross_entropy)
         if key not in traced.prepared:
             before = PassContext()
             prefix = PassManager(passes[:split]).run(parse(dump(traced.graph)), before)
@@ -164,7 +254,7 @@ def optimize(traced: TracedStep, options: CompileOptions) -> CompiledStep:
             "step_flops": ctx.recompute.step_flops,
             "values": list(ctx.recompute.recomputed),
         }
-    return CompiledStep(graph, ctx, options.batch_size, traced.seq_len, ctx.plan)
+    return CompiledStep(graph, ctx, options.batch_size, traced.seq_len, ctx.plan, ctx.shard)
 
 
 def clone(graph: Graph) -> Graph:

@@ -25,6 +25,7 @@ class Role(enum.StrEnum):
     PARAM = "param"
     BUFFER = "buffer"
     OPTIMIZER_STATE = "optimizer_state"
+    GRAD_ACCUM = "grad_accum"  # gradients summed over the micro-steps of one optimizer step
     INPUT = "input"
     GRAD = "grad"
     ACTIVATION = "activation"
@@ -34,7 +35,7 @@ class Role(enum.StrEnum):
     @property
     def persistent(self) -> bool:
         """Persistent values outlive a step and are never placed in the arena."""
-        return self in (Role.PARAM, Role.BUFFER, Role.OPTIMIZER_STATE)
+        return self in (Role.PARAM, Role.BUFFER, Role.OPTIMIZER_STATE, Role.GRAD_ACCUM)
 
 
 class Phase(enum.StrEnum):

@@ -21,9 +21,8 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 
-from compiler import custom_ops, update_op
 from compiler.ir import Graph, Node, Role, Value
-from compiler.ops import Kind, kind
+from compiler.ops import Kind, kind, workspace_bytes
 
 ALIGN = 64  # bytes; every buffer starts on a cache line (and stays valid for any dtype view)
 
@@ -73,17 +72,11 @@ def storage(graph: Graph) -> Storage:
 def scratch(graph: Graph) -> list[int]:
     """Bytes each step's kernel holds outside the arena besides its inputs and outputs.
 
-    Only memfit's own ops say what they hold (the fused linear cross-entropy: a chunk of
-    logits; the chunked optimizer update: one chunk's new values); ATen's own scratch inside
-    its kernels is small and not modelled.
+    Only memfit's own ops say what they hold (a chunk of logits, a block of attention scores,
+    one chunk of the optimizer update's new values); ATen's own scratch inside its kernels is
+    small and not modelled.
     """
-    return [_scratch(n) for n in graph.nodes]
-
-
-def _scratch(node: Node) -> int:
-    if node.op in custom_ops.OPS:
-        return custom_ops.workspace_bytes(node)
-    return update_op.workspace_bytes(node) if node.op == update_op.UPDATE else 0
+    return [workspace_bytes(n) for n in graph.nodes]
 
 
 class Lifetime(NamedTuple):

@@ -35,7 +35,7 @@ def run_node(node: Node, env: Mapping[int, Tensor], device: torch.device) -> lis
     """Execute one node given tensors for its inputs (by id of their Value); its outputs."""
     creation = kind(node.op) is Kind.CREATION
     if creation:  # full_like(x, 0) needs x's shape, not its bytes: x may be freed
-        env = {id(v): torch.empty(v.shape, dtype=v.dtype, device=META) for v in node.inputs}
+        env = _metas(node)
     args = bind(node.args, env)
     kwargs = bind(node.kwargs, env)
     if node.op == "copy_":
@@ -46,11 +46,18 @@ def run_node(node: Node, env: Mapping[int, Tensor], device: torch.device) -> lis
         return []
     if creation:
         kwargs["device"] = device
-    result = resolve(node.op)(*args, **kwargs)
+    return results(resolve(node.op)(*args, **kwargs))
+
+
+def results(result: Any) -> list[Tensor]:
+    """An op's outputs as a list, whether it returned one tensor or several."""
     return list(result) if isinstance(result, tuple | list) else [result]
 
 
 def infer_outputs(node: Node) -> list[Tensor]:
     """The node's outputs as meta tensors: the shapes and dtypes its op computes."""
-    env = {id(v): torch.empty(v.shape, dtype=v.dtype, device=META) for v in node.inputs}
-    return run_node(node, env, META)
+    return run_node(node, _metas(node), META)
+
+
+def _metas(node: Node) -> dict[int, Tensor]:
+    return {id(v): torch.empty(v.shape, dtype=v.dtype, device=META) for v in node.inputs}

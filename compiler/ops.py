@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from compiler import collectives, custom_ops, update_op
+from compiler import attention, collectives, custom_ops, update_op
 
 if TYPE_CHECKING:
     from compiler.ir import Node, Value
@@ -160,6 +160,7 @@ _INDEX = [
     "index_add",
     "slice_scatter",
     "select_scatter",
+    "topk",  # mixture-of-experts routing: k is static, so the graph stays static
 ]
 _CREATION = [
     "full",
@@ -173,7 +174,7 @@ _CREATION = [
     "iota",
     "empty.memory_format",
 ]  # noqa: E501
-_COPY = ["clone", "cat", "constant_pad_nd", "stack"]
+_COPY = ["clone", "cat", "constant_pad_nd", "stack", "lift_fresh_copy"]
 _WRITE = ["copy_"]
 
 OP_KINDS: dict[str, Kind] = {
@@ -189,6 +190,7 @@ OP_KINDS: dict[str, Kind] = {
         (_WRITE, Kind.WRITE),
         ([update_op.UPDATE], Kind.WRITE),  # chunked in-place optimizer update
         (list(custom_ops.OPS), Kind.MATMUL),  # memfit's fused linear + cross-entropy
+        (list(attention.OPS), Kind.MATMUL),  # memfit's attention: O(T) saved, FLOPs of matmuls
         ([op for op in collectives.OPS if op != collectives.WAIT], Kind.COLLECTIVE),
         ([collectives.WAIT], Kind.VIEW),  # returns its input once the data has arrived
     ]
@@ -211,6 +213,8 @@ def resolve(op: str) -> torch._ops.OpOverload:
         raise KeyError(f"op {op!r} is not in memfit's op set")
     if op in custom_ops.OPS:
         return custom_ops.OPS[op]
+    if op in attention.OPS:
+        return attention.OPS[op]
     if op in collectives.OPS:
         return collectives.OPS[op]
     if op == update_op.UPDATE:
@@ -252,6 +256,8 @@ def flops(node: Node) -> int:
         return custom_ops.flops(node)
     if node.op == update_op.UPDATE:
         return update_op.flops(node)
+    if node.op in attention.OPS:
+        return attention.flops(node)
     if k is Kind.MATMUL:
         a, b = node.args[1:3] if node.op == "addmm" else node.args[:2]
         batch = math.prod(a.shape[:-2])
@@ -262,3 +268,19 @@ def flops(node: Node) -> int:
         return 0
     work = max([v.numel for v in node.inputs] + [v.numel for v in node.outputs] + [0])
     return work * (5 if k is Kind.REDUCTION else 1)
+
+
+def workspace_bytes(node: Node) -> int:
+    """Scratch memfit's own ops hold outside the arena while they run (0 for ATen ops, whose
+    own scratch is small and not modelled)."""
+    if node.op in custom_ops.OPS:
+        return custom_ops.workspace_bytes(node)
+    if node.op in attention.OPS:
+        return attention.workspace_bytes(node)
+    if node.op == update_op.UPDATE:
+        return update_op.workspace_bytes(node)
+    return 0
+
+
+# memfit's own ops' computations writing into given outputs: the arena's form of them (out=).
+INTO = custom_ops.INTO | attention.INTO

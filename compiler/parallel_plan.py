@@ -32,6 +32,7 @@ from compiler.compile import CompileOptions, compile_model
 from compiler.ir import Role
 from compiler.mesh import Mesh
 from compiler.models import resolve_model
+from compiler.models.adapter import decoder_blocks
 from compiler.passes.precision import Precision
 from compiler.passes.recompute import RecomputePolicy
 from compiler.passes.shard import DEFAULT_BUCKET_BYTES
@@ -161,7 +162,7 @@ def rank_plan(
         model = _build(name, None)
         seq = seq or model.block_size
         p = compile_rank(model, mesh, precision, batch, seq, bucket_bytes, recompute)
-        n = len(getattr(model.module, "blocks", ()))
+        n = len(decoder_blocks(model.module) or ())
         by_role = p.breakdown()
         return RankPlan(name, mesh, precision, batch, seq, n, by_role, (n,), p.ratio, recompute)
     seq = seq or cfg.block_size
@@ -239,21 +240,22 @@ def llama_formula(
     sharded = v * h + n * (2 * h * h + 2 * h * hkv + 3 * h * f)  # split by tensor parallelism
     replicated = n * 2 * h + h  # RMSNorm weights
     psi = sharded // t + replicated  # parameters this rank holds
-    # per layer: 6 [s,b,h] around the norms, q and the attention output [s,b,h/t], k and v
-    # [s,b,hkv/t] (before the GQA repeat), 4 [s,b,f/t], the bf16 probabilities, 2 fp32 rsqrt
-    split = (2 * h + 2 * hkv + 4 * f) // t
-    layer = 2 * s * b * (6 * h + split) + 2 * a // t * s * s * b + 8 * s * b
-    # the last layer at its softmax: its input, rsqrt and norm outputs, q, k, v, and the fp32
-    # scores and probabilities: the step's peak, in the forward, before any gradient exists
-    last = 2 * s * b * (3 * h + (h + 2 * hkv) // t) + 4 * s * b + 2 * 4 * a // t * s * s * b
+    # per layer: 6 [s,b,h] around the norms, q and attention's output [s,b,h/t] and its
+    # merged copy, k and v [s,b,hkv/t] (never repeated for GQA), 4 [s,b,f/t], attention's fp32
+    # row log-sum-exp [a/t,s,b] and one fp32 rsqrt: no s² term (compiler/attention.py)
+    split = (3 * h + 2 * hkv + 4 * f) // t
+    layer = 2 * s * b * (6 * h + split) + 4 * a // t * s * b + 4 * s * b
+    # the peak is in the last layer's MLP backward: one of its [s,b,f/t] activations is dead,
+    # the logits' gradient [s,b,v/t], the hidden state's [s,b,h], two [s,b,f/t] gradients
+    # and the fp32 copy of one of them are live
+    backward = 2 * s * b * (v // t + h) + 8 * s * b * f // t
     terms = {
         "parameters (bf16, every rank)": 2 * psi,
         "gradients live at the peak": 0,
         "AdamW m, v and fp32 master (1/dp)": 12 * math.ceil(psi / mesh.dp),
-        "activations": (n - 1) * layer + last,
-        "buffers and batch": 2 * 4 * cfg.block_size * cfg.head_dim // 2
-        + cfg.block_size**2
-        + 2 * 8 * s * b,
+        "activations": n * layer - 2 * s * b * f // t,
+        "backward temporaries at the peak": backward,
+        "buffers and batch": 2 * 4 * cfg.block_size * cfg.head_dim // 2 + 2 * 8 * s * b,
     }
     terms["total"] = sum(terms.values())
     return terms

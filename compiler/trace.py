@@ -10,23 +10,39 @@ whole step in one graph, gradients can die right after their update and the plan
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch._decomp import core_aten_decompositions
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.func import functional_call
-from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental import proxy_tensor
+from torch.fx.experimental.proxy_tensor import (
+    disable_proxy_modes_tracing,
+    get_proxy_mode,
+    get_proxy_slot,
+    has_proxy_slot,
+    make_fx,
+)
+from torch.overrides import TorchFunctionMode
 
+from compiler import attention
 from compiler.builder import GraphBuilder
 from compiler.errors import TraceError, UnsupportedOpError, is_library, short_path, user_frame
 from compiler.ir import Graph, Node, Phase, Role, Value
+from compiler.models.adapter import known_setting
 from compiler.ops import OP_KINDS, Kind, ir_name, kind
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 STATE_PREFIXES = ("exp_avg.", "exp_avg_sq.")
+GRAD_ACCUM = "grad_accum."  # prefix of each trainable parameter's accumulation buffer
+LR, STEP = "lr", "step"  # the optimizer's per-step scalar inputs
 
 
 @dataclass(frozen=True)
@@ -38,6 +54,20 @@ class AdamW:
     weight_decay: float = 0.01
 
 
+@dataclass(frozen=True)
+class Accumulate:
+    """Gradient accumulation inside the step, over `micro_steps` micro-batches.
+
+    Each micro-step adds its gradients into persistent `grad_accum.NAME` buffers (planned
+    state, so a resume or the fit check sees them). The `apply` graph is the last micro-step:
+    it adds its own gradients, updates with their mean and zeroes the buffers, so a step is
+    `micro_steps - 1` runs of the other graph, then one of this one.
+    """
+
+    micro_steps: int
+    apply: bool
+
+
 def trace(
     module: nn.Module,
     loss_fn: LossFn,
@@ -47,16 +77,20 @@ def trace(
     return_grads: bool = False,
     training: bool = True,
     batch_names: tuple[str, str] = ("tokens", "targets"),
+    accumulate: Accumulate | None = None,
 ) -> Graph:
     """The training step of `module` on a batch shaped like `batch`, as an IR graph.
 
     Graph inputs, in order: parameters, buffers, optimizer states (`exp_avg.NAME`,
-    `exp_avg_sq.NAME` for each trainable parameter), the batch, then `lr` and `step` (f64
-    scalars) when there is an optimizer. Outputs: the loss, then the gradients if asked.
-    `training=False` traces the forward and loss alone (validation).
+    `exp_avg_sq.NAME` for each trainable parameter), accumulation buffers with `accumulate`,
+    the batch, then `lr` and `step` (f64 scalars) when there is an optimizer. Outputs: the
+    loss, then the gradients if asked. `training=False` traces the forward and loss alone
+    (validation).
     """
     if not training:
-        optimizer = None
+        optimizer = accumulate = None
+    if accumulate is not None and not accumulate.apply:
+        optimizer = None  # a micro-step only adds its gradients up
     params = dict(module.named_parameters())
     buffers = dict(module.named_buffers())
     trainable = [n for n, p in params.items() if p.requires_grad] if training else []
@@ -69,8 +103,11 @@ def trace(
         b_vals, rest = rest[:n_b], rest[n_b:]
         bound = dict(zip(params, p_vals, strict=True)) | dict(zip(buffers, b_vals, strict=True))
         n_states = 2 * n_t if optimizer else 0
-        states, (x, y), scalars = rest[:n_states], rest[n_states : n_states + 2], rest[-2:]
-        loss = loss_fn(functional_call(module, bound, (x,)), y)
+        states, rest = rest[:n_states], rest[n_states:]
+        sums, rest = (rest[:n_t], rest[n_t:]) if accumulate else ((), rest)
+        (x, y), scalars = rest[:2], rest[-2:]
+        with AttentionAsOneOp():
+            loss = loss_fn(logits_of(functional_call(module, bound, (x,))), y)
         if loss.ndim != 0:
             raise TraceError(f"the loss must be a scalar, got shape {list(loss.shape)}")
         if not training:
@@ -81,15 +118,22 @@ def trace(
             torch.zeros_like(p) if g is None else g for p, g in zip(leaves, grads, strict=True)
         ]
         outs = [loss, *grads]
+        if accumulate:
+            summed = [a + g for a, g in zip(sums, grads, strict=True)]
+            if not accumulate.apply:
+                return outs + summed
+            grads = [s / accumulate.micro_steps for s in summed]
         if optimizer:
             lr, t = scalars
             outs += _adamw(optimizer, leaves, grads, states[:n_t], states[n_t:], lr, t)
-        return outs
+        return outs + ([torch.zeros_like(a) for a in sums] if accumulate else [])
 
     example = [p.detach().requires_grad_(p.requires_grad) for p in params.values()]
     example += [b.detach() for b in buffers.values()]
     if optimizer:
         example += [torch.zeros_like(params[n]) for _ in range(2) for n in trainable]
+    if accumulate:
+        example += [torch.zeros_like(params[n]) for n in trainable]
     example += [t.detach() for t in batch]
     if optimizer:
         example += [torch.tensor(1e-3, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)]
@@ -100,13 +144,28 @@ def trace(
     if optimizer:
         names += [p + n for p in STATE_PREFIXES for n in trainable]
         roles += [Role.OPTIMIZER_STATE] * (2 * n_t)
-    names += list(batch_names)
-    roles += [Role.INPUT, Role.INPUT]
+    sums = [GRAD_ACCUM + n for n in trainable] if accumulate else []
+    names += [*sums, *batch_names]
+    roles += [Role.GRAD_ACCUM] * len(sums) + [Role.INPUT, Role.INPUT]
     if optimizer:
-        names += ["lr", "step"]
+        names += [LR, STEP]
         roles += [Role.INPUT, Role.INPUT]
     writes = [*trainable, *names[n_p + n_b : n_p + n_b + 2 * n_t]] if optimizer else []
-    return _to_ir(gm, names, roles, n_t, writes, return_grads or not optimizer)
+    return_grads = return_grads or not (optimizer or accumulate)
+    return _to_ir(gm, names, roles, n_t, [*writes, *sums], return_grads)
+
+
+def logits_of(output: object) -> Tensor:
+    """A forward's logits: the tensor itself, or `.logits` of a ModelOutput (Hugging Face)."""
+    if isinstance(output, Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if not isinstance(logits, Tensor):
+        raise TraceError(
+            f"the model's forward returned {type(output).__name__}; memfit needs the logits: a"
+            " tensor, or an object with a `.logits` tensor (a Hugging Face ModelOutput)"
+        )
+    return logits
 
 
 def trace_update(params: dict[str, Tensor], optimizer: AdamW = AdamW()) -> Graph:
@@ -128,7 +187,7 @@ def trace_update(params: dict[str, Tensor], optimizer: AdamW = AdamW()) -> Graph
     gm = _make_fx(update, example)
     roles = [Role.PARAM, Role.GRAD, Role.OPTIMIZER_STATE, Role.OPTIMIZER_STATE]
     all_names = [*names, *(f"grad.{k}" for k in names)]
-    all_names += [p + k for p in STATE_PREFIXES for k in names] + ["lr", "step"]
+    all_names += [p + k for p in STATE_PREFIXES for k in names] + [LR, STEP]
     all_roles = [r for r in roles for _ in range(n)] + [Role.INPUT, Role.INPUT]
     writes = [*names, *all_names[2 * n : 4 * n]]
     return _to_ir(gm, all_names, all_roles, 0, writes, return_grads=False)
@@ -159,28 +218,119 @@ def _adamw(
     return [*new_p, *new_m, *new_v]
 
 
+@contextmanager
+def _every_frame() -> Iterator[None]:
+    """Record whole stacks on fx nodes: make_fx keeps only frames named `forward`, but the line
+    that made an op is often in a library helper (`apply_rotary_pos_emb`, a routing function)."""
+    tracer = proxy_tensor.PythonKeyTracer
+    keep_forward_only = tracer._filter_traceback_frames
+
+    def keep_all(self: fx.Tracer, summary: traceback.StackSummary) -> traceback.StackSummary:
+        self._record_forward_stack_traces_only = False
+        return keep_forward_only(self, summary)
+
+    tracer._filter_traceback_frames = keep_all
+    try:
+        yield
+    finally:
+        tracer._filter_traceback_frames = keep_forward_only
+
+
+class AttentionAsOneOp(TorchFunctionMode):
+    """Traces `F.scaled_dot_product_attention` as `memfit::attention` (and its backward as
+    `memfit::attention_backward`) on any device, before ATen picks a backend: the trace then
+    holds the output and row log-sum-exp, never the [T, S] scores. A call with an explicit
+    `attn_mask` is spelled out instead (softmax of masked scores, which `passes/attention.py`
+    turns back into the op when the mask is causal); dropout cannot be traced."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        call = dict(zip(_SDPA_ARGS, args, strict=False)) | kwargs
+        if call.get("dropout_p", 0.0) > 0:
+            where = _calling_frame()
+            raise TraceError(
+                f"scaled_dot_product_attention{f' at {where}' if where else ''} has"
+                f" dropout_p={call['dropout_p']}: memfit traces deterministic steps; set the"
+                " model's attention dropout to 0"
+            )
+        mask = call.get("attn_mask")
+        if mask is not None:
+            options = _mask_options(mask, call["query"].shape[-2], call["key"].shape[-2])
+            if options is None or (options[0] and call.get("is_causal")):
+                return attention.spelled_out(**call)
+            call["attn_mask"], call["is_causal"], call["window"] = None, *options
+        return attention.sdpa(**call)
+
+
+def _calling_frame() -> str:
+    """`file:line` of the innermost user frame on the current stack."""
+    for frame in reversed(traceback.extract_stack()):
+        if not is_library(frame.filename):
+            return f"{short_path(frame.filename)}:{frame.lineno}"
+    return ""
+
+
+def _mask_options(mask: Tensor, queries: int, keys: int) -> tuple[bool, int] | None:
+    """`attention.mask_options` of a traced mask computed from no graph input (built from
+    arange, ones, comparisons...: evaluated on the CPU); None if it reads an input."""
+    mode = get_proxy_mode()
+    if mode is None or not has_proxy_slot(mask, mode.tracer):
+        return None
+    order: list[fx.Node] = []
+
+    def visit(node: fx.Node) -> bool:
+        if node in order:
+            return True
+        if node.op != "call_function" or not all(map(visit, node.all_input_nodes)):
+            return False
+        order.append(node)
+        return True
+
+    root = get_proxy_slot(mask, mode.tracer).proxy.node
+    if not visit(root):
+        return None
+    env: dict[fx.Node, object] = {}
+    with unset_fake_temporarily(), disable_proxy_modes_tracing():
+        for node in order:
+            args = fx.node.map_arg(node.args, env.__getitem__)
+            kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
+            if "device" in kwargs:
+                kwargs = {**kwargs, "device": torch.device("cpu")}
+            env[node] = node.target(*args, **kwargs)
+        return attention.mask_options(env[root], queries, keys)
+
+
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
+
+
 def _make_fx(fn: Callable[..., list[Tensor]], example: list[Tensor]) -> fx.GraphModule:
     try:
-        return make_fx(
-            fn,
-            decomposition_table=core_aten_decompositions(),
-            tracing_mode="fake",
-            record_stack_traces=True,
-        )(*example)
+        with _every_frame():
+            return make_fx(
+                fn,
+                decomposition_table=core_aten_decompositions(),
+                tracing_mode="fake",
+                record_stack_traces=True,
+                _allow_non_fake_inputs=True,  # torch.tensor(..., device=x.device) on meta
+            )(*example)
     except TraceError:
         raise
     except Exception as exc:  # the user's forward or loss failed under tracing
         where = user_frame(exc)
-        kind = type(exc).__name__
+        exc_kind = type(exc).__name__
         hint = ""
-        if "data-dependent" in str(exc).lower() or "DynamicOutputShape" in kind:
+        if "data-dependent" in str(exc).lower() or "DynamicOutputShape" in exc_kind:
             hint = (
                 " memfit compiles static graphs: an op whose output shape depends on tensor"
                 " values (nonzero, masked_select, boolean indexing, .item()) cannot be traced."
             )
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else kind
+        if setting := known_setting(where):
+            hint += f" To avoid it, {setting}."
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else exc_kind
         at = f" at {where}" if where else ""
-        raise TraceError(f"tracing the model failed{at}: {kind}: {first_line}.{hint}") from exc
+        raise TraceError(f"tracing the model failed{at}: {exc_kind}: {first_line}.{hint}") from exc
 
 
 _FRAME = re.compile(r'File "([^"]+)", line (\d+)')
@@ -210,11 +360,16 @@ def _to_ir(
         meta = _tensor(fx_node.meta["val"], name)
         env[fx_node] = builder.input(name, tuple(meta.shape), meta.dtype, role)
 
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for fx_node in gm.graph.nodes:
-        if fx_node.op == "call_function" and fx_node.target.__name__ == "getitem":
+        if fx_node.op == "get_attr":  # a tensor the forward built from literals
+            source = next((_source(u) for u in fx_node.users), "")
+            with builder.at(Phase.FORWARD, source):
+                env[fx_node] = _constant(getattr(gm, fx_node.target), fx_node.name, builder)
+        elif fx_node.op == "call_function" and fx_node.target.__name__ == "getitem":
             env[fx_node] = env[fx_node.args[0]][fx_node.args[1]]
         elif fx_node.op == "call_function":
-            _convert(fx_node, env, builder)
+            _convert(fx_node, env, builder, order)
         elif fx_node.op == "output":
             results = [env[a] for a in fx_node.args[0]]
 
@@ -240,15 +395,21 @@ def _tensor(meta: object, name: str) -> Tensor:
 _DROPPED_KWARGS = {"device", "layout", "pin_memory"}
 
 
-def _convert(fx_node: fx.Node, env: dict[fx.Node, object], builder: GraphBuilder) -> None:
+def _convert(
+    fx_node: fx.Node, env: dict[fx.Node, object], builder: GraphBuilder, order: dict[fx.Node, int]
+) -> None:
     """Emit the IR node of one ATen call; its outputs are typed by the op on meta tensors."""
     op = ir_name(fx_node.target)
     source = _source(fx_node)
+    if op not in OP_KINDS and fx_node.target._schema.is_mutable:
+        op = _functional(fx_node, op, order, source)
     if op not in OP_KINDS:
         where = f" at {source}" if source else ""
+        setting = known_setting(source, op)
+        fix = setting or "rewrite the model to avoid it or add it to compiler/ops.py"
         raise UnsupportedOpError(
             f"op aten.{fx_node.target.name().split('::')[1]} (node {fx_node.name}){where} is not"
-            " in memfit's op set; rewrite the model to avoid it or add it to compiler/ops.py"
+            f" in memfit's op set; {fix}"
         )
 
     def arg(a: object) -> object:
@@ -276,9 +437,69 @@ def _convert(fx_node: fx.Node, env: dict[fx.Node, object], builder: GraphBuilder
             " tensor values. memfit compiles static graphs: nonzero, masked_select, boolean"
             " indexing and .item() cannot be traced; use masks of static shape instead"
         )
-    with builder.at(Phase.FORWARD, source):
-        outputs = builder.emit(op, tuple(arg(a) for a in fx_node.args), kwargs, names=fx_node.name)
+    builder.source = source  # phases are assigned once the whole step is traced
+    outputs = builder.emit(op, tuple(arg(a) for a in fx_node.args), kwargs, names=fx_node.name)
     env[fx_node] = outputs if isinstance(meta, list | tuple) else outputs[0]
+
+
+CONSTANT_ELEMENTS = 64  # larger constants belong in a buffer, where the state holds them
+
+
+def _constant(tensor: Tensor, name: str, builder: GraphBuilder) -> Value:
+    """Creation nodes that rebuild a constant the forward made (`torch.tensor([...])`).
+
+    The IR is text that parses back, so a constant lives in the graph as its literal values:
+    one `full` when every element is equal (empty tensors included), else one `scalar_tensor`
+    per element, stacked and viewed to its shape. Big tables are refused: as a registered
+    buffer they become a graph input instead of thousands of nodes.
+    """
+    shape, dtype = list(tensor.shape), tensor.dtype
+    # a constant made on the meta device (planning) has no values: only its shape matters
+    flat = [0] * tensor.numel() if tensor.is_meta else tensor.detach().cpu().flatten().tolist()
+    if len(set(flat)) <= 1:
+        return builder.emit1("full", (shape, flat[0] if flat else 0), {"dtype": dtype}, name)
+    if len(flat) > CONSTANT_ELEMENTS:
+        where = f" at {builder.source}" if builder.source else ""
+        raise TraceError(
+            f"the forward builds a constant tensor of {len(flat)} elements{where}; memfit keeps"
+            f" constants of up to {CONSTANT_ELEMENTS} elements in the graph. Register it once as"
+            " a buffer (self.register_buffer(name, tensor, persistent=False)) and read that"
+        )
+    scalars = [builder.emit1("scalar_tensor", (x,), {"dtype": dtype}, name) for x in flat]
+    return builder.emit1("view", (builder.emit1("stack", (scalars,), {}, name), shape), {}, name)
+
+
+def _functional(fx_node: fx.Node, op: str, order: dict[fx.Node, int], source: str) -> str:
+    """`div_.Tensor` → `div.Tensor`: an in-place write the IR can express as a new value.
+
+    Library code updates fresh temporaries in place (`x /= x.sum(-1, keepdim=True)`). Once
+    every later reader reads the write's result, the old value is dead and the out-of-place op
+    computes the same thing. A write into an input or a view would also change what other
+    names see, which a value graph cannot say: that is refused with the line that wrote.
+    """
+    packet, dot, variant = op.partition(".")
+    functional = packet.removesuffix("_") + dot + variant
+    target = fx_node.args[0]
+    if not isinstance(target, fx.Node):
+        return op
+    producer = target.args[0] if getattr(target.target, "__name__", "") == "getitem" else target
+    fresh = (
+        producer.op == "call_function"
+        and isinstance(producer.target, torch._ops.OpOverload)
+        and ir_name(producer.target) in OP_KINDS
+        and kind(ir_name(producer.target)) is not Kind.VIEW
+        and all(u is fx_node or order[u] < order[fx_node] for u in target.users)
+    )
+    if functional == op or functional not in OP_KINDS:
+        return op
+    if not fresh:
+        where = f" at {source}" if source else ""
+        raise UnsupportedOpError(
+            f"op aten.{op} (node {fx_node.name}){where} writes in place into a view, an input"
+            " or a tensor read again afterwards; memfit's graph holds values, so write"
+            f" `x = x.{packet.removesuffix('_')}(...)` instead"
+        )
+    return functional
 
 
 def eliminate_dead_nodes(graph: Graph) -> None:

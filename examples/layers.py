@@ -1,20 +1,16 @@
 """Pieces both example decoders share, written so make_fx sees plain aten ops.
 
-Attention is spelled out (matmul, masked_fill, softmax, matmul) rather than calling
-F.scaled_dot_product_attention, so the traced graph exposes the [B, H, T, T] score and
-probability tensors that memory planning and rematerialisation have to reason about.
+Attention calls F.scaled_dot_product_attention: memfit traces it as one op whose saved state
+is the output and the row log-sum-exp (compiler/attention.py), so no [B, H, T, T] scores are
+held; eager PyTorch runs its own fused kernels, the reference the compiled step is checked
+against.
 """
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-def causal_mask(block_size: int) -> Tensor:
-    """[block_size, block_size] bool, True above the diagonal: the future a query must not see.
-
-    Storing the *future* (not the allowed past) lets forward mask without a logical_not op.
-    """
-    return torch.ones(block_size, block_size, dtype=torch.bool).triu(1)
+from compiler import attention
 
 
 def split_heads(x: Tensor, n_head: int) -> Tensor:
@@ -27,10 +23,29 @@ def merge_heads(x: Tensor) -> Tensor:
     return x.transpose(1, 2).flatten(2)
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, future: Tensor) -> Tensor:
-    """softmax(q kᵀ / sqrt(D), future masked out) v for [B, H, T, D] inputs, future [T, T]."""
-    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
-    return scores.masked_fill(future, float("-inf")).softmax(dim=-1) @ v
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, segments: Tensor | None = None) -> Tensor:
+    """softmax(q kᵀ / sqrt(D), future masked out) v for q [B, H, T, D] and k, v [B, Hkv, T, D]
+    (grouped-query when Hkv < H: k and v are not repeated). With `segments` [B, T] a query
+    sees only keys of its own document: memfit's attention op, which SDPA has no form for."""
+    if segments is None:
+        gqa = k.shape[1] != q.shape[1]
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    t, d = q.shape[2], q.shape[3]
+    chunk = attention.chunk_rows(t, d)
+    return attention.attention(q, k, v, segments, True, d**-0.5, 0, 0.0, chunk)[0]
+
+
+def documents(idx: Tensor, eos: int) -> tuple[Tensor, Tensor]:
+    """Segment ids and positions [B, T] of documents packed into rows of token ids, each ending
+    with `eos`: a document starts at 0 and after each eos; positions restart at each start.
+    Plain ops (cumsum, scatter_add, gather): traced into the graph from the tokens alone."""
+    b, t = idx.shape
+    first = torch.ones(b, 1, dtype=torch.bool, device=idx.device)
+    starts = torch.cat([first, idx[:, :-1] == eos], dim=1).long()
+    segments = starts.cumsum(1) - 1
+    index = torch.arange(t, device=idx.device).expand(b, t)
+    start_of = torch.zeros_like(segments).scatter_add(1, segments, index * starts)
+    return segments, index - start_of.gather(1, segments)
 
 
 def init_normal(module: nn.Module, std: float = 0.02) -> None:

@@ -3,8 +3,7 @@
 RMSNorm pre-norm blocks, rotary positions, optional grouped-query attention, bias-free SwiGLU
 MLP. One deliberate difference from Meta's checkpoints: the output projection is tied to the
 token embedding (Llama-2 unties them), so 7B counts 131M fewer parameters than Meta's 6.74B.
-Rotary tables and the causal mask are built once per model, not per layer: at block_size
-4096 a per-layer mask would cost 16 MiB x n_layer.
+Rotary tables are built once per model, not per layer.
 """
 
 from dataclasses import dataclass
@@ -13,13 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from examples.layers import causal_attention, causal_mask, init_normal, merge_heads, split_heads
+from examples.layers import causal_attention, documents, init_normal, merge_heads, split_heads
 
 
 @dataclass(frozen=True, kw_only=True)
 class LlamaConfig:
     vocab_size: int
-    block_size: int  # longest sequence; sizes the rotary tables and the causal mask
+    block_size: int  # longest sequence; sizes the rotary tables
     n_layer: int
     n_head: int
     n_embd: int
@@ -69,13 +68,6 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
 
 
-def repeat_kv(x: Tensor, n_rep: int) -> Tensor:
-    """[B, Hkv, T, D] -> [B, Hkv * n_rep, T, D]; kv head j serves query heads j*n_rep + r."""
-    if n_rep == 1:
-        return x
-    return x.unsqueeze(2).expand(-1, -1, n_rep, -1, -1).flatten(1, 2)
-
-
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, spelled out so the trace is plain pow/mean/rsqrt/mul on any device."""
 
@@ -97,13 +89,11 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.n_embd, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, future: Tensor) -> Tensor:
-        n_rep = self.n_head // self.n_kv_head
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, segments: Tensor | None) -> Tensor:
         q = apply_rope(split_heads(self.wq(x), self.n_head), cos, sin)
         k = apply_rope(split_heads(self.wk(x), self.n_kv_head), cos, sin)
         v = split_heads(self.wv(x), self.n_kv_head)
-        y = causal_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), future)
-        return self.wo(merge_heads(y))
+        return self.wo(merge_heads(causal_attention(q, k, v, segments)))
 
 
 class FeedForward(nn.Module):
@@ -127,8 +117,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, future: Tensor) -> Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin, future)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, segments: Tensor | None) -> Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, segments)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -142,16 +132,19 @@ class Llama(nn.Module):
         self.norm_f = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight
+        self.document_eos: int | None = None  # set: rows are documents packed with this EOS
         cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.register_buffer("future", causal_mask(cfg.block_size), persistent=False)
         self.apply(init_normal)
 
     def forward(self, idx: Tensor) -> Tensor:
         t = idx.shape[1]
-        cos, sin, future = self.rope_cos[:t], self.rope_sin[:t], self.future[:t, :t]
+        cos, sin, segments = self.rope_cos[:t], self.rope_sin[:t], None
+        if self.document_eos is not None:  # packed documents: rotary positions restart at each
+            segments, positions = documents(idx, self.document_eos)
+            cos, sin = (F.embedding(positions, table).unsqueeze(1) for table in (cos, sin))
         x = self.tok_emb(idx)
         for block in self.blocks:
-            x = block(x, cos, sin, future)
+            x = block(x, cos, sin, segments)
         return self.lm_head(self.norm_f(x))

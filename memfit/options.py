@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from compiler.errors import MemfitError
-from compiler.passes.precision import PRECISIONS, Precision
+from compiler.precisions import PRECISIONS, Precision
 
 F = Callable[..., Any]
 
@@ -77,3 +77,37 @@ def lowering_kwargs(precision: str, lora: str | None, quantize_base: str | None)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--lora") from None
     return {"precision": Precision(precision), "lora": config, "quantize_base": quantize_base}
+
+
+def planning_options(func: F) -> F:
+    """--memory-budget, --recompute, --device-memory, --backend: how the step is planned and
+    what runs it. `plan` plans with them and `train` runs the same plan."""
+    func = click.option(
+        "--backend",
+        type=click.Choice(["auto", "eager", "arena", "triton"]),
+        default="auto",
+        show_default=True,
+        help="What runs the step: eager (op by op), arena (one planned allocation), triton"
+        " (arena plus generated kernels, CUDA); auto: triton on CUDA, arena on CPU.",
+    )(func)
+    func = click.option(
+        "--device-memory",
+        metavar="SIZE",
+        default=None,
+        help="Memory of one device, e.g. 80GB: train stops before allocating if the plan does"
+        " not fit (default on CUDA: the free memory); plan with a mesh finds the largest"
+        " batch per rank that fits.",
+    )(func)
+    func = click.option(
+        "--recompute/--no-recompute",
+        default=True,
+        show_default=True,
+        help="memfit's min-cut recompute, or keep every activation the backward reads.",
+    )(func)
+    return click.option(
+        "--memory-budget",
+        default=None,
+        metavar="SIZE|FRACTION",
+        help="Recompute until the step fits: a size (12GB, 800MiB: the whole step's peak) or a"
+        " fraction of the no-recompute activation memory (0.5).",
+    )(func)

@@ -19,8 +19,8 @@ from rich.console import Console
 from compiler.budget import parse_size
 from compiler.mesh import Mesh
 from compiler.parallel_plan import example_config, largest_batch, llama_formula, rank_plan
-from compiler.passes.precision import PRECISIONS, Precision
 from compiler.plan import fmt_bytes
+from compiler.precisions import PRECISIONS, Precision
 from examples.llama import LlamaConfig
 from memfit.options import PlanError, model_shape_options
 

@@ -12,20 +12,29 @@ from dataclasses import asdict
 from pathlib import Path
 
 import click
+import torch
 from rich.console import Console
 from rich.table import Table
 
 from compiler.budget import Budget, SweepPoint, compile_within, sweep_budgets
-from compiler.compile import CompileOptions, optimize, trace_model
+from compiler.compile import CompileOptions, trace_model
 from compiler.models import resolve_model
-from compiler.passes.precision import PRECISIONS
+from compiler.models.adapter import decoder_blocks
 from compiler.passes.recompute import RecomputePolicy
 from compiler.plan import MemoryPlan, fmt_bytes
 from compiler.plan_render import write_html, write_png
+from compiler.precisions import PRECISIONS
 from compiler.sweep_render import write_sweep_png
 from examples.loss import lm_loss
-from memfit.options import PlanError, adapter_options, lowering_kwargs, model_shape_options
+from memfit.options import (
+    PlanError,
+    adapter_options,
+    lowering_kwargs,
+    model_shape_options,
+    planning_options,
+)
 from memfit.parallel_cmd import mesh_options, parallel_plan_command
+from runtime.backend import fusion_of, planned_backend
 
 FORMATS = ("table", "json", "png", "html")
 
@@ -54,27 +63,9 @@ console = Console()
     default=None,
     help="File for json/png/html (default: json to stdout, png/html to plan-MODEL-bB-tT.EXT).",
 )
-@click.option(
-    "--memory-budget",
-    default=None,
-    metavar="SIZE|FRACTION",
-    help="Recompute until the step fits: a size (12GB, 800MiB: the whole step's peak) or a"
-    " fraction of the no-recompute activation memory (0.5).",
-)
 @adapter_options
 @mesh_options
-@click.option(
-    "--recompute/--no-recompute",
-    default=True,
-    show_default=True,
-    help="memfit's min-cut recompute, or keep every activation the backward reads.",
-)
-@click.option(
-    "--device-memory",
-    metavar="SIZE",
-    default=None,
-    help="With a mesh: the largest batch per rank whose peak fits, e.g. 80GB.",
-)
+@planning_options
 @click.option(
     "--sweep",
     is_flag=True,
@@ -96,6 +87,7 @@ def plan_command(
     zero: int,
     recompute: bool,
     device_memory: str | None,
+    backend: str,
     sweep: bool,
 ) -> None:
     """Plan MODEL's training step (forward, backward, AdamW): schedule, liveness, one arena.
@@ -141,28 +133,28 @@ def plan_command(
         raise PlanError(
             f"--seq {seq} is longer than {model}'s block size ({example.block_size} tokens)"
         )
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    backend = planned_backend(backend, device)  # on a CPU machine plan triton only if asked
     options = CompileOptions(
         batch_size=batch_size,
         seq_len=seq,
         recompute=RecomputePolicy() if recompute else None,
+        backend=fusion_of(backend),
         **lowering_kwargs(precision, lora, quantize_base),
     )
     with console.status(f"tracing {model} (batch {batch_size} × {seq})"):
         traced = trace_model(example, lm_loss, options)
     config = {"model": model, "batch": batch_size, "seq": seq, "precision": precision}
+    config["backend"] = backend
     config |= {k: v for k, v in (("lora", lora), ("quantize_base", quantize_base)) if v}
-    n_layers = len(getattr(example.module, "blocks", [1]))
+    n_layers = len(decoder_blocks(example.module) or [1])
     if sweep:
         with console.status("planning the sweep"):
             points = sweep_budgets(traced, options, n_layers)
         _emit_sweep(points, config, fmt, out or _default_path(model, batch_size, seq, fmt))
         return
     with console.status(f"planning {model}"):
-        compiled = (
-            compile_within(traced, options, budget, n_layers)
-            if budget
-            else optimize(traced, options)
-        )
+        compiled = compile_within(traced, options, budget, n_layers)
     plan = compiled.plan
     assert plan is not None
     plan.config = config | ({"memory_budget": memory_budget} if budget else {})

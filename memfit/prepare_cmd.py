@@ -3,15 +3,19 @@
 `memfit/cli.py` registers the command with `cli.add_command(prepare_command, "prepare")`.
 """
 
+from __future__ import annotations
+
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
 from rich.table import Table
 
 from pipelines.errors import DataError
-from pipelines.manifest import Manifest
-from pipelines.prepare import prepare
+
+if TYPE_CHECKING:  # pyarrow and numpy load when the command runs, not for --help
+    from pipelines.manifest import Manifest
 
 
 class DataErrorExit(click.ClickException):
@@ -23,7 +27,12 @@ class DataErrorExit(click.ClickException):
 @click.command("prepare")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory.")
-@click.option("--tokenizer", type=click.Choice(["byte", "bpe"]), default="byte", show_default=True)
+@click.option(
+    "--tokenizer",
+    default="byte",
+    show_default=True,
+    help="byte, bpe (trained on INPUTS), or hf:DIR (a Hugging Face model's tokenizer.json).",
+)
 @click.option(
     "--vocab-size",
     type=click.IntRange(min=257),
@@ -62,6 +71,8 @@ def prepare_command(
     overwrite: bool,
 ) -> None:
     """Tokenize text, JSONL or Parquet INPUTS (files or directories) into Arrow files in --out."""
+    from pipelines.prepare import prepare
+
     try:
         manifest = prepare(
             list(inputs),

@@ -9,21 +9,20 @@ after --finetune-steps of training with the masks, next to the dense model train
 from __future__ import annotations
 
 from itertools import islice
+from typing import TYPE_CHECKING
 
 import click
-import torch
 from rich.console import Console
 from rich.table import Table
-from torch import nn
 
-from compiler.compile import CompileOptions
-from compiler.models import resolve_model
-from compiler.prune import MaskedLinear, parse_pattern, prune_linears
-from runtime.corpus_runs import corpus_batches, load_state, train_steps, validation_loss
+if TYPE_CHECKING:  # torch and the compiler load when the command runs, not for --help
+    from torch import nn
 
 
 def revived(module: nn.Module) -> int:
     """Pruned weights that are no longer zero (the masks in the graph keep this at 0)."""
+    from compiler.prune import MaskedLinear
+
     masked = [m for m in module.modules() if isinstance(m, MaskedLinear)]
     return sum(int((m.weight[~m.weight_mask] != 0).sum()) for m in masked)
 
@@ -59,6 +58,13 @@ def prune_command(
     seed: int,
 ) -> None:
     """Prune MODEL's Linear weights by magnitude and report the validation-loss cost."""
+    import torch
+
+    from compiler.compile import CompileOptions
+    from compiler.models import resolve_model
+    from compiler.prune import MaskedLinear, parse_pattern, prune_linears
+    from runtime.corpus_runs import corpus_batches, load_state, train_steps, validation_loss
+
     pattern = parse_pattern(structured, sparsity)
     console = Console()
     torch.manual_seed(seed)

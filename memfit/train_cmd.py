@@ -9,7 +9,8 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from memfit.options import lowering_kwargs, lowering_options
+from compiler.plan import fmt_bytes
+from memfit.options import lowering_kwargs, lowering_options, planning_options
 from runtime.train import TrainConfig, Trainer
 
 console = Console()
@@ -72,6 +73,7 @@ DEFAULT = TrainConfig()
 )
 @click.option("--seed", type=int, default=DEFAULT.seed, show_default=True)
 @lowering_options
+@planning_options
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out.")
 @click.option(
     "--deterministic",
@@ -85,6 +87,12 @@ DEFAULT = TrainConfig()
     help="Data-parallel ranks (default: every rank torchrun launched that --tp leaves).",
 )
 @click.option("--tp", type=click.IntRange(min=1), default=DEFAULT.tp, show_default=True)
+@click.option(
+    "--document-mask",
+    is_flag=True,
+    help="Keep attention inside each packed document (split at the data's EOS); positions"
+    " restart per document.",
+)
 @click.option(
     "--zero",
     type=click.IntRange(0, 2),
@@ -109,6 +117,7 @@ def train_command(
         trainer = Trainer(cfg, progress=status.update)
     for notice in trainer.notices:
         console.print(f"[bold]note:[/] {notice}", highlight=False)
+    _print_plan(trainer)
     first: float | None = None
     last = None
     columns = (
@@ -142,3 +151,30 @@ def train_command(
             f" (validation {'n/a' if last.val_loss is None else f'{last.val_loss:.4f}'});"
             f" run directory {cfg.out}"
         )
+    if trainer.measured_peak is not None:
+        measured, planned = trainer.measured_peak, trainer.planned_peak
+        console.print(
+            f"measured peak {fmt_bytes(measured)} / planned {fmt_bytes(planned)}"
+            f" = {measured / planned:.3f}",
+            highlight=False,
+        )
+
+
+def _print_plan(trainer: Trainer) -> None:
+    """The plan about to run: bytes by role at the peak, recomputation's cost, the backend."""
+    step = trainer.compiled
+    if step.plan is None:  # a mesh rank's step is run unplanned
+        console.print(f"backend {trainer.backend} (unplanned)", highlight=False)
+        return
+    cfg = trainer.cfg
+    step.plan.config = {"model": cfg.model, "batch": cfg.batch_size, "seq": trainer.seq_len}
+    step.plan.config |= {"precision": cfg.precision, "backend": trainer.backend}
+    if cfg.grad_accum > 1:
+        step.plan.config["grad accum"] = cfg.grad_accum
+    console.print(step.plan.table())
+    how = "one arena" if trainer.arena is not None else "allocator-managed, op by op"
+    console.print(
+        f"backend {trainer.backend} ({how}); planned peak {fmt_bytes(trainer.planned_peak)};"
+        f" recomputation +{step.plan.extra_flops_percent:.2f}% FLOPs",
+        highlight=False,
+    )

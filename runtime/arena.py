@@ -6,15 +6,17 @@ copy_ writes persistent state. Where ATen's out= would allocate, the op is run a
 not: creation ops fill their view, clone/_to_copy copy into it, embedding is index_select,
 `x.Scalar` ops run as `x.Tensor` with the scalar made a 0-dim tensor once, here (as ATen would
 make one on every call), the scatter-like ops copy `self` into their view and update it in
-place, and memfit's own ops (the fused loss head) write into their views themselves. An op
-with no allocation-free form computes, then copies into its view: `fallbacks` names them (the
-allocation test counts them). Graph outputs are views into the arena, valid until the next
-step. Results equal `runtime.eager.run_graph` bit for bit. A Program runs out of an arena with
+place, and memfit's own ops (the fused loss head, attention) write into their views
+themselves. An op with no allocation-free form computes, then copies into its view:
+`fallbacks` names them (the allocation test counts them). Graph outputs are views into the
+arena, valid until the next step. Results equal `runtime.eager.run_graph` bit for bit. A
+Program runs out of an arena with
 `Program.from_module(compiled.graph, model, backend=Arena(compiled.graph, compiled.plan))`."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import operator
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -22,17 +24,18 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch._C._profiler import _EventType
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
 
-from compiler import custom_ops, update_op
+from compiler import update_op
 from compiler.ir import Graph, Node, Value
 from compiler.liveness import UPDATES_SELF
-from compiler.meta import bind
-from compiler.ops import OP_KINDS, Kind, kind, out_variant, resolve
+from compiler.meta import bind, results
+from compiler.ops import INTO, OP_KINDS, Kind, kind, out_variant, resolve
 from compiler.plan import MemoryPlan
 from runtime.interpreter import Env, Interpreter, Step
 
 Run = Callable[[Env], list[Tensor]]
+Binder = Callable[[Env], Any]
 
 _ARITHMETIC = ("add", "sub", "mul", "div", "eq", "ne", "lt", "gt", "le", "ge")
 _TENSOR_FORM = {f"{p}.Scalar": f"{p}.Tensor" for p in _ARITHMETIC} | {
@@ -57,9 +60,21 @@ assert _IN_PLACE.keys() == UPDATES_SELF
 class Arena(Interpreter):
     """Runs `graph` as `plan` lays it out; callable as a `runtime.program.Backend`."""
 
-    def __init__(self, graph: Graph, plan: MemoryPlan, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        graph: Graph,
+        plan: MemoryPlan,
+        device: torch.device | str = "cpu",
+        buffer: Tensor | None = None,
+    ) -> None:
+        """`buffer`: uint8 bytes to lay the plan out in (steps that never run at once share
+        one, e.g. a micro-step and the step that applies the update); default: a new one."""
         super().__init__(graph, device)
-        self.buffer = torch.empty(plan.arena_bytes, dtype=torch.uint8, device=self.device)
+        if buffer is None:
+            buffer = torch.empty(plan.arena_bytes, dtype=torch.uint8, device=self.device)
+        if buffer.numel() < plan.arena_bytes:
+            raise ValueError(f"the buffer holds {buffer.numel()} bytes, the plan needs more")
+        self.buffer = buffer
         placed = {v.name: v for v in plan.values}
         self.views: Env = {}
         for node in graph.nodes:
@@ -78,15 +93,18 @@ class Arena(Interpreter):
     def run_node(self, node: Node, env: Env) -> list[Tensor]:
         return self.compiled[id(node)](env)
 
+    def runner(self, step: Step) -> Run:
+        return self.compiled[id(step)]
+
     def compile(self, node: Node) -> Run:
         """One node as a function of the environment of tensors, writing into its views."""
         op, args, kwargs = node.op, node.args, node.kwargs
         if op == update_op.UPDATE:  # in place: it has no outputs of its own
-            return partial(_run_into, update_op.update_into, [], args)
+            return partial(_run_into, op, update_op.update_into, [], args)
         if kind(op) is Kind.WRITE:
-            return partial(_write, args)
+            return partial(_write, _binder(args[0]), _binder(args[1]))
         if kind(op) is Kind.VIEW:
-            return partial(_define, resolve(op), args, kwargs)
+            return partial(_define, _call(resolve(op), args, kwargs))
         if op == "empty.memory_format":
             return lambda env: [self.views.get(id(node.outputs[0]))]
         outs = [self.views[id(v)] for v in node.outputs]
@@ -94,22 +112,23 @@ class Arena(Interpreter):
             value = args[_FILL[op]] if op in _FILL else _CONSTANT[op]
             return lambda env: [outs[0].fill_(value)]
         if op in ("clone", "_to_copy"):
-            return lambda env: [outs[0].copy_(bind(args[0], env))]
+            src = _binder(args[0])
+            return lambda env: [outs[0].copy_(src(env))]
         if op == "embedding":
             return partial(_embedding, outs, args)
         if op in _IN_PLACE:
             return partial(_update_copy, outs, _IN_PLACE[op], args, kwargs)
-        if op in custom_ops.INTO:
-            return partial(_run_into, custom_ops.INTO[op], outs, args)
+        if op in INTO:
+            return partial(_run_into, op, INTO[op], outs, args)
         if _TENSOR_FORM.get(op) in OP_KINDS:
             op = _TENSOR_FORM[op]
         args = self._wrap_scalars(node, op)
         found = out_variant(op)
         if found is None:
             self.fallbacks.add(node.op)
-            return partial(_compute_then_copy, outs, resolve(op), args, kwargs)
+            return partial(_compute_then_copy, outs, _call(resolve(op), args, kwargs))
         fn, names = found
-        return partial(_run_out, fn, dict(zip(names, outs, strict=True)), args, kwargs)
+        return _run_out(fn, dict(zip(names, outs, strict=True)), args, kwargs)
 
     def _wrap_scalars(self, node: Node, op: str) -> tuple[Any, ...]:
         """Python numbers passed where `op` takes a Tensor become 0-dim CPU tensors, made once
@@ -136,23 +155,26 @@ class Arena(Interpreter):
         return tuple(args)
 
 
-def _write(args: Any, env: Env) -> list[Tensor]:
+def _write(dst: Binder, src: Binder, env: Env) -> list[Tensor]:
     """copy_: the new value into the persistent tensor (no outputs)."""
-    bind(args[0], env).copy_(bind(args[1], env))
+    dst(env).copy_(src(env))
     return []
 
 
-def _define(fn: Callable[..., Any], args: Any, kwargs: Any, env: Env) -> list[Tensor]:
+def _define(call: Binder, env: Env) -> list[Tensor]:
     """Run a view op: its results alias its input, nothing is written."""
-    return _results(fn(*bind(args, env), **bind(kwargs, env)))
+    return results(call(env))
 
 
-def _run_out(
-    fn: Callable[..., Any], outs: dict[str, Tensor], args: Any, kwargs: Any, env: Env
-) -> list[Tensor]:
+def _run_out(fn: Callable[..., Any], outs: dict[str, Tensor], args: Any, kwargs: Any) -> Run:
     """The usual case: the op's out= overload writes into the planned views."""
-    fn(*bind(args, env), **bind(kwargs, env), **outs)
-    return list(outs.values())
+    call, written = _call(fn, args, {**kwargs, **outs}), list(outs.values())
+
+    def run(env: Env) -> list[Tensor]:
+        call(env)
+        return written
+
+    return run
 
 
 def _embedding(outs: list[Tensor], args: Any, env: Env) -> list[Tensor]:
@@ -162,17 +184,19 @@ def _embedding(outs: list[Tensor], args: Any, env: Env) -> list[Tensor]:
     return outs
 
 
-def _run_into(fn: Callable[..., Any], outs: list[Tensor], args: Any, env: Env) -> list[Tensor]:
-    """memfit's own ops: their computation, given the planned views as its outputs."""
-    fn(*bind(args, env), *outs)
+def _run_into(
+    name: str, fn: Callable[..., Any], outs: list[Tensor], args: Any, env: Env
+) -> list[Tensor]:
+    """memfit's own ops: their computation, given the planned views as its outputs; under the
+    op's name in a profile, so their scratch is told apart from the rest (see `allocations`)."""
+    with record_function(name):
+        fn(*bind(args, env), *outs)
     return outs
 
 
-def _compute_then_copy(
-    outs: list[Tensor], fn: Callable[..., Any], args: Any, kwargs: Any, env: Env
-) -> list[Tensor]:
+def _compute_then_copy(outs: list[Tensor], call: Binder, env: Env) -> list[Tensor]:
     """The fallback for ops with no allocation-free form: their results are allocated."""
-    for o, t in zip(outs, _results(fn(*bind(args, env), **bind(kwargs, env))), strict=True):
+    for o, t in zip(outs, results(call(env)), strict=True):
         o.copy_(t)
     return outs
 
@@ -189,8 +213,50 @@ def _update_copy(
     return outs
 
 
-def _results(result: Any) -> list[Tensor]:
-    return list(result) if isinstance(result, list | tuple) else [result]
+def _call(fn: Callable[..., Any], args: Any, kwargs: Mapping[str, Any]) -> Binder:
+    """`fn(*args, **kwargs)` as a function of the environment, the walk over the arguments
+    done once, here, and an OpOverload called through its C++ callable (past its Python
+    `__call__`): per node and step, Python then does one call and a few lookups."""
+    fn = getattr(fn, "_op", fn)
+    bind_args, bind_kwargs = _binder(list(args)), _binder(dict(kwargs))
+    if not _holds_value(kwargs):
+        return lambda env: fn(*bind_args(env), **kwargs)
+    return lambda env: fn(*bind_args(env), **bind_kwargs(env))
+
+
+def _binder(obj: Any) -> Binder:
+    """`lambda env: bind(obj, env)` with the structure of `obj` walked once (tuples of
+    tensors become lists, which ATen takes alike)."""
+    if isinstance(obj, Value):
+        return operator.itemgetter(id(obj))
+    if not _holds_value(obj):
+        return lambda env: obj
+    if isinstance(obj, dict):
+        parts = {k: _binder(v) for k, v in obj.items()}
+        return lambda env: {k: p(env) for k, p in parts.items()}
+    items = list(obj)
+    if len(items) > 1 and all(isinstance(x, Value) for x in items):
+        getter = operator.itemgetter(*(id(x) for x in items))
+        return lambda env: list(getter(env))
+    slots = [(i, _binder(x)) for i, x in enumerate(items) if _holds_value(x)]
+
+    def fill(env: Env) -> list[Any]:
+        filled = items.copy()
+        for i, b in slots:
+            filled[i] = b(env)
+        return filled
+
+    return fill
+
+
+def _holds_value(obj: Any) -> bool:
+    if isinstance(obj, Value):
+        return True
+    if isinstance(obj, list | tuple):
+        return any(_holds_value(x) for x in obj)
+    if isinstance(obj, dict):
+        return any(_holds_value(x) for x in obj.values())
+    return False
 
 
 @dataclass(frozen=True)

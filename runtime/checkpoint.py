@@ -143,14 +143,14 @@ def damage(path: Path) -> str | None:
     """Why checkpoint `path` cannot be trusted, or None when every checksum matches."""
     try:
         recorded = json.loads((path / CHECKSUMS).read_text())["files"]
-        names = set(recorded)
+        names = {n for n, v in recorded.items() if {"bytes", "sha256"} <= set(v)}
     except FileNotFoundError:
         return f"{path / CHECKSUMS} is missing"
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return f"{path / CHECKSUMS} is unreadable ({e})"
-    for name in sorted(names | {TENSORS, STATE}):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"{path / CHECKSUMS} is unreadable ({e!r})"
+    for name in sorted(set(recorded) | {TENSORS, STATE}):
         file = path / name
-        if name not in recorded:
+        if name not in names:
             return f"{CHECKSUMS} does not cover {file}"
         try:
             size = file.stat().st_size
@@ -210,9 +210,17 @@ def find_resumable(directory: Path) -> Resumable:
     raise CheckpointError(f"--resume: no intact checkpoint in {directory} ({found})")
 
 
-def load_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def load_state(path: Path) -> dict[str, Any]:
+    """state.json of checkpoint `path`: what a resume checks before loading any tensor."""
     try:
-        state = json.loads((path / STATE).read_text())
+        return json.loads((path / STATE).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({e})") from e
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    state = load_state(path)
+    try:
         return load_file(path / TENSORS), state
-    except (OSError, ValueError, SafetensorError) as e:
+    except (OSError, SafetensorError) as e:
         raise CheckpointError(f"checkpoint {path} cannot be read ({e})") from e

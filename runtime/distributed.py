@@ -29,7 +29,7 @@ from compiler.mesh import Mesh, MeshError
 from compiler.passes.shard import MASTER, ShardLayout, TPSpec, tp_plan
 from compiler.trace import STATE_PREFIXES
 from runtime.eager import run_graph
-from runtime.program import initial_state
+from runtime.program import Backend, initial_state
 
 Groups = dict[str, Any]
 
@@ -105,8 +105,16 @@ class Parallel:
         self, graph: Graph, inputs: Mapping[str, Tensor], device: torch.device
     ) -> list[Tensor]:
         """The eager backend with this rank's process groups bound to the graph's names."""
-        with collectives.bind_groups(self.groups):
-            return run_graph(graph, inputs, device)
+        return self.wrap(run_graph)(graph, inputs, device)
+
+    def wrap(self, backend: Backend) -> Backend:
+        """`backend` with this rank's process groups bound to the graph's group names."""
+
+        def bound(graph: Graph, inputs: Mapping[str, Tensor], device: torch.device) -> list[Tensor]:
+            with collectives.bind_groups(self.groups):
+                return backend(graph, inputs, device)
+
+        return bound
 
     def rows(self, batch: Tensor) -> Tensor:
         """This rank's rows of a global batch (contiguous, as the step was compiled for)."""
@@ -120,8 +128,12 @@ class Parallel:
         dist.all_reduce(total, group=self.groups["dp"])
         return float(total) / self.mesh.dp
 
-    def barrier(self) -> None:
-        dist.barrier()
+    def any_rank(self, flag: bool) -> bool:
+        """Whether `flag` holds on any rank (a collective: every rank must call it)."""
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # NCCL reduces GPU tensors
+        total = torch.tensor([int(flag)], device=device)
+        dist.all_reduce(total, op=dist.ReduceOp.MAX)
+        return bool(total.item())
 
     def close(self) -> None:
         """Leave the job (the end of `memfit train`)."""

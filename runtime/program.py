@@ -7,8 +7,8 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
+from compiler.compile import StepIO
 from compiler.ir import Graph, Role
-from compiler.passes.precision import FOUND_INF, LOSS_SCALE
 from runtime.eager import run_graph
 from runtime.loss_scale import LossScaler
 
@@ -34,13 +34,11 @@ class Program:
         self.state = state
         self.backend = backend
         self.step_count = 0
-        outputs = [v.name for v in graph.outputs]
+        self.io = StepIO.of(graph)
         # fp16 graphs scale their loss in the graph and report overflow (precision pass)
-        self.loss_scaler = LossScaler() if FOUND_INF in outputs else None
-        self._found_inf_at = outputs.index(FOUND_INF) if self.loss_scaler else -1
+        self.loss_scaler = LossScaler() if self.io.found_inf is not None else None
         self.skipped = False  # the last run overflowed: the graph left every state unchanged
-        persistent = {v.name for v in graph.inputs if v.role.persistent}
-        if missing := persistent - state.keys():
+        if missing := self.io.state.keys() - state.keys():
             raise KeyError(f"state is missing {sorted(missing)}")
 
     @classmethod
@@ -56,14 +54,15 @@ class Program:
 
     def run(self, **feeds: Tensor) -> list[Tensor]:
         """Run the graph once; persistent values come from `state`, the rest from `feeds`."""
-        merged = {v.name: self.state[v.name] for v in self.graph.inputs if v.role.persistent}
+        merged = {name: self.state[name] for name in self.io.state}
         # Graphs are traced on contiguous example inputs: their views assume that layout.
         merged |= {k: t.to(self.device).contiguous() for k, t in feeds.items()}
-        if self.loss_scaler is not None and LOSS_SCALE not in feeds:
-            merged[LOSS_SCALE] = torch.tensor(self.loss_scaler.scale, device=self.device)
+        scale = self.io.loss_scale
+        if self.loss_scaler is not None and scale is not None and scale not in feeds:
+            merged[scale] = torch.tensor(self.loss_scaler.scale, device=self.device)
         outputs = self.backend(self.graph, merged, self.device)
-        if self.loss_scaler is not None:
-            self.skipped = bool(outputs[self._found_inf_at])
+        if self.loss_scaler is not None and self.io.found_inf is not None:
+            self.skipped = bool(outputs[self.io.found_inf])
             self.loss_scaler.update(self.skipped)
         return outputs
 
@@ -76,24 +75,24 @@ class Program:
 
     def hyper(self, lr: float, step: int) -> dict[str, Tensor]:
         """The optimizer's per-step scalar inputs, if the graph has them."""
-        names = {v.name for v in self.graph.inputs}
-        scalars = {"lr": lr, "step": float(step)}
+        scalars = ((self.io.lr, lr), (self.io.step, float(step)))
         return {
             k: torch.tensor(x, dtype=torch.float64, device=self.device)
-            for k, x in scalars.items()
-            if k in names
+            for k, x in scalars
+            if k is not None
         }
 
 
 def initial_state(
     graph: Graph, module: nn.Module, device: torch.device | str = "cpu"
 ) -> dict[str, Tensor]:
-    """Persistent tensors for `graph` from `module`: copies of weights, zeroed AdamW moments."""
+    """Persistent tensors for `graph` from `module`: copies of weights, zeroed AdamW moments
+    and gradient sums."""
     tensors = dict(module.named_parameters()) | dict(module.named_buffers())
     state: dict[str, Tensor] = {}
     for v in graph.inputs:
         if v.role in (Role.PARAM, Role.BUFFER):
             state[v.name] = tensors[v.name].detach().to(device, copy=True)
-        elif v.role is Role.OPTIMIZER_STATE:
+        elif v.role in (Role.OPTIMIZER_STATE, Role.GRAD_ACCUM):
             state[v.name] = torch.zeros(v.shape, dtype=v.dtype, device=device)
     return state

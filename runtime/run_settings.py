@@ -78,5 +78,5 @@ def check_resume(recorded: dict[str, Any] | None, current: dict[str, Any], where
 
 def _show(name: str, value: Any) -> str:
     if name == "data" and isinstance(value, dict):
-        return "data with train sha256 " + str(value.get("train", "?"))[:12] + "…"
+        return f"train split sha256 {str(value.get('train', '?'))[:12]}…"
     return "none" if value is None else str(value)

@@ -7,42 +7,61 @@ with `resume=True` logs the same loss at every step as a run that was never inte
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from compiler.compile import CompileOptions, compile_model, example_batch
+from compiler.budget import Budget, compile_within
+from compiler.compile import (
+    CompiledStep,
+    CompileOptions,
+    TracedStep,
+    example_batch,
+    optimize,
+    trace_model,
+)
 from compiler.errors import MemfitError
+from compiler.ir import Role
 from compiler.lora import LoraConfig
 from compiler.mesh import Mesh, MeshError
 from compiler.models import resolve_model
+from compiler.passes.manager import PassContext
 from compiler.passes.precision import Precision
+from compiler.passes.recompute import RecomputePolicy
 from compiler.passes.shard import DEFAULT_BUCKET_BYTES, parallel_loss
-from compiler.trace import AdamW, trace, trace_update
-from examples import EXAMPLES
+from compiler.trace import AdamW, trace
+from examples import EXAMPLES, ExampleModel
 from examples.loss import lm_loss
 from pipelines.corpus import default_dataset
 from pipelines.integrity import verified_dataset
 from pipelines.loader import TokenDataset, WindowLoader
 from pipelines.manifest import Manifest, token_mismatch_check
+from runtime.arena import allocations
+from runtime.backend import backend_for, fusion_of, resolve_backend
 from runtime.checkpoint import (
+    CheckpointError,
     checkpoints,
     find_resumable,
     latest_checkpoint,
     load_checkpoint,
+    load_state,
     remove_stale,
     save_checkpoint,
     write_text_atomic,
 )
 from runtime.distributed import Parallel, launched_world
+from runtime.fit import check_fit, device_capacity
 from runtime.program import Program, initial_state
 from runtime.run_settings import check_resume, run_settings
 
@@ -82,6 +101,11 @@ class TrainConfig:
     precision: Precision = Precision.FP32  # master weights and AdamW states stay fp32
     lora: LoraConfig | None = None  # adapters on a frozen base
     quantize_base: str | None = None  # int8 | nf4 frozen base (with lora)
+    document_mask: bool = False  # attention within each packed document (the data's EOS)
+    memory_budget: str | None = None  # SIZE or FRACTION, as `memfit plan --memory-budget`
+    recompute: bool = True  # False: keep every activation the backward reads
+    device_memory: str | None = None  # SIZE; default on CUDA: the device's free memory
+    backend: str = "auto"  # auto | eager | arena | triton (runtime/backend.py)
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "memfit")
 
     def check(self) -> None:
@@ -102,6 +126,8 @@ class TrainConfig:
         ]
         if not (self.lr > 0 and math.isfinite(self.lr)):
             bad.append(f"--lr must be a positive number, got {self.lr}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            bad.append(f"--weight-decay must be a number ≥ 0, got {self.weight_decay}")
         if bad:
             raise TrainingError("bad training options: " + "; ".join(bad))
 
@@ -122,6 +148,20 @@ class TrainConfig:
         if self.grad_accum > 1:
             raise TrainingError("--grad-accum with --dp/--tp is not supported yet")
         return mesh
+
+
+def mask_documents(module: torch.nn.Module, manifest: Manifest, model: str) -> None:
+    """--document-mask: the model attends within each document the data packs (and restarts
+    positions at each), split at the tokenizer's EOS."""
+    if not hasattr(module, "document_eos"):
+        raise TrainingError(
+            f"--document-mask: {model} has no `document_eos` attribute; the built-in gpt2 and"
+            " llama examples mask packed documents, a model file must handle it itself"
+        )
+    eos = manifest.tokenizer.get("eos_id")
+    if eos is None:
+        raise TrainingError("--document-mask: the prepared data's tokenizer names no eos_id")
+    module.document_eos = int(eos)
 
 
 def make_deterministic() -> None:
@@ -149,23 +189,36 @@ class StepRecord:
     lr: float
     tokens: int
     seconds: float
+    tokens_per_s: float
+    peak_bytes: int | None  # measured so far (CUDA: every step; CPU: the first two steps)
     val_loss: float | None = None
 
 
 class Trainer:
-    """Compiles the model's step (and a validation forward) and runs them on Arrow batches."""
+    """Compiles the model's step (and a validation forward), checks that its plan fits the
+    device, and runs them on the chosen backend on Arrow batches."""
 
     def __init__(self, cfg: TrainConfig, progress: Callable[[str], Any] | None = None) -> None:
         cfg.check()
         self.cfg = cfg
         say = progress or (lambda _msg: None)
+        self.backend = resolve_backend(cfg.backend, cfg.device)
+        budget = Budget.parse(cfg.memory_budget) if cfg.memory_budget else None
+        capacity = device_capacity(cfg.device_memory, cfg.device)
         torch.manual_seed(cfg.seed)
         if cfg.deterministic:
             make_deterministic()
-        mesh = cfg.mesh()
+        self.mesh = mesh = cfg.mesh()
+        if mesh is not None and self.backend != "eager":  # collectives run async, unplanned
+            if cfg.backend != "auto":
+                raise TrainingError(
+                    f"--backend {cfg.backend} with --dp/--tp is not supported yet: the arena"
+                    " does not run collectives; use --backend eager (or auto) on a mesh"
+                )
+            self.backend = "eager"
         self.parallel = Parallel.from_env(mesh, cfg.device) if mesh else None
         if self.is_writer:  # before minutes of compiling: --out must be writable
-            _make_run_dir(cfg.out)
+            _check_writable(cfg.out)
         data_dir = cfg.data or default_dataset(cfg.cache_dir)
         self.manifest = Manifest.load(Path(data_dir))
         vocab = int(self.manifest.tokenizer.get("vocab_size", 0))
@@ -179,88 +232,143 @@ class Trainer:
                 f"the data in {data_dir} has a vocabulary of {vocab} tokens but {cfg.model}"
                 f" embeds only {example.vocab_size}"
             )
-        train_data = verified_dataset(data_dir, "train", cfg.cache_dir)
-        self.loader = WindowLoader(train_data, cfg.batch_size, self.seq_len, seed=cfg.seed)
+        if cfg.document_mask:
+            mask_documents(example.module, self.manifest, cfg.model)
         window_tokens = cfg.batch_size * self.seq_len
         self.val_dataset = _optional_split(data_dir, "val", window_tokens, cfg.cache_dir)
-        optimizer = AdamW(weight_decay=cfg.weight_decay)
-        accumulate = cfg.grad_accum > 1
+        self.settings = run_settings(cfg, self.seq_len, self.manifest)
+        self.checkpoints = cfg.out / CHECKPOINTS
+        self.resume_from = self._resumable()  # refused before anything is compiled
         say(f"tracing {cfg.model} (batch {cfg.batch_size} × {self.seq_len})")
-        options = CompileOptions(
-            batch_size=cfg.batch_size // (mesh.dp if mesh else 1),
+        options = self.compile_options(mesh)
+        self.compiled = compile_within(
+            trace_model(example, lm_loss, options), options, budget, _layers(example)
+        )
+        self.compiled_eval = self._compile_eval(example, options) if self.val_dataset else None
+        if capacity is not None:
+            say("checking that the plan fits")
+            check_fit(
+                self.compiled,
+                self.planned_peak,
+                capacity,
+                cfg.batch_size,
+                cfg.grad_accum,
+                budget,
+                self._replan,
+            )
+        self.example, self.data_dir = example, data_dir
+        self._start()
+
+    def _start(self) -> None:
+        """Everything that runs: the loader, the state on the device, the programs; resumed."""
+        cfg = self.cfg
+        train_data = verified_dataset(self.data_dir, "train", cfg.cache_dir)
+        self.loader = WindowLoader(train_data, cfg.batch_size, self.seq_len, seed=cfg.seed)
+        self._build_programs(self.example)
+        self.step = 0
+        self.measured_peak: int | None = None
+        self._profiled = 0
+        if self.resume_from is not None:
+            self._resume(self.resume_from)
+
+    def with_backend(self, name: str, out: Path) -> Trainer:
+        """A new run of the same compiled steps from the same initial weights on another
+        backend, into `out`: one compilation serves a comparison of runtimes."""
+        backend = resolve_backend(name, self.cfg.device)
+        if fusion_of(backend) != fusion_of(self.backend) or self.parallel is not None:
+            raise TrainingError(f"the {name} backend needs its own compilation: a new Trainer")
+        other = copy.copy(self)
+        other.cfg = replace(self.cfg, backend=name, out=out, resume=False)
+        other.checkpoints = out / CHECKPOINTS
+        other.resume_from = other._resumable()  # a fresh run: refused if `out` holds one
+        other.backend = backend
+        other._start()
+        return other
+
+    def compile_options(
+        self, mesh: Mesh | None, batch_size: int | None = None, grad_accum: int | None = None
+    ) -> CompileOptions:
+        """What the step is compiled with (a global batch and grad_accum other than the run's:
+        what the fit check tries instead)."""
+        cfg = self.cfg
+        return CompileOptions(
+            batch_size=(batch_size or cfg.batch_size) // (mesh.dp if mesh else 1),
             seq_len=self.seq_len,
-            optimizer=None if accumulate else optimizer,
+            optimizer=AdamW(weight_decay=cfg.weight_decay),
+            grad_accum=grad_accum or cfg.grad_accum,
             mesh=mesh,
             rank=self.parallel.rank if self.parallel else 0,
             bucket_bytes=cfg.bucket_bytes,
             precision=cfg.precision,
             lora=cfg.lora,
             quantize_base=cfg.quantize_base,  # type: ignore[arg-type]
+            recompute=RecomputePolicy() if cfg.recompute else None,
+            backend=fusion_of(self.backend),
         )
-        compiled = compile_model(example, lm_loss, options)
+
+    def _replan(self, budget: Budget | None, **changes: Any) -> CompiledStep:
+        """The step planned again on a meta-device model with other options (the fit check)."""
+        example = resolve_model(self.cfg.model, device="meta", vocab_size=self.vocab_size)
+        options = self.compile_options(self.mesh, **changes)
+        traced = trace_model(example, lm_loss, options)
+        return compile_within(traced, options, budget, _layers(example))
+
+    def _compile_eval(self, example: ExampleModel, options: CompileOptions) -> CompiledStep:
+        """The validation forward through the same passes, so it runs on the same backend."""
+        batch = example_batch(example, options.batch_size, self.seq_len)
+        loss = parallel_loss(example.module, lm_loss)
+        graph = trace(example.module, loss, batch, training=False)
+        if options.mesh is not None:  # collectives of the tensor-parallel forward: unplanned
+            return CompiledStep(graph, PassContext(), options.batch_size, self.seq_len)
+        eval_options = replace(options, grad_accum=1)
+        return optimize(TracedStep(graph, self.seq_len, None), eval_options)
+
+    def _build_programs(self, example: ExampleModel) -> None:
+        """State on the device, then one program per graph, all over one shared arena."""
+        cfg, compiled = self.cfg, self.compiled
+        steps = self._planned_steps()
         if self.parallel is None:
             self.state = initial_state(compiled.graph, example.module, cfg.device)
-            self.train_program = Program(compiled.graph, self.state, cfg.device)
         else:
-            assert compiled.context.shard is not None  # a mesh's step is sharded
-            self.parallel.bind(compiled.context.shard, example.module)
+            assert compiled.layout is not None
+            self.parallel.bind(compiled.layout, example.module)
             self.state = self.parallel.initial_state(compiled.graph, example.module, cfg.device)
-            backend = self.parallel.backend
-            self.train_program = Program(compiled.graph, self.state, cfg.device, backend)
-        self.update_program: Program | None = None
-        if accumulate:
-            params = dict(example.module.named_parameters())
-            update = trace_update({n: p for n, p in params.items() if p.requires_grad}, optimizer)
-            for v in update.inputs:
-                if v.role.persistent and v.name not in self.state:
-                    self.state[v.name] = torch.zeros(v.shape, dtype=v.dtype, device=cfg.device)
-            self.update_program = Program(update, self.state, cfg.device)
-        self.eval_program: Program | None = None  # traced only if there is validation data
-        if self.val_dataset is not None:
-            say("tracing the validation forward")
-            batch = example_batch(example, cfg.batch_size, self.seq_len)
-            loss = parallel_loss(example.module, lm_loss)
-            self.eval_program = Program(
-                trace(example.module, loss, batch, training=False),
-                self.state,
-                cfg.device,
-                self.train_program.backend,
-            )
-        self.step = 0
-        self.settings = run_settings(cfg, self.seq_len, self.manifest)
-        self.checkpoints = cfg.out / CHECKPOINTS
-        if self.is_writer and self.checkpoints.is_dir():
-            remove_stale(self.checkpoints)
-        if cfg.resume:
-            self._resume()
-        elif done := checkpoints(self.checkpoints):
-            raise TrainingError(
-                f"{cfg.out} already holds a run (checkpoint {done[-1].name}); pass --resume to"
-                " continue it or --out for a new run (nothing was overwritten)"
-            )
+        planned = [s.plan.arena_bytes for s in steps if s.plan is not None]
+        self.arena = None
+        if self.backend != "eager" and planned:
+            self.arena = torch.empty(max(planned), dtype=torch.uint8, device=cfg.device)
+
+        def program(step: CompiledStep) -> Program:
+            name = self.backend if step.plan is not None else "eager"
+            backend = backend_for(step, name, cfg.device, self.arena)
+            if self.parallel is not None:
+                backend = self.parallel.wrap(backend)
+            return Program(step.graph, self.state, cfg.device, backend)
+
+        self.train_program = program(compiled)
+        self.micro_program = program(compiled.micro) if compiled.micro else None
+        if self.micro_program is not None:  # one loss scale over the micro-steps
+            self.micro_program.loss_scaler = self.train_program.loss_scaler
+        self.eval_program = program(self.compiled_eval) if self.compiled_eval else None
 
     # --- one step -------------------------------------------------------------------------
 
     def train_step(self) -> float:
+        """One optimizer step: the micro-steps add their gradients into the planned sums,
+        the last one applies the update (all inside the compiled graphs)."""
         self.step += 1
         lr = learning_rate(self.cfg, self.step)
-        hyper = self.train_program.hyper(lr, self.optimizer_step)
-        if self.update_program is None:
+        total = 0.0
+        for micro in range(self.cfg.grad_accum):
+            last = micro == self.cfg.grad_accum - 1
+            program = self.train_program if last else self.micro_program
+            assert program is not None
+            hyper = program.hyper(lr, self.optimizer_step)
             tokens, targets = next(self.loader)
             if self.parallel is not None:
                 tokens, targets = self.parallel.rows(tokens), self.parallel.rows(targets)
-            (loss, *_) = self.train_program.run(tokens=tokens, targets=targets, **hyper)
-            return self.parallel.mean_loss(loss) if self.parallel else float(loss)
-        total = 0.0
-        grads: list[Tensor] = []
-        for _ in range(self.cfg.grad_accum):
-            tokens, targets = next(self.loader)
-            loss, *micro = self.train_program.run(tokens=tokens, targets=targets)
-            grads = micro if not grads else [g.add_(m) for g, m in zip(grads, micro, strict=True)]
-            total += float(loss)
-        names = [v.name for v in self.update_program.graph.inputs if v.name.startswith("grad.")]
-        feeds = {n: g.div_(self.cfg.grad_accum) for n, g in zip(names, grads, strict=True)}
-        self.update_program.run(**feeds, **self.update_program.hyper(lr, self.optimizer_step))
+            (loss, *_) = program.run(tokens=tokens, targets=targets, **hyper)
+            total += self.parallel.mean_loss(loss) if self.parallel else float(loss)
         return total / self.cfg.grad_accum
 
     @property
@@ -292,20 +400,21 @@ class Trainer:
         try:
             while self.step < cfg.steps:
                 start = time.perf_counter()
-                loss = self.train_step()
+                loss = self._measured_step()
+                seconds = time.perf_counter() - start
                 if not math.isfinite(loss):
-                    last = latest_checkpoint(self.checkpoints)
-                    kept = f"the last good checkpoint is {last}" if last else "no checkpoint"
                     raise TrainingError(
-                        f"the loss is {loss} at step {self.step}; training stopped ({kept}"
-                        " was kept). Lower --lr or check the data."
+                        f"the loss is {loss} at step {self.step}; training stopped"
+                        f" ({self._kept()}). Lower --lr or check the data."
                     )
                 record = StepRecord(
                     self.step,
                     loss,
                     learning_rate(cfg, self.step),
                     tokens_per_step,
-                    time.perf_counter() - start,
+                    seconds,
+                    tokens_per_step / max(seconds, 1e-9),
+                    self.measured_peak,
                 )
                 if cfg.val_every and self.step % cfg.val_every == 0 or self.step == cfg.steps:
                     record.val_loss = self.validate()
@@ -320,7 +429,61 @@ class Trainer:
             metrics.close()
             self.loader.close()
 
+    # --- memory -------------------------------------------------------------------------
+
+    @property
+    def planned_peak(self) -> int:
+        """The plan's peak of one optimizer step; programs share the largest arena, so a
+        validation forward's larger arena counts too."""
+        if self.compiled.plan is None:
+            return 0
+        arenas = [s.plan.arena_bytes for s in self._planned_steps() if s.plan is not None]
+        train = [s.plan.arena_bytes for s in (self.compiled, self.compiled.micro) if s and s.plan]
+        return self.compiled.peak_bytes + max(arenas) - max(train)
+
+    def _planned_steps(self) -> list[CompiledStep]:
+        """The train step, its micro-step, the validation forward: the ones that exist."""
+        steps = (self.compiled, self.compiled.micro, self.compiled_eval)
+        return [s for s in steps if s is not None]
+
+    def _measured_step(self) -> float:
+        """One step; the device's peak bytes recorded (on CPU, for the first two steps, from
+        the allocator's events above what is held before the step: state and arena)."""
+        device = torch.device(self.cfg.device)
+        try:
+            if device.type == "cuda":
+                loss = self.train_step()
+                self.measured_peak = torch.cuda.max_memory_allocated(device)
+                return loss
+            if self._profiled >= 2:
+                return self.train_step()
+            self._profiled += 1
+            held = sum(t.nbytes for t in self.state.values())
+            held += self.arena.nbytes if self.arena is not None else 0
+            result: list[float] = []
+            with _quiet_stderr():  # the profiler logs its start and stop there
+                during = allocations(lambda: result.append(self.train_step())).peak_bytes
+            self.measured_peak = max(self.measured_peak or 0, held + during)
+            return result[0]
+        except torch.OutOfMemoryError:
+            raise TrainingError(
+                f"{device} ran out of memory at step {self.step} ({self._kept()}); the plan"
+                f" peaks at {self.planned_peak:,} bytes: lower --memory-budget, --batch or"
+                " raise --grad-accum, or free the device"
+            ) from None
+
+    def _kept(self) -> str:
+        last = latest_checkpoint(self.checkpoints)
+        return f"the last good checkpoint is {last}, kept" if last else "no checkpoint yet"
+
     # --- checkpoints ----------------------------------------------------------------------
+
+    @property
+    def checkpointed(self) -> dict[str, Tensor]:
+        """The state a checkpoint holds: gradient sums are zero between steps, so a run may
+        resume with another --grad-accum."""
+        roles = self.compiled.io.state
+        return {k: t for k, t in self.state.items() if roles.get(k) is not Role.GRAD_ACCUM}
 
     @property
     def is_writer(self) -> bool:
@@ -339,28 +502,48 @@ class Trainer:
             state["loss_scaler"] = self.train_program.loss_scaler.state_dict()
         keep = self.cfg.keep_checkpoints
         if self.parallel is None:
-            return save_checkpoint(self.checkpoints, self.step, self.state, state, keep)
+            return save_checkpoint(self.checkpoints, self.step, self.checkpointed, state, keep)
         full = self.parallel.to_full(self.state)  # every rank takes part; rank 0 writes
         path = self.checkpoints / f"step-{self.step:08d}"
+        failure: CheckpointError | None = None
         if self.parallel.is_writer:
-            path = save_checkpoint(self.checkpoints, self.step, full, state, keep)
-        self.parallel.barrier()
+            try:
+                path = save_checkpoint(self.checkpoints, self.step, full, state, keep)
+            except CheckpointError as e:
+                failure = e
+        # every rank stops together: one left waiting in the next step's collective would hang
+        if self.parallel.any_rank(failure is not None):
+            raise failure or CheckpointError(f"rank 0 could not write {path}; see its error")
         return path
 
-    def _resume(self) -> None:
+    def _resumable(self) -> Path | None:
+        """The checkpoint `--resume` starts from, checked against this run before anything is
+        compiled; None for a fresh run, refused if `--out` already holds one."""
+        if self.is_writer and self.checkpoints.is_dir():
+            remove_stale(self.checkpoints)
+        if not self.cfg.resume:
+            if done := checkpoints(self.checkpoints):
+                raise TrainingError(
+                    f"{self.cfg.out} already holds a run (checkpoint {done[-1].name}); pass"
+                    " --resume to continue it or --out for a new run (nothing was overwritten)"
+                )
+            return None
         found = find_resumable(self.checkpoints)
-        path = found.path
         if found.skipped:
             self.notices.append(found.report())
-        tensors, state = load_checkpoint(path)
+        state = load_state(found.path)
         token_mismatch_check(self.manifest, state["tokenizer"])
-        check_resume(state.get("settings"), self.settings, path)
+        check_resume(state.get("settings"), self.settings, found.path)
+        return found.path
+
+    def _resume(self, path: Path) -> None:
+        tensors, state = load_checkpoint(path)
         if self.parallel is not None:  # the checkpoint is full: take this rank's pieces
             tensors = self.parallel.to_local(tensors, self.state)
-        missing = self.state.keys() - tensors.keys()
+        missing = self.checkpointed.keys() - tensors.keys()
         if missing:
             raise TrainingError(f"--resume: {path} lacks {sorted(missing)[:5]} for this model")
-        for name, t in self.state.items():
+        for name, t in self.checkpointed.items():
             if t.shape != tensors[name].shape:
                 raise TrainingError(
                     f"--resume: {path}: {name} has shape {list(tensors[name].shape)}, the model"
@@ -375,6 +558,25 @@ class Trainer:
             _truncate_metrics(self.cfg.out / METRICS, self.step)
 
 
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence file descriptor 2 (C++ libraries write there, past sys.stderr)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _layers(example: ExampleModel) -> int:
+    """Transformer blocks: per-layer checkpointing is one of the budget searches."""
+    return len(getattr(example.module, "blocks", [1]))
+
+
 def _optional_split(
     directory: Path, split: str, window_tokens: int, cache_dir: Path
 ) -> TokenDataset | None:
@@ -384,7 +586,10 @@ def _optional_split(
     return verified_dataset(Path(directory), split, cache_dir) if enough else None
 
 
-def _make_run_dir(out: Path) -> None:
+def _check_writable(out: Path) -> None:
+    """Fail early if the run directory cannot be written, leaving nothing behind: a run
+    stopped by bad input (a plan that does not fit...) writes nothing to --out."""
+    made = [p for p in (out, *out.parents) if not p.exists()]
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{os.getpid()}"
@@ -394,6 +599,10 @@ def _make_run_dir(out: Path) -> None:
         raise TrainingError(
             f"--out {out}: cannot write the run directory there ({e.strerror}: {e.filename})"
         ) from e
+    finally:
+        for directory in made:  # deepest first
+            if directory.is_dir():
+                directory.rmdir()
 
 
 def _take(loader: WindowLoader, n: int) -> Iterator[tuple[Tensor, Tensor]]:

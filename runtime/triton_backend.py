@@ -3,7 +3,8 @@
 For each fused group (`Node.group`, set by `passes/fusion.py`) it launches the kernel
 `compiler/codegen/triton.py` wrote; values internal to a group are never written. Matmuls,
 views and index ops run as ATen nodes (cuBLAS on a GPU), the fused linear + cross-entropy ops
-as `compiler/codegen/cross_entropy.py`. Two forms:
+as `compiler/codegen/cross_entropy.py`, attention as `compiler/codegen/flash_attention.py`.
+Two forms:
 - `run_graph`, a `Backend` like `runtime.eager.run_graph`: each result is a fresh tensor;
 - `TritonArena`, the `runtime.arena.Arena` runtime: kernels write into the planned views of the
   one arena allocation.
@@ -31,16 +32,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from compiler import custom_ops
+from compiler import attention, custom_ops
 from compiler.codegen.fusibility import group_members
 from compiler.codegen.triton import Kernel, group_kernels
 from compiler.ir import Graph, Node, Value
-from compiler.meta import bind
+from compiler.meta import bind, results
 from compiler.ops import Kind, kind
 from compiler.plan import MemoryPlan
 from runtime.arena import Arena, Run
-from runtime.eager import Eager
-from runtime.interpreter import Env, Step
+from runtime.interpreter import Env, Interpreter, Step
 
 CACHE_ENV = "MEMFIT_KERNEL_CACHE"
 _RESHAPES = ("view", "_unsafe_view")
@@ -117,16 +117,21 @@ def steps(graph: Graph) -> list[Step]:
     return plan
 
 
-def _run_custom(node: Node, args: list[Any], outs: Sequence[Tensor] = ()) -> list[Tensor]:
-    """A fused cross-entropy op through its Triton kernels, written into `outs` if given."""
-    from compiler.codegen import cross_entropy  # imports triton: only once the mode is set
+_KERNEL_OPS = custom_ops.OPS.keys() | attention.OPS.keys()  # memfit's ops with Triton kernels
+
+
+def _run_custom(node: Node, env: Env, outs: Sequence[Tensor] = ()) -> list[Tensor]:
+    """A fused cross-entropy or attention op through its Triton kernels, written into `outs`
+    if given."""
+    from compiler.codegen import cross_entropy, flash_attention  # import triton: mode is set
 
     fn = {
         custom_ops.FORWARD: cross_entropy.linear_cross_entropy,
         custom_ops.BACKWARD: cross_entropy.linear_cross_entropy_backward,
+        attention.FORWARD: flash_attention.attention,
+        attention.BACKWARD: flash_attention.attention_backward,
     }[node.op]
-    result = fn(*args, *outs)
-    return list(result) if isinstance(result, tuple) else [result]
+    return results(fn(*bind(node.args, env), *outs))
 
 
 def launch(
@@ -139,7 +144,7 @@ def launch(
     return outs
 
 
-class Triton(Eager):
+class Triton(Interpreter):
     """Fused groups as kernels, the fused loss head through its Triton kernels, every other
     node as ATen; each result a fresh tensor."""
 
@@ -150,8 +155,8 @@ class Triton(Eager):
         self.steps = steps(graph)
 
     def run_node(self, node: Node, env: Env) -> list[Tensor]:
-        if node.op in custom_ops.OPS:
-            return _run_custom(node, bind(node.args, env))
+        if node.op in _KERNEL_OPS:
+            return _run_custom(node, env)
         return super().run_node(node, env)
 
     def run_kernel(self, kernel: Kernel, env: Env) -> list[Tensor]:
@@ -176,13 +181,19 @@ class TritonArena(Arena):
     before writing it); a group planned any other overlapping way runs as its nodes.
     """
 
-    def __init__(self, graph: Graph, plan: MemoryPlan, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        graph: Graph,
+        plan: MemoryPlan,
+        device: torch.device | str = "cpu",
+        buffer: Tensor | None = None,
+    ) -> None:
         if torch.device(device).type == "cpu":
             require_interpreter()
         self.producer = graph.producers()
         self.launched: list[int] = []  # group ids run as kernels
         self.unfused: list[int] = []  # group ids run node by node (overlapping plan)
-        super().__init__(graph, plan, device)
+        super().__init__(graph, plan, device, buffer)
 
     def schedule(self) -> list[Step]:
         members = group_members(self.graph)
@@ -205,9 +216,9 @@ class TritonArena(Arena):
         if isinstance(step, Kernel):
             fn, outs = load_kernel(step, self.device), [self.views[id(v)] for v in step.outputs]
             return lambda env: launch(step, fn, [env[id(v)] for v in step.inputs], outs)
-        if step.op in custom_ops.OPS:  # the fused loss head: Triton row kernels on chunks
+        if step.op in _KERNEL_OPS:  # the fused loss head's row kernels, flash attention
             outs = [self.views[id(v)] for v in step.outputs]
-            return lambda env: _run_custom(step, bind(step.args, env), outs)
+            return lambda env: _run_custom(step, env, outs)
         return super().compile(step)
 
     def _storage(self, v: Value) -> tuple[int, int, bool] | None:

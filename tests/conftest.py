@@ -30,10 +30,22 @@ def one_thread() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def passes_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small byte-level corpus, no validation split: the compiler's own pass sources."""
+    return _prepared(tmp_path_factory, ("compiler", "passes"), "*.py", val_fraction=0.0)
+
+
+@pytest.fixture(scope="session")
+def compiler_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small byte-level corpus with a validation split: the compiler's own sources."""
+    return _prepared(tmp_path_factory, ("compiler",), "**/*.py", val_fraction=0.2)
+
+
+def _prepared(
+    factory: pytest.TempPathFactory, folder: tuple[str, ...], pattern: str, val_fraction: float
+) -> Path:
     from pipelines.prepare import prepare
 
-    root = Path(__file__).resolve().parents[1]
-    files = sorted(p for p in (root / "compiler" / "passes").glob("*.py") if p.stat().st_size)
-    out = tmp_path_factory.mktemp("data") / "prepared"
-    prepare(files, out, "byte", val_fraction=0.0, progress=False)
+    root = Path(__file__).resolve().parents[1].joinpath(*folder)
+    files = sorted(p for p in root.glob(pattern) if p.stat().st_size)
+    out = factory.mktemp("data") / "prepared"
+    prepare(files, out, "byte", val_fraction=val_fraction, progress=False)
     return out

@@ -12,8 +12,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from compiler import custom_ops
+from compiler import attention, custom_ops
 from compiler.ir import Graph
+from compiler.liveness import scratch
 from compiler.passes.buffers import plan_buffers
 from compiler.passes.linear_cross_entropy import linear_cross_entropy
 from compiler.passes.manager import PassContext
@@ -65,6 +66,11 @@ def test_training_steps_match_eager_and_allocate_only_inside_named_kernels(name:
         seen = allocations(lambda i=inputs, o=outputs: o.extend(program.run(**i)))
         assert torch.equal(outputs[0], expected)  # a view into the arena, read before next step
         assert all(torch.equal(program.state[k], reference[k]) for k in program.state)
+        # memfit's attention allocates its block scratch, each piece within the planned
+        # workspace (compiler/attention.py workspace_bytes)
+        own = {op: seen.sizes.pop(op, []) for op in attention.OPS}
+        assert own[attention.FORWARD] and own[attention.BACKWARD]
+        assert max(max(sizes) for sizes in own.values()) <= max(scratch(graph))
         tensor_sized = {op: sum(b > SCALAR for b in sizes) for op, sizes in seen.sizes.items()}
         # native_layer_norm: ATen's CPU kernel has no out= form; its out= overload computes
         # output, mean and rstd into fresh tensors, then copies them. sum: the loss counts its

@@ -63,6 +63,8 @@ def test_every_file_is_checksummed_and_intact(three: Path) -> None:
         (lambda p: (p / STATE).unlink(), "state.json is missing"),
         (lambda p: (p / CHECKSUMS).unlink(), "checksums.json is missing"),
         (lambda p: (p / CHECKSUMS).write_text("{"), "checksums.json is unreadable"),
+        (lambda p: (p / CHECKSUMS).write_text('{"files": [1]}'), "checksums.json is unreadable"),
+        (lambda p: (p / CHECKSUMS).write_text('{"files": {"state.json": {}}}'), "does not cover"),
     ],
     ids=[
         "flipped-weights",
@@ -71,6 +73,8 @@ def test_every_file_is_checksummed_and_intact(three: Path) -> None:
         "no-state",
         "no-sums",
         "bad-sums",
+        "sums-not-a-dict",
+        "sums-without-fields",
     ],
 )
 def test_a_damaged_latest_is_named_and_the_newest_intact_one_used(

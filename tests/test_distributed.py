@@ -253,9 +253,15 @@ def test_dp2_tp2_on_four_processes(data: Path, reference: Path, tmp_path: Path) 
     _assert_same_run(tmp_path / "mesh", reference)
 
 
-def test_mesh_that_does_not_fit_is_refused(data: Path, tmp_path: Path) -> None:
+def test_mesh_that_does_not_fit_is_refused(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(MeshError, match="needs 3 processes, but 1 was launched"):
+        _config(data, tmp_path, dp=3).mesh()  # the missing torchrun first, not the batch
+    monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(MeshError, match="does not split over --dp 3"):
         _config(data, tmp_path, dp=3).mesh()
+    monkeypatch.delenv("WORLD_SIZE")
     with pytest.raises(MeshError, match="needs --dp ≥ 2"):
         _config(data, tmp_path, dp=1, zero=2).mesh()
 

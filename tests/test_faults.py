@@ -8,6 +8,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,9 +16,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+from compiler.mesh import Mesh
 from runtime.checkpoint import find_resumable
+from runtime.distributed import Parallel
 
 ARGS = ["gpt2-tiny", "--batch", "2", "--seq", "16", "--warmup", "2", "--val-every", "0"]
 ARGS += ["--checkpoint-every", "1"]
@@ -116,3 +121,25 @@ def test_twenty_kills_at_random_moments_resume_to_the_same_losses(
     passes_data: Path, tmp_path: Path
 ) -> None:
     _kill_and_resume(passes_data, tmp_path, kills=20, steps=40, seed=2)
+
+
+def _any_rank(rank: int, port: int, results: Path) -> None:
+    os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        parallel = Parallel(Mesh(2, 1, 0), rank, {})
+        answers = [parallel.any_rank(rank == 0), parallel.any_rank(False)]
+        (results / f"rank{rank}.json").write_text(json.dumps(answers))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_checkpoint_failure_on_rank_0_stops_every_rank(tmp_path: Path) -> None:
+    """Only rank 0 writes; when it fails, `any_rank` tells the others, who would otherwise
+    wait for it in the next step's all-reduce forever."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_any_rank, args=(port, tmp_path), nprocs=2)
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == [True, False]

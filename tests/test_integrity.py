@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -85,6 +86,9 @@ def _flip(path: Path, offset: int) -> None:
         (["--seq", "8"], "--seq 16 (this command: 8)"),
         (["--precision", "bf16"], "--precision fp32 (this command: bf16)"),
         (["--lora", "r=4"], "--lora none (this command: r=4,alpha=16,targets=q,k,v,o)"),
+        (["--batch", "4"], "--batch 2 (this command: 4)"),
+        (["--lora", "r=8", "--quantize-base", "int8"], "--quantize-base none (this command: int8)"),
+        (["--model", "llama-tiny"], "MODEL gpt2-tiny (this command: llama-tiny)"),
     ],
 )
 def test_resume_with_other_settings_is_refused_by_flag(
@@ -92,7 +96,10 @@ def test_resume_with_other_settings_is_refused_by_flag(
 ) -> None:
     out = _copy(finished, tmp_path)
     before = _snapshot(out)
-    code, text = _run(*RUN, *change, "--data", str(data), "--out", str(out), "--resume")
+    args = [*RUN, *change]
+    if change[0] == "--model":
+        args = [RUN[0], change[1], *RUN[2:]]
+    code, text = _run(*args, "--data", str(data), "--out", str(out), "--resume")
     assert code == 2, text
     assert "Traceback" not in text and _says(text, "step-00000004 was written with")
     assert _says(text, flag), text
@@ -107,7 +114,7 @@ def test_resume_on_other_data_is_refused(finished: Path, data: Path, tmp_path: P
     out = _copy(finished, tmp_path)
     before = _snapshot(out)
     code, text = _run(*RUN, "--data", str(other), "--out", str(out), "--resume", "--steps", "6")
-    assert code == 2 and _says(text, "--data data with train sha256"), text
+    assert code == 2 and _says(text, "--data train split sha256"), text
     assert _snapshot(out) == before
 
 
@@ -302,6 +309,8 @@ def test_prepare_of_an_empty_directory_never_replaces_data(data: Path, tmp_path:
         (["--seq", "-5"], "--seq must be ≥ 1, got -5"),
         (["--batch", "0"], "--batch must be ≥ 1, got 0"),
         (["--grad-accum", "0"], "--grad-accum must be ≥ 1, got 0"),
+        (["--lr", "nan"], "--lr must be a positive number, got nan"),
+        (["--weight-decay", "-1"], "--weight-decay must be a number ≥ 0, got -1.0"),
         (["--dp", "3"], "--dp 3 --tp 1 needs 3 processes, but 1 was launched"),
         (["--tp", "3"], "--tp 3 does not divide the 1 process(es) launched"),
     ],
@@ -347,3 +356,20 @@ def test_plan_refuses_what_a_mesh_plan_would_ignore(
     code, text = _run("plan", "gpt2-tiny", "--dp", "2", *args)
     assert code == 2 and _says(text, named), text
     assert list(cwd.iterdir()) == []  # refused before planning: no half-written file
+
+
+def test_compile_shows_bytes_at_the_peak_not_summed_declarations(tmp_path: Path) -> None:
+    code, text = _run("compile", "gpt2-tiny", "--batch", "2", "--seq", "16", "--out", str(tmp_path))
+    assert code == 0, text
+    assert _says(text, "at the step's peak") and "declaredbytes" not in text
+    rows = dict(re.findall(r"│(\w+)│([\d.]+[KMG]?i?B)│", text))
+    sizes = {role: _bytes(size) for role, size in rows.items()}
+    assert "activation" in sizes and "peak" in text
+    peak = _bytes(re.search(r"steppeak│([\d.]+[KMG]?i?B)", text).group(1))  # type: ignore[union-attr]
+    assert all(n <= peak for n in sizes.values()), (sizes, peak)
+
+
+def _bytes(text: str) -> float:
+    units = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+    number, unit = re.fullmatch(r"([\d.]+)(\w+)", text).groups()  # type: ignore[union-attr]
+    return float(number) * units[unit]

@@ -17,16 +17,10 @@ from compiler.passes.linear_cross_entropy import (
 )
 from compiler.passes.manager import PassContext
 from compiler.passes.verify import verify
-from examples import ExampleModel, build_example
+from examples import ExampleModel
 from examples.loss import lm_loss
 from runtime.eager import run_graph
-
-
-def compiled(name: str, **options: object):
-    torch.manual_seed(0)
-    model = build_example(name)
-    opts = CompileOptions(batch_size=2, seq_len=8, **options)
-    return model, compile_model(model, lm_loss, opts).graph
+from tests.test_fusion import compiled
 
 
 @pytest.mark.parametrize("name", ["gpt2-tiny", "llama-tiny"])

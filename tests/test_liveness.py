@@ -7,7 +7,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from compiler.ir import Graph, Node, Phase, Role, Value
+from compiler.builder import GraphBuilder
+from compiler.ir import Graph, Phase, Role
 from compiler.liveness import ALIGN, liveness, lower_bound, padded, storage
 from tests.strategies import examples
 from tests.test_schedule import shuffled, steps
@@ -15,27 +16,16 @@ from tests.test_schedule import shuffled, steps
 F32 = torch.float32
 
 
-def value(name: str, shape: tuple[int, ...], role: Role = Role.TEMPORARY) -> Value:
-    return Value(name, shape, F32, role)
-
-
 def test_views_extend_their_base_and_caller_values_stay_out() -> None:
-    w, x = value("w", (4, 4), Role.PARAM), value("x", (4, 4), Role.INPUT)
-    a, t, wt = value("a", (4, 4)), value("t", (4, 4)), value("wt", (4, 4))
-    b, z, g = value("b", (4, 4)), value("z", (4, 4)), value("g", (4, 4), Role.GRAD)
-    graph = Graph(
-        [w, x],
-        [
-            Node("mul.Tensor", (x, x), {}, [a]),  # 0
-            Node("t", (a,), {}, [t]),  # 1: a view of a
-            Node("t", (w,), {}, [wt]),  # 2: a view of the parameter
-            Node("mm", (x, wt), {}, [b]),  # 3
-            Node("zeros_like", (a,), {}, [z]),  # 4: reads a's shape only
-            Node("add.Tensor", (t, z), {}, [g], Phase.BACKWARD),  # 5: last read of a, via t
-        ],
-        [b],
-    )
-    lives = {lt.value.name: lt for lt in liveness(graph)}
+    g = GraphBuilder()
+    w, x = g.input("w", (4, 4), F32, Role.PARAM), g.input("x", (4, 4), F32, Role.INPUT)
+    a = g.emit1("mul.Tensor", (x, x), name="a")  # 0
+    t = g.emit1("t", (a,), name="t")  # 1: a view of a
+    b = g.emit1("mm", (x, g.emit1("t", (w,), name="wt")), name="b")  # 2: a view of w; 3
+    z = g.emit1("zeros_like", (a,), name="z")  # 4: reads a's shape only
+    with g.at(Phase.BACKWARD):
+        g.emit1("add.Tensor", (t, z), name="g", role=Role.GRAD)  # 5: last read of a, via t
+    lives = {lt.value.name: lt for lt in liveness(g.graph([b]))}
     assert set(lives) == {"a", "b", "z", "g"}  # no views, no w, no x
     assert (lives["a"].start, lives["a"].end) == (0, 5)
     assert (lives["b"].start, lives["b"].end) == (3, 5)  # an output lives to the last step
@@ -46,20 +36,11 @@ def test_views_extend_their_base_and_caller_values_stay_out() -> None:
 
 
 def test_a_buffer_shows_the_most_telling_role_of_its_views() -> None:
-    x, s = value("x", (8,), Role.INPUT), value("s", (2, 4))
-    grad = value("grad", (8,), Role.GRAD)
-    graph = Graph(
-        [x],
-        [Node("mul.Tensor", (x, 2.0), {}, [value("m", (8,))])],
-        [],
-    )
-    m = graph.nodes[0].outputs[0]
-    graph.nodes += [
-        Node("view", (m, [2, 4]), {}, [s]),
-        Node("view", (s, [8]), {}, [grad]),
-    ]
-    graph.outputs = [grad]
-    (only,) = liveness(graph)
+    g = GraphBuilder()
+    m = g.emit1("mul.Tensor", (g.input("x", (8,), F32, Role.INPUT), 2.0), name="m")
+    s = g.emit1("view", (m, [2, 4]), name="s")
+    grad = g.emit1("view", (s, [8]), name="grad", role=Role.GRAD)
+    (only,) = liveness(g.graph([grad]))
     assert only.value is m and only.role is Role.GRAD and only.end == 2
 
 

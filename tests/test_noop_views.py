@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from hypothesis import given
 
-from compiler.ir import Graph, Node, Role, Value
+from compiler.builder import GraphBuilder
+from compiler.ir import Graph, Role
 from compiler.passes.manager import PassContext
 from compiler.passes.noop_views import eliminate_noop_views
 from compiler.passes.verify import verify
@@ -24,10 +25,10 @@ def test_preserves_results(graph: Graph) -> None:
 
 
 def test_removes_identity_view_and_rewires() -> None:
-    x = Value("x", (2, 3), torch.float32, Role.INPUT)
-    v = Value("v", (2, 3), torch.float32)
-    y = Value("y", (2, 3), torch.float32, Role.OUTPUT)
-    graph = Graph([x], [Node("view", (x, [2, 3]), {}, [v]), Node("neg", (v,), {}, [y])], [y])
+    g = GraphBuilder()
+    x = g.input("x", (2, 3), torch.float32, Role.INPUT)
+    y = g.emit1("neg", (g.emit1("view", (x, [2, 3]), name="v"),), name="y", role=Role.OUTPUT)
+    graph = g.graph([y])
     out = eliminate_noop_views(graph, PassContext())
     assert [n.op for n in out.nodes] == ["neg"] and out.nodes[0].args == (x,)
     assert [n.op for n in graph.nodes] == ["view", "neg"], "the input graph is left alone"

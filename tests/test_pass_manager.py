@@ -5,16 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
+from compiler.builder import GraphBuilder
 from compiler.errors import VerifyError
-from compiler.ir import Graph, Node, Role, Value
+from compiler.ir import Graph, Role
 from compiler.passes.manager import PassContext, PassManager
 from compiler.passes.noop_views import eliminate_noop_views
 
 
 def _graph() -> Graph:
-    x = Value("x", (2,), torch.float32, Role.INPUT)
-    y = Value("y", (2,), torch.float32, Role.OUTPUT)
-    return Graph([x], [Node("neg", (x,), {}, [y])], [y])
+    g = GraphBuilder()
+    x = g.input("x", (2,), torch.float32, Role.INPUT)
+    return g.graph([g.emit1("neg", (x,), name="y", role=Role.OUTPUT)])
 
 
 def _breaks_shapes(graph: Graph, ctx: PassContext) -> Graph:

@@ -123,7 +123,7 @@ def test_sweep_prints_every_policy_and_draws_them(tmp_path: Path) -> None:
 
 
 def test_a_byte_budget_plan_shows_what_was_recomputed() -> None:
-    base = ["gpt2-tiny", "--batch", "2", "--seq", "16"]
+    base = ["gpt2-tiny", "--batch", "2", "--seq", "64"]
     peak = json.loads(CliRunner().invoke(plan_command, [*base, "--format", "json"]).output)
     budget = str(int(0.95 * peak["peak_bytes"]))
     result = CliRunner().invoke(

@@ -11,6 +11,7 @@ import torch
 from hypothesis import assume, given
 from torch.testing import assert_close
 
+from compiler import attention
 from compiler.compile import CompiledStep, CompileOptions, compile_model
 from compiler.errors import VerifyError
 from compiler.ir import Graph, Node, Phase, Role, Value
@@ -165,7 +166,9 @@ def test_bf16_keeps_fp32_masters_and_states_and_halves_gradients(
     assert all(v.dtype == torch.float32 for v in graph.outputs)  # loss and the returned grads
     matmuls = [n for n in graph.nodes if kind(n.op) is Kind.MATMUL]
     floats = [v for n in matmuls for v in n.inputs if v.dtype.is_floating_point]
-    assert floats and all(v.dtype == BF16 for v in floats)
+    lse = [n.args[attention.LSE_ARG] for n in matmuls if n.op == attention.BACKWARD]
+    assert lse and all(v.dtype == torch.float32 for v in lse)  # attention's row sums stay fp32
+    assert floats and all(v.dtype == BF16 for v in floats if v not in lse)
     grads = [v for v in graph.values() if v.role is Role.GRAD]
     big = [v for v in grads if v.numel >= 4096]
     assert big and all(v.dtype == BF16 for v in big)  # weight grads live in bf16 until cast up

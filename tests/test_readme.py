@@ -68,6 +68,7 @@ def test_using_it_runs_top_to_bottom(tmp_path: Path) -> None:
     env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HOME": str(tmp_path)}
     for line in using_it_commands():
         argv = _argv(line, tmp_path)
+        print(f"README: {shlex.join(argv[1:])}", flush=True)  # progress, with pytest -s
         result = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True)
         assert result.returncode == 0, f"{line}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
 

@@ -17,7 +17,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from compiler.ir import Graph, Node, Phase, Role, Value
+from compiler.builder import GraphBuilder
+from compiler.ir import Graph, Phase, Role
 from compiler.liveness import storage
 from compiler.passes.manager import PassContext
 from compiler.passes.noop_views import eliminate_noop_views
@@ -40,14 +41,12 @@ def steps(draw: st.DrawFn) -> Graph:
     param.role = Role.PARAM
     produced = [v for n in graph.nodes for v in n.outputs if v.dtype.is_floating_point]
     grad = draw(st.sampled_from(produced))
-    total = Value("total", (), torch.float32)
-    new = Value("new", param.shape, param.dtype)
-    graph.nodes += [
-        Node("sum", (grad,), {}, [total], Phase.OPTIMIZER),
-        Node("add.Tensor", (param, total), {}, [new], Phase.OPTIMIZER),
-        Node("copy_", (param, new), {}, [], Phase.OPTIMIZER),
-    ]
-    return verify(graph)
+    g = GraphBuilder.rewriting(graph)
+    g.nodes, g.phase = graph.nodes, Phase.OPTIMIZER
+    g.write(
+        param, g.emit1("add.Tensor", (param, g.emit1("sum", (grad,), name="total")), name="new")
+    )
+    return verify(g.graph(graph.outputs))
 
 
 def shuffled(graph: Graph, data: st.DataObject) -> Graph:

@@ -10,10 +10,8 @@ value in it broadcasts to. Two kernel shapes cover every group:
   log_softmax and their backward, layer_norm) and row gathers/scatters by index; values
   reduced to one per row live in registers as scalars and broadcast back for free.
 
-A node is fusible when `compiler.codegen.lowering` has an entry for its op that accepts it.
-Ops outside those tables are not fusible: they stay eager nodes, so an unsupported op is
-slower, never wrong. This is what the fusion pass reads to form groups; the emitter reads it
-again to lay a group's kernel out.
+A node is fusible when `codegen.lowering` has an entry for its op that accepts it; other ops
+stay eager nodes, so an unsupported op is slower, never wrong.
 """
 
 from __future__ import annotations
@@ -107,6 +105,13 @@ def _broadcasts(shape: tuple[int, ...], domain: tuple[int, ...]) -> bool:
     return padded is not None and all(s in (1, d) for s, d in zip(padded, domain, strict=True))
 
 
+def natural_domain(nodes: Sequence[Node], rows: Sequence[Node]) -> tuple[int, ...]:
+    """The shape a kernel of `nodes` iterates over: its row ops' input, else the largest output."""
+    if rows:
+        return rows[0].args[0].shape
+    return max((v.shape for n in nodes for v in n.outputs), key=math.prod)
+
+
 def group_domain(nodes: Sequence[Node], stored: set[int]) -> tuple[int, ...] | None:
     """The domain `nodes` can run over as ONE kernel storing the values in `stored` (ids), or
     None if they cannot (an unfusible op, disagreeing rows, a value that would need a layout
@@ -115,15 +120,11 @@ def group_domain(nodes: Sequence[Node], stored: set[int]) -> tuple[int, ...] | N
     if None in fits:
         return None
     rows = [n for n, f in zip(nodes, fits, strict=True) if f is Fit.ROW]
-    if rows:
-        domain = rows[0].args[0].shape
-        n_cols = domain[-1]
-        if n_cols < 2 or next_power_of_2(n_cols) > MAX_ROW_BLOCK:
-            return None
-        if any(n.args[0].shape != domain for n in rows):
-            return None
-    else:
-        domain = max((v.shape for n in nodes for v in n.outputs), key=math.prod)
+    domain = natural_domain(nodes, rows)
+    if rows and (domain[-1] < 2 or next_power_of_2(domain[-1]) > MAX_ROW_BLOCK):
+        return None
+    if any(n.args[0].shape != domain for n in rows):
+        return None
     store_shapes = {id(v): store_shape(n, v) for n in nodes for v in n.outputs}
     for node in nodes:
         for v in node.inputs:

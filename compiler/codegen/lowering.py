@@ -1,13 +1,10 @@
 """Lowering: each fusible ATen op as Triton (`tl`) expressions, ONE table entry per op.
 
-A pointwise op maps its prepared operands (values cast to the compute dtype, literals as text)
-to one expression; a row op (a reduction over the last dim, a gather or scatter along it)
-says which nodes it accepts and writes its expressions into the kernel body being emitted
-(`Body`: it may add named temporaries, and reduced values live as one scalar per row).
-Everything is computed in the op's own result dtype so it matches eager PyTorch (fp16/bf16
-ops compute in fp32 and round their result, as ATen's CPU and CUDA kernels do). What may
-join a group is decided from these tables in `compiler.codegen.fusibility`; the kernel text
-around the expressions is written by `compiler.codegen.triton`.
+A pointwise op maps its operands (cast to the compute dtype; literals as text) to one
+expression; a row op (over the last dim) says which nodes it accepts and writes its
+expressions into the kernel body, where reduced values live as one scalar per row. Each op
+computes in its result dtype so it matches eager PyTorch (fp16/bf16 in fp32, rounded, as
+ATen's kernels do).
 """
 
 from __future__ import annotations
@@ -15,11 +12,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 import torch
 
 from compiler.ir import Node, Value
+
+if TYPE_CHECKING:
+    from compiler.codegen.triton import Emitter as Body
 
 TL_DTYPES: dict[torch.dtype, str] = {
     torch.float64: "tl.float64",
@@ -59,19 +59,6 @@ def literal(x: object) -> str:
     if isinstance(x, float) and not math.isfinite(x):
         return f'float("{x}")'
     return repr(x)
-
-
-class Body(Protocol):
-    """The kernel body a lowering writes into (`compiler.codegen.triton`'s emitter)."""
-
-    helpers: set[str]
-
-    @property
-    def n_cols(self) -> int: ...
-
-    def let(self, expr: str, comment: str = "") -> str: ...
-
-    def operand(self, arg: object, dtype: torch.dtype | None) -> str: ...
 
 
 # --- pointwise ops ------------------------------------------------------------------------
@@ -174,6 +161,7 @@ def _not(a: list[str], n: Node) -> str:
     return f"{a[0]} == 0" if n.args[0].dtype == torch.bool else f"~{a[0]}"
 
 
+_MASKED_FILL = Pointwise(lambda a, n: f"tl.where({a[1]}, {a[2]}, {a[0]})", keep=frozenset({1}))
 POINTWISE: dict[str, Pointwise] = {
     "abs": Pointwise(_call("tl.abs")),
     "add.Tensor": Pointwise(_add_like("+")),
@@ -221,12 +209,8 @@ POINTWISE: dict[str, Pointwise] = {
     "addcdiv": Pointwise(
         lambda a, n: f"{a[0]} + {literal(n.kwargs.get('value', 1))} * ({a[1]} / {a[2]})"
     ),
-    "masked_fill.Scalar": Pointwise(
-        lambda a, n: f"tl.where({a[1]}, {a[2]}, {a[0]})", keep=frozenset({1})
-    ),
-    "masked_fill.Tensor": Pointwise(
-        lambda a, n: f"tl.where({a[1]}, {a[2]}, {a[0]})", keep=frozenset({1})
-    ),
+    "masked_fill.Scalar": _MASKED_FILL,
+    "masked_fill.Tensor": _MASKED_FILL,
     "isnan": Pointwise(lambda a, n: f"{a[0]} != {a[0]}", promote=True, bool_ok=True),
     "isinf": Pointwise(lambda a, n: f'tl.abs({a[0]}) == float("inf")', promote=True, bool_ok=True),
     "bitwise_not": Pointwise(_not, bool_ok=True),
@@ -295,26 +279,6 @@ def _masked(x: str, fill: str) -> str:
     return f"tl.where(mask, {x}, {fill})"
 
 
-def _sum(e: Body, node: Node) -> list[str]:
-    acc = register_dtype(node.outputs[0].dtype)
-    x = e.operand(node.args[0], acc)
-    return [f"tl.sum({_masked(x, '0')}, axis=0)"]
-
-
-def _mean(e: Body, node: Node) -> list[str]:
-    acc = register_dtype(node.outputs[0].dtype)
-    x = e.operand(node.args[0], acc)
-    return [f"tl.sum({_masked(x, '0')}, axis=0) / {e.n_cols}"]
-
-
-def _extreme(fn: str, fill: str) -> Callable[[Body, Node], list[str]]:
-    def emit_(e: Body, node: Node) -> list[str]:
-        x = e.operand(node.args[0], register_dtype(node.outputs[0].dtype))
-        return [f"tl.{fn}({_masked(x, fill)}, axis=0)"]
-
-    return emit_
-
-
 def _softmax(e: Body, node: Node, log: bool) -> list[str]:
     x = e.operand(node.args[0], register_dtype(node.outputs[0].dtype))
     m = e.let(f"tl.max({_masked(x, NEG_INF)}, axis=0)", "row max")
@@ -372,35 +336,44 @@ class _Row:
     reduces: bool = False  # its output keeps the reduced last dim as 1 (not softmax-like)
 
 
+def _reduction(fn: str, fill: str, mean: bool = False) -> _Row:
+    """sum, mean, amax, amin over the last dim; masked lanes hold the identity `fill`."""
+
+    def accepts(n: Node) -> bool:
+        floats = fn == "sum" or n.args[0].dtype.is_floating_point
+        return _last_dim_only(n, _arg(n, 1, "dim")) and floats
+
+    def lower_(e: Body, node: Node) -> list[str]:
+        x = e.operand(node.args[0], register_dtype(node.outputs[0].dtype))
+        total = f"tl.{fn}({_masked(x, fill)}, axis=0)"
+        return [f"{total} / {e.n_cols}" if mean else total]
+
+    return _Row(accepts, lower_, reduces=True)
+
+
+def _softmax_row(log: bool) -> _Row:
+    return _Row(
+        lambda n: _last_dim_only(n, n.args[1]) and not n.args[2],
+        lambda e, n: _softmax(e, n, log),
+    )
+
+
+def _softmax_backward_row(log: bool) -> _Row:
+    return _Row(
+        lambda n: _last_dim_only(n, n.args[2]) and n.args[1].shape == n.args[0].shape,
+        lambda e, n: _softmax_backward(e, n, log),
+    )
+
+
 ROW_OPS: dict[str, _Row] = {
-    "sum.dim_IntList": _Row(lambda n: _last_dim_only(n, _arg(n, 1, "dim")), _sum, reduces=True),
-    "mean.dim": _Row(lambda n: _last_dim_only(n, _arg(n, 1, "dim")), _mean, reduces=True),
-    "amax": _Row(
-        lambda n: _last_dim_only(n, _arg(n, 1, "dim", [])) and n.args[0].dtype.is_floating_point,
-        _extreme("max", NEG_INF),
-        reduces=True,
-    ),
-    "amin": _Row(
-        lambda n: _last_dim_only(n, _arg(n, 1, "dim", [])) and n.args[0].dtype.is_floating_point,
-        _extreme("min", POS_INF),
-        reduces=True,
-    ),
-    "_softmax": _Row(
-        lambda n: _last_dim_only(n, n.args[1]) and not n.args[2],
-        lambda e, n: _softmax(e, n, log=False),
-    ),
-    "_log_softmax": _Row(
-        lambda n: _last_dim_only(n, n.args[1]) and not n.args[2],
-        lambda e, n: _softmax(e, n, log=True),
-    ),
-    "_softmax_backward_data": _Row(
-        lambda n: _last_dim_only(n, n.args[2]) and n.args[1].shape == n.args[0].shape,
-        lambda e, n: _softmax_backward(e, n, log=False),
-    ),
-    "_log_softmax_backward_data": _Row(
-        lambda n: _last_dim_only(n, n.args[2]) and n.args[1].shape == n.args[0].shape,
-        lambda e, n: _softmax_backward(e, n, log=True),
-    ),
+    "sum.dim_IntList": _reduction("sum", "0"),
+    "mean.dim": _reduction("sum", "0", mean=True),
+    "amax": _reduction("max", NEG_INF),
+    "amin": _reduction("min", POS_INF),
+    "_softmax": _softmax_row(log=False),
+    "_log_softmax": _softmax_row(log=True),
+    "_softmax_backward_data": _softmax_backward_row(log=False),
+    "_log_softmax_backward_data": _softmax_backward_row(log=True),
     "native_layer_norm": _Row(lambda n: list(n.args[1]) == [n.args[0].shape[-1]], _layer_norm),
     "gather": _Row(_row_index_ok, _gather),
     "scatter.value": _Row(_row_index_ok, _scatter),

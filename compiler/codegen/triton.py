@@ -1,9 +1,6 @@
-"""Emission: Triton source for fused groups, one readable kernel per group.
-
-The kernel shape and domain come from `compiler.codegen.fusibility` (pointwise: BLOCK
-elements of the domain per program; row-wise: one row per program); the body is the group's
-nodes in order, each lowered to `tl` expressions by `compiler.codegen.lowering`. Values that
-never leave the group never touch memory.
+"""Emission: Triton source for fused groups, one readable kernel per group: the domain and
+kernel shape from `codegen.fusibility`, the body the group's nodes in order, each lowered by
+`codegen.lowering`. Values that never leave the group never touch memory.
 
 Shapes are static, so the domain and every stride are baked into the source as constants;
 inputs are expected contiguous. The kernel text names values canonically (in0, t3, out1) so
@@ -67,7 +64,7 @@ class Kernel:
 
 
 @dataclass
-class _Emitter:
+class Emitter:
     domain: tuple[int, ...]
     rowwise: bool
     lines: list[str] = field(default_factory=list)
@@ -136,7 +133,7 @@ def emit(group: int, nodes: Sequence[Node], stored: Sequence[Value]) -> Kernel:
     if domain is None:
         raise ValueError(f"group {group} cannot be one kernel: {[n.op for n in nodes]}")
     rowwise = any(fusible(n) is Fit.ROW for n in nodes)
-    e = _Emitter(domain, rowwise)
+    e = Emitter(domain, rowwise)
     produced = {id(v) for n in nodes for v in n.outputs}
     inputs: list[Value] = []
     for node in nodes:
@@ -170,24 +167,15 @@ def emit(group: int, nodes: Sequence[Node], stored: Sequence[Value]) -> Kernel:
         stores.append(f"tl.store({where}, {e.names[id(v)]}{', mask' if varies else ''})")
         header.append(f"#   out{i} = %{v.name}: {v.type_str}")
 
-    block = (
-        next_power_of_2(domain[-1])
-        if rowwise
-        else min(FLAT_BLOCK, next_power_of_2(math.prod(domain)))
-    )
-    grid = math.prod(domain[:-1]) if rowwise else math.ceil(math.prod(domain) / block)
     if rowwise:
-        prologue = [
-            "row = tl.program_id(0).to(tl.int64)",
-            "cols = tl.arange(0, BLOCK)",
-            f"mask = cols < {domain[-1]}",
-        ]
+        block, grid = next_power_of_2(domain[-1]), math.prod(domain[:-1])
+        rows = ["row = tl.program_id(0).to(tl.int64)", "cols = tl.arange(0, BLOCK)"]
+        prologue = [*rows, f"mask = cols < {domain[-1]}"]
     else:
-        prologue = [
-            "offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)",
-            f"mask = offs < {math.prod(domain)}",
-        ]
-    ops = tuple(n.op for n in nodes)
+        block = min(FLAT_BLOCK, next_power_of_2(math.prod(domain)))
+        grid = math.ceil(math.prod(domain) / block)
+        offs = "offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)"
+        prologue = [offs, f"mask = offs < {math.prod(domain)}"]
     name = _kernel_name(nodes, rowwise)
     params = [f"in{i}" for i in range(len(inputs))] + [f"out{i}" for i in range(len(stored))]
     body = "\n".join(f"    {line}" for line in prologue + loads + e.lines + stores)
@@ -208,7 +196,7 @@ def emit(group: int, nodes: Sequence[Node], stored: Sequence[Value]) -> Kernel:
         grid=grid,
         block=block,
         num_warps=8 if block >= 2048 else 4,
-        ops=ops,
+        ops=tuple(n.op for n in nodes),
         bytes_moved=sum(v.nbytes for v in (*inputs, *stored)),
         flops=sum(flops(n) for n in nodes if n.op not in CONSTANTS),
     )

@@ -14,11 +14,17 @@ or an index op (they stay eager), never when it would make a cycle, never across
 from __future__ import annotations
 
 import heapq
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from compiler.codegen.fusibility import Fit, fusible, group_domain, row_shape, stored_values
+from compiler.codegen.fusibility import (
+    Fit,
+    fusible,
+    group_domain,
+    natural_domain,
+    row_shape,
+    stored_values,
+)
 from compiler.ir import Graph, Node, Value
 from compiler.passes.manager import PassContext
 
@@ -55,12 +61,8 @@ class _Groups:
         return i
 
     def domain(self, root: int) -> tuple[int, ...]:
-        """The shape a group's kernel iterates over (see codegen.fusibility.group_domain)."""
         nodes = [self.nodes[i] for i in self.members[root]]
-        rows = [n for n in nodes if fusible(n) is Fit.ROW]
-        if rows:
-            return rows[0].args[0].shape
-        return max((v.shape for n in nodes for v in n.outputs), key=math.prod)
+        return natural_domain(nodes, [n for n in nodes if fusible(n) is Fit.ROW])
 
     def has_rows(self, root: int) -> bool:
         return any(self.fit[i] is Fit.ROW for i in self.members[root])

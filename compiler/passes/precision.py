@@ -30,45 +30,22 @@ an overflowing step leaves parameters and moments untouched, with no host sync i
 
 from __future__ import annotations
 
-import enum
 import logging
 from collections.abc import Callable
 
 import torch
 
+from compiler import attention
 from compiler.builder import GraphBuilder
 from compiler.collectives import ALL_REDUCE, REDUCE_SCATTER
 from compiler.errors import VerifyError
 from compiler.ir import DTYPE_NAMES, Graph, Node, Phase, Role, Value, format_node
 from compiler.ops import Kind, kind
 from compiler.passes.manager import PassContext
+from compiler.precisions import Precision
 from compiler.trace import eliminate_dead_nodes, mark_activations
 
 log = logging.getLogger(__name__)
-
-
-class Precision(enum.StrEnum):
-    """A step's compute precision; master weights, optimizer states and accumulators stay fp32.
-
-    One value from the command line through compile, plan and train: a name outside the enum
-    fails where it is converted, not deep in a pass."""
-
-    FP32 = "fp32"
-    BF16 = "bf16"
-    FP16 = "fp16"
-
-    @property
-    def low_dtype(self) -> torch.dtype | None:
-        """The dtype the step computes in, or None when that is fp32 (nothing to lower)."""
-        return {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}.get(self)
-
-    @classmethod
-    def _missing_(cls, value: object) -> Precision:
-        names = ", ".join(cls)
-        raise ValueError(f"unknown precision {value!r}; choose one of {names}")
-
-
-PRECISIONS = tuple(p.value for p in Precision)  # the names a command line offers
 
 
 LOSS_SCALE, FOUND_INF = "loss_scale", "found_inf"
@@ -348,6 +325,8 @@ class _Lowering:
         if node.phase is Phase.OPTIMIZER:
             return self.master, kwargs
         floats = [v for v in node.inputs if self.env[id(v)].dtype in (_F32, self.low)]
+        if node.op == attention.BACKWARD:  # the row log-sum-exp is an accumulator: kept fp32
+            floats = [v for v in floats if v is not node.args[attention.LSE_ARG]]
         op_kind = kind(node.op)
         if not floats or op_kind in (Kind.VIEW, Kind.CREATION) or node.op == "_to_copy":
             return self.current, kwargs
