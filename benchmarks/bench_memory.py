@@ -24,6 +24,7 @@ printed beside its measured one.
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 import time
 from collections.abc import Iterable
 
@@ -79,12 +80,14 @@ def eager_peak(name: str, b: int, t: int, compiled: bool = False) -> Peaks:
 
 
 def memfit_peaks(
-    name: str, b: int, t: int, policy: RecomputePolicy | None
+    name: str, b: int, t: int, policy: RecomputePolicy | None, accumulate: bool = False
 ) -> tuple[Peaks, Peaks, float, float]:
     """(planned, measured, arena / lower bound, planning seconds) of memfit's step."""
     torch.manual_seed(0)
     example = resolve_model(name)
-    options = CompileOptions(batch_size=b, seq_len=t, recompute=policy)
+    if policy is not None and policy.checkpoint_layers:  # every block of this model
+        policy = replace(policy, checkpoint_layers=len(example.module.blocks))
+    options = CompileOptions(b, t, recompute=policy, accumulate_grads=accumulate)
     compiled = compile_model(example, lm_loss, options)
     graph, plan, timings = compiled.graph, compiled.plan, compiled.context.timings
     assert plan is not None
@@ -100,10 +103,11 @@ def memfit_peaks(
     return (planned, planned - persistent), (measured, measured - persistent), plan.ratio, planning
 
 
-MEMFIT = {
-    "memfit, no recompute": None,
-    "memfit default (min-cut)": RecomputePolicy(),
-    "memfit budget 0.5": RecomputePolicy(activation_fraction=0.5),
+MEMFIT = {  # label: (recompute policy, tied gradients accumulated in place)
+    "memfit, no recompute": (None, False),
+    "memfit default (min-cut)": (RecomputePolicy(), False),
+    "memfit budget 0.5": (RecomputePolicy(activation_fraction=0.5), False),
+    "memfit checkpointing + accumulate": (RecomputePolicy(checkpoint_layers=1), True),
 }
 
 
@@ -126,8 +130,10 @@ def main(configs: list[str], torch_compile: bool = True) -> None:
             except Exception as e:  # noqa: BLE001 — say why instead of a number
                 row = ["", f"failed: {type(e).__name__}", "", ""]
             table.add_row(f"{name} torch.compile", f"{b}×{t}", *row)
-        for label, policy in MEMFIT.items():
-            planned, measured, ratio, planning = memfit_peaks(name, int(b), int(t), policy)
+        for label, (policy, accumulate) in MEMFIT.items():
+            planned, measured, ratio, planning = memfit_peaks(
+                name, int(b), int(t), policy, accumulate
+            )
             table.add_row(
                 f"{name} {label}",
                 f"{b}×{t}",

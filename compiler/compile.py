@@ -53,6 +53,9 @@ class CompileOptions:
     recompute: RecomputePolicy | None = RecomputePolicy()  # None: keep every activation
     backend: str = "eager"  # eager | triton: triton groups fusible nodes into generated kernels
     fused_cross_entropy: bool = True  # the LM head as chunked linear+cross-entropy ops
+    # a tied weight's gradient halves summed in place (passes/accumulate.py): one weight-sized
+    # buffer less, at the price of another fp32 summation order than eager PyTorch's
+    accumulate_grads: bool = False
     dump_after: set[str] = field(default_factory=set)
     dump_dir: Path | None = None
 
@@ -139,7 +142,8 @@ def pass_manager(
         passes.append(("linear_cross_entropy", linear_cross_entropy))
     passes.append(("precision", partial(precision_pass, precision=options.precision)))
     passes.append(("fused_update", partial(fuse_updates, backend=options.backend)))
-    passes.append(("accumulate", accumulate_into))
+    if options.accumulate_grads:
+        passes.append(("accumulate", accumulate_into))
     if options.recompute is not None:
         passes.append(("recompute", partial(recompute_pass, policy=options.recompute)))
     passes += [
@@ -239,7 +243,13 @@ def _optimize(traced: TracedStep, options: CompileOptions) -> CompiledStep:
     if options.dump_after:  # the dumps of every pass are asked for: no shortcut
         graph = PassManager(passes).run(parse(dump(traced.graph)), ctx)
     else:
-        key = (id(traced.graph), options.precision, options.backend, options.fused_cross_entropy)
+        key = (
+            id(traced.graph),
+            options.precision,
+            options.backend,
+            options.fused_cross_entropy,
+            options.accumulate_grads,
+        )
         if key not in traced.prepared:
             before = PassContext()
             prefix = PassManager(passes[:split]).run(parse(dump(traced.graph)), before)
