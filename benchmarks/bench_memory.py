@@ -24,9 +24,9 @@ printed beside its measured one.
 from __future__ import annotations
 
 import sys
-from dataclasses import replace
 import time
 from collections.abc import Iterable
+from dataclasses import replace
 
 import torch
 from rich.console import Console
