@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from compiler.compile import CompileOptions, pass_manager
 from compiler.ir import Graph, Node, Phase, Role, Value
 from compiler.passes.accumulate import accumulate_into
 from compiler.passes.buffers import plan_buffers
@@ -94,3 +95,9 @@ def test_the_plan_holds_one_weight_sized_buffer_instead_of_three() -> None:
     assert before.plan is not None and after.plan is not None
     weight = 64 * 32 * 4
     assert before.plan.arena_bytes >= 2 * weight and after.plan.arena_bytes == weight
+
+
+def test_the_pass_is_opt_in() -> None:
+    """It changes the fp32 summation order against eager PyTorch, so only when asked."""
+    assert "accumulate" not in pass_manager().names
+    assert "accumulate" in pass_manager(CompileOptions(accumulate_grads=True)).names
