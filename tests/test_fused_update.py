@@ -10,12 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from compiler import update_op
-from compiler.compile import CompileOptions, compile_model
+from compiler.compile import CompileOptions, compile_model, optimize, pass_manager, trace_model
 from compiler.ir import Graph, Node, Phase, Role, Value, dump, parse
 from compiler.liveness import scratch
 from compiler.passes.buffers import plan_buffers
 from compiler.passes.fused_update import fuse_updates
-from compiler.passes.manager import PassContext
+from compiler.passes.manager import PassContext, PassManager
 from compiler.passes.verify import verify
 from compiler.trace import eliminate_dead_nodes
 from examples import build_example
@@ -112,15 +112,19 @@ def test_triton_backend_keeps_the_traced_update() -> None:
 
 @pytest.mark.parametrize("chunk", [update_op.CHUNK_ELEMENTS, 100])
 def test_compiled_adamw_equals_torch_after_three_steps_in_eager_and_arena(chunk: int) -> None:
-    """The whole pipeline, update fused (in chunks of `chunk` elements), against
-    torch.optim.AdamW; eager and arena agree bit for bit."""
+    """The whole pipeline, update fused (in chunks of `chunk` elements): bit for bit the same
+    parameters as the pipeline without the pass (eager and arena), and torch.optim.AdamW's."""
+    options = CompileOptions(2, 16)
     original, update_op.CHUNK_ELEMENTS = update_op.CHUNK_ELEMENTS, chunk
     try:
         torch.manual_seed(0)
         example = build_example("llama-tiny")
-        step = compile_model(example, lm_loss, CompileOptions(2, 16))
+        traced = trace_model(example, lm_loss, options)
+        step = optimize(traced, options)
     finally:
         update_op.CHUNK_ELEMENTS = original
+    passes = [p for p in pass_manager(options).passes if p[0] != "fused_update"]
+    unfused = PassManager(passes).run(parse(dump(traced.graph)), PassContext())
     model = example.module
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert sum(n.op == update_op.UPDATE for n in step.graph.nodes) == len(trainable)
@@ -128,18 +132,25 @@ def test_compiled_adamw_equals_torch_after_three_steps_in_eager_and_arena(chunk:
     assert step.plan is not None
     eager = Program.from_module(step.graph, model)
     arena = Program.from_module(step.graph, model, backend=Arena(step.graph, step.plan))
+    traced_update = Program.from_module(unfused, model)
     reference = torch.optim.AdamW(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(0)
     for _ in range(3):
         ids = torch.randint(0, example.vocab_size, (2, 17), generator=gen)
         x, y = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
-        assert torch.equal(eager.step(x, y)[0], arena.step(x, y)[0])
+        loss = eager.step(x, y)[0]
+        assert torch.equal(loss, arena.step(x, y)[0])
+        assert torch.equal(loss, traced_update.step(x, y)[0])
         lm_loss(model(x), y).backward()
         reference.step()
         reference.zero_grad()
-    assert all(torch.equal(eager.state[k], arena.state[k]) for k in eager.state)
+    for k in eager.state:
+        assert torch.equal(eager.state[k], arena.state[k])
+        assert torch.equal(eager.state[k], traced_update.state[k])
+    # 2e-5: the compiled step without this pass (equal to it, above) already ends 1.25e-5 from
+    # eager PyTorch here: rounding that Adam's normalised step amplifies on near-zero gradients
     for n, p in model.named_parameters():
-        torch.testing.assert_close(eager.state[n], p.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(eager.state[n], p.detach(), rtol=1e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
