@@ -145,7 +145,8 @@ def plan_command(
     with console.status(f"tracing {model} (batch {batch_size} × {seq})"):
         traced = trace_model(example, lm_loss, options)
     config = {"model": model, "batch": batch_size, "seq": seq, "precision": precision}
-    config["backend"] = backend
+    if backend == "triton":  # the only backend that changes the plan (fused groups)
+        config["backend"] = backend
     config |= {k: v for k, v in (("lora", lora), ("quantize_base", quantize_base)) if v}
     n_layers = len(decoder_blocks(example.module) or [1])
     if sweep:

@@ -309,6 +309,8 @@ class Trainer:
     def _replan(self, budget: Budget | None, **changes: Any) -> CompiledStep:
         """The step planned again on a meta-device model with other options (the fit check)."""
         example = resolve_model(self.cfg.model, device="meta", vocab_size=self.vocab_size)
+        if self.cfg.document_mask:
+            mask_documents(example.module, self.manifest, self.cfg.model)
         options = self.compile_options(self.mesh, **changes)
         traced = trace_model(example, lm_loss, options)
         return compile_within(traced, options, budget, _layers(example))
