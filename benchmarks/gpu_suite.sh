@@ -20,5 +20,6 @@ timeout 90 python3 benchmarks/bench_gpt2_gpu.py --model llama-small --batch 4 --
     --skip-kernels 2>&1 | tee "$out/bench-llama-small.txt"
 timeout 150 python3 benchmarks/bench_gpt2_gpu.py --model gpt2-small --batch 8 --seq 1024 \
     --skip-kernels --memory-budget 0.25 2>&1 | tee "$out/bench-gpt2-small-budget.txt"
+timeout 150 python3 benchmarks/bench_attention_gpu.py 2>&1 | tee "$out/bench-attention.txt"
 timeout 420 python3 benchmarks/bench_step_gpu.py --timeout 150 --steps 10 --out "$out/step-bf16" \
     2>&1 | tail -40

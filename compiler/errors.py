@@ -23,7 +23,11 @@ class VerifyError(MemfitError):
 
 
 def user_frame(exc: BaseException) -> str:
-    """`file:line` of the innermost frame outside torch and memfit: where the user's code broke."""
+    """`file:line` of the innermost frame outside torch and memfit: where the model's code broke.
+
+    Installed libraries count as the model's code: a Hugging Face model breaks in its
+    `modeling_*.py`, and that line (not the user's one-line factory) is what to fix or report.
+    """
     frames = traceback.extract_tb(exc.__traceback__)
     for frame in reversed(frames):
         if not is_library(frame.filename):
@@ -40,10 +44,10 @@ def short_path(filename: str) -> str:
 
 
 def is_library(filename: str) -> bool:
+    """torch's and memfit's own frames: never the place a model's trace broke."""
     parts = Path(filename).parts
     return (
         "torch" in parts
-        or "site-packages" in parts
         or any(p in ("compiler", "runtime") for p in parts[-3:-1])
         or filename.startswith("<")
     )

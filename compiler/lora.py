@@ -18,12 +18,14 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from compiler.models.adapter import LORA_TARGETS
 from compiler.quantize import QuantizedLinear
 from compiler.trace import STATE_PREFIXES
 
 # Target names a user types → module-name suffixes in examples/ (gpt2: fused qkv, proj, mlp.fc,
 # mlp.proj; llama: wq wk wv wo, SwiGLU w1 gate, w3 up, w2 down). GPT-2's q, k and v share one
 # fused Linear, so any of them targets the fused `attn.qkv` (as peft does with GPT-2's c_attn).
+# Hugging Face families' suffixes for the same names are data in compiler/models/adapter.py.
 TARGET_ALIASES: dict[str, tuple[str, ...]] = {
     "q": ("attn.qkv", "attention.wq"),
     "k": ("attn.qkv", "attention.wk"),
@@ -125,7 +127,7 @@ class LoraLinear(nn.Module):
 
 def target_modules(module: nn.Module, targets: tuple[str, ...]) -> list[str]:
     """Names of the nn.Linear (or already-wrapped) modules the target names select."""
-    suffixes = {s for t in targets for s in TARGET_ALIASES.get(t, (t,))}
+    suffixes = {s for t in targets for s in TARGET_ALIASES.get(t, (t,)) + LORA_TARGETS.get(t, ())}
     linears = [
         name
         for name, m in module.named_modules()

@@ -160,6 +160,7 @@ _INDEX = [
     "index_add",
     "slice_scatter",
     "select_scatter",
+    "topk",  # mixture-of-experts routing: k is static, so the graph stays static
 ]
 _CREATION = [
     "full",
@@ -173,7 +174,7 @@ _CREATION = [
     "iota",
     "empty.memory_format",
 ]  # noqa: E501
-_COPY = ["clone", "cat", "constant_pad_nd", "stack"]
+_COPY = ["clone", "cat", "constant_pad_nd", "stack", "lift_fresh_copy"]
 _WRITE = ["copy_"]
 
 OP_KINDS: dict[str, Kind] = {

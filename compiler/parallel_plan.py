@@ -32,6 +32,7 @@ from compiler.compile import CompileOptions, compile_model
 from compiler.ir import Role
 from compiler.mesh import Mesh
 from compiler.models import resolve_model
+from compiler.models.adapter import decoder_blocks
 from compiler.passes.precision import Precision
 from compiler.passes.recompute import RecomputePolicy
 from compiler.passes.shard import DEFAULT_BUCKET_BYTES
@@ -161,7 +162,7 @@ def rank_plan(
         model = _build(name, None)
         seq = seq or model.block_size
         p = compile_rank(model, mesh, precision, batch, seq, bucket_bytes, recompute)
-        n = len(getattr(model.module, "blocks", ()))
+        n = len(decoder_blocks(model.module) or ())
         by_role = p.breakdown()
         return RankPlan(name, mesh, precision, batch, seq, n, by_role, (n,), p.ratio, recompute)
     seq = seq or cfg.block_size

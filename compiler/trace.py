@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import re
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 from torch._decomp import core_aten_decompositions
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.func import functional_call
+from torch.fx.experimental import proxy_tensor
 from torch.fx.experimental.proxy_tensor import (
     disable_proxy_modes_tracing,
     get_proxy_mode,
@@ -34,7 +36,8 @@ from compiler import attention
 from compiler.builder import GraphBuilder
 from compiler.errors import TraceError, UnsupportedOpError, is_library, short_path, user_frame
 from compiler.ir import Graph, Node, Phase, Role, Value
-from compiler.ops import OP_KINDS, ir_name
+from compiler.models.adapter import known_setting
+from compiler.ops import OP_KINDS, Kind, ir_name, kind
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 STATE_PREFIXES = ("exp_avg.", "exp_avg_sq.")
@@ -104,7 +107,7 @@ def trace(
         sums, rest = (rest[:n_t], rest[n_t:]) if accumulate else ((), rest)
         (x, y), scalars = rest[:2], rest[-2:]
         with AttentionAsOneOp():
-            loss = loss_fn(functional_call(module, bound, (x,)), y)
+            loss = loss_fn(logits_of(functional_call(module, bound, (x,))), y)
         if loss.ndim != 0:
             raise TraceError(f"the loss must be a scalar, got shape {list(loss.shape)}")
         if not training:
@@ -150,6 +153,19 @@ def trace(
     writes = [*trainable, *names[n_p + n_b : n_p + n_b + 2 * n_t]] if optimizer else []
     return_grads = return_grads or not (optimizer or accumulate)
     return _to_ir(gm, names, roles, n_t, [*writes, *sums], return_grads)
+
+
+def logits_of(output: object) -> Tensor:
+    """A forward's logits: the tensor itself, or `.logits` of a ModelOutput (Hugging Face)."""
+    if isinstance(output, Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if not isinstance(logits, Tensor):
+        raise TraceError(
+            f"the model's forward returned {type(output).__name__}; memfit needs the logits: a"
+            " tensor, or an object with a `.logits` tensor (a Hugging Face ModelOutput)"
+        )
+    return logits
 
 
 def trace_update(params: dict[str, Tensor], optimizer: AdamW = AdamW()) -> Graph:
@@ -202,17 +218,44 @@ def _adamw(
     return [*new_p, *new_m, *new_v]
 
 
+@contextmanager
+def _every_frame() -> Iterator[None]:
+    """Record whole stacks on fx nodes: make_fx keeps only frames named `forward`, but the line
+    that made an op is often in a library helper (`apply_rotary_pos_emb`, a routing function)."""
+    tracer = proxy_tensor.PythonKeyTracer
+    keep_forward_only = tracer._filter_traceback_frames
+
+    def keep_all(self: fx.Tracer, summary: traceback.StackSummary) -> traceback.StackSummary:
+        self._record_forward_stack_traces_only = False
+        return keep_forward_only(self, summary)
+
+    tracer._filter_traceback_frames = keep_all
+    try:
+        yield
+    finally:
+        tracer._filter_traceback_frames = keep_forward_only
+
+
 class AttentionAsOneOp(TorchFunctionMode):
     """Traces `F.scaled_dot_product_attention` as `memfit::attention` (and its backward as
     `memfit::attention_backward`) on any device, before ATen picks a backend: the trace then
-    holds the output and row log-sum-exp, never the [T, S] scores. A call with an explicit
-    `attn_mask` is spelled out instead (softmax of masked scores, which `passes/attention.py`
-    turns back into the op when the mask is causal); dropout cannot be traced."""
+    holds the output and row log-sum-exp, never the [T, S] scores. An explicit `attn_mask`
+    becomes the op's options when it is computed from no input and is causal / causal within a
+    window, or when it is `segments[..., :, None] == segments[..., None, :]` (one [B, T] tensor
+    read both ways: a document mask) and-ed with such a mask; other masks are spelled out
+    (softmax of masked scores). Dropout cannot be traced."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.made: dict[int, tuple[Tensor, object, tuple]] = {}  # id(result) → how it was made
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         kwargs = kwargs or {}
         if func is not F.scaled_dot_product_attention:
-            return func(*args, **kwargs)
+            out = func(*args, **kwargs)
+            if func in _EQUALS | _ANDS and isinstance(out, Tensor):
+                self.made[id(out)] = (out, func, args)  # kept alive: ids stay unique
+            return out
         call = dict(zip(_SDPA_ARGS, args, strict=False)) | kwargs
         if call.get("dropout_p", 0.0) > 0:
             where = _calling_frame()
@@ -222,12 +265,50 @@ class AttentionAsOneOp(TorchFunctionMode):
                 " model's attention dropout to 0"
             )
         mask = call.get("attn_mask")
-        if mask is not None:
-            options = _mask_options(mask, call["query"].shape[-2], call["key"].shape[-2])
+        queries, keys = call["query"].shape[-2], call["key"].shape[-2]
+        documents = self._documents(mask, queries, keys) if mask is not None else None
+        if documents is not None:
+            call["segment_ids"], (call["is_causal"], call["window"]) = documents
+            call["attn_mask"] = None
+        elif mask is not None:
+            options = _mask_options(mask, queries, keys)
             if options is None or (options[0] and call.get("is_causal")):
                 return attention.spelled_out(**call)
             call["attn_mask"], call["is_causal"], call["window"] = None, *options
         return attention.sdpa(**call)
+
+    def _documents(self, mask: Tensor, queries: int, keys: int) -> tuple[Tensor, tuple] | None:
+        """(segment ids [B, T], (causal, window)) of a document mask, else None."""
+        made = self.made.get(id(mask))
+        if made is None or made[0] is not mask or made[1] not in _ANDS or queries != keys:
+            return None
+        for equal, rest in (made[2][:2], made[2][1::-1]):
+            eq = self.made.get(id(equal))
+            if eq is None or eq[0] is not equal or eq[1] not in _EQUALS:
+                continue
+            segments = _read_both_ways(*eq[2][:2], queries)
+            options = _mask_options(rest, queries, keys) if isinstance(rest, Tensor) else None
+            if segments is not None and options is not None:
+                return segments, options
+        return None
+
+
+_EQUALS = {Tensor.__eq__, Tensor.eq, torch.eq}
+_ANDS = {Tensor.__and__, Tensor.logical_and, Tensor.bitwise_and, torch.logical_and}
+
+
+def _read_both_ways(a: object, b: object, t: int) -> Tensor | None:
+    """The [B, t] tensor that `a` ([..., t, 1]) and `b` ([..., 1, t]) both view, element for
+    element (same base, offset and strides), else None."""
+    if not (isinstance(a, Tensor) and isinstance(b, Tensor)) or a._base is None:
+        return None
+    if a.shape[-2:] != (t, 1) or b.shape[-2:] != (1, t) or a._base is not b._base:
+        return None
+    if a.numel() != b.numel() or a.is_floating_point():
+        return None
+    rows_a, rows_b = a.reshape(-1, t), b.reshape(-1, t)
+    same = rows_a.stride() == rows_b.stride() and rows_a.storage_offset() == rows_b.storage_offset()
+    return rows_a if same else None
 
 
 def _calling_frame() -> str:
@@ -273,26 +354,30 @@ _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "s
 
 def _make_fx(fn: Callable[..., list[Tensor]], example: list[Tensor]) -> fx.GraphModule:
     try:
-        return make_fx(
-            fn,
-            decomposition_table=core_aten_decompositions(),
-            tracing_mode="fake",
-            record_stack_traces=True,
-        )(*example)
+        with _every_frame():
+            return make_fx(
+                fn,
+                decomposition_table=core_aten_decompositions(),
+                tracing_mode="fake",
+                record_stack_traces=True,
+                _allow_non_fake_inputs=True,  # torch.tensor(..., device=x.device) on meta
+            )(*example)
     except TraceError:
         raise
     except Exception as exc:  # the user's forward or loss failed under tracing
         where = user_frame(exc)
-        kind = type(exc).__name__
+        exc_kind = type(exc).__name__
         hint = ""
-        if "data-dependent" in str(exc).lower() or "DynamicOutputShape" in kind:
+        if "data-dependent" in str(exc).lower() or "DynamicOutputShape" in exc_kind:
             hint = (
                 " memfit compiles static graphs: an op whose output shape depends on tensor"
                 " values (nonzero, masked_select, boolean indexing, .item()) cannot be traced."
             )
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else kind
+        if setting := known_setting(where):
+            hint += f" To avoid it, {setting}."
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else exc_kind
         at = f" at {where}" if where else ""
-        raise TraceError(f"tracing the model failed{at}: {kind}: {first_line}.{hint}") from exc
+        raise TraceError(f"tracing the model failed{at}: {exc_kind}: {first_line}.{hint}") from exc
 
 
 _FRAME = re.compile(r'File "([^"]+)", line (\d+)')
@@ -322,11 +407,16 @@ def _to_ir(
         meta = _tensor(fx_node.meta["val"], name)
         env[fx_node] = builder.input(name, tuple(meta.shape), meta.dtype, role)
 
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for fx_node in gm.graph.nodes:
-        if fx_node.op == "call_function" and fx_node.target.__name__ == "getitem":
+        if fx_node.op == "get_attr":  # a tensor the forward built from literals
+            source = next((_source(u) for u in fx_node.users), "")
+            with builder.at(Phase.FORWARD, source):
+                env[fx_node] = _constant(getattr(gm, fx_node.target), fx_node.name, builder)
+        elif fx_node.op == "call_function" and fx_node.target.__name__ == "getitem":
             env[fx_node] = env[fx_node.args[0]][fx_node.args[1]]
         elif fx_node.op == "call_function":
-            _convert(fx_node, env, builder)
+            _convert(fx_node, env, builder, order)
         elif fx_node.op == "output":
             results = [env[a] for a in fx_node.args[0]]
 
@@ -352,15 +442,21 @@ def _tensor(meta: object, name: str) -> Tensor:
 _DROPPED_KWARGS = {"device", "layout", "pin_memory"}
 
 
-def _convert(fx_node: fx.Node, env: dict[fx.Node, object], builder: GraphBuilder) -> None:
+def _convert(
+    fx_node: fx.Node, env: dict[fx.Node, object], builder: GraphBuilder, order: dict[fx.Node, int]
+) -> None:
     """Emit the IR node of one ATen call; its outputs are typed by the op on meta tensors."""
     op = ir_name(fx_node.target)
     source = _source(fx_node)
+    if op not in OP_KINDS and fx_node.target._schema.is_mutable:
+        op = _functional(fx_node, op, order, source)
     if op not in OP_KINDS:
         where = f" at {source}" if source else ""
+        setting = known_setting(source, op)
+        fix = setting or "rewrite the model to avoid it or add it to compiler/ops.py"
         raise UnsupportedOpError(
             f"op aten.{fx_node.target.name().split('::')[1]} (node {fx_node.name}){where} is not"
-            " in memfit's op set; rewrite the model to avoid it or add it to compiler/ops.py"
+            f" in memfit's op set; {fix}"
         )
 
     def arg(a: object) -> object:
@@ -391,6 +487,66 @@ def _convert(fx_node: fx.Node, env: dict[fx.Node, object], builder: GraphBuilder
     builder.source = source  # phases are assigned once the whole step is traced
     outputs = builder.emit(op, tuple(arg(a) for a in fx_node.args), kwargs, names=fx_node.name)
     env[fx_node] = outputs if isinstance(meta, list | tuple) else outputs[0]
+
+
+CONSTANT_ELEMENTS = 64  # larger constants belong in a buffer, where the state holds them
+
+
+def _constant(tensor: Tensor, name: str, builder: GraphBuilder) -> Value:
+    """Creation nodes that rebuild a constant the forward made (`torch.tensor([...])`).
+
+    The IR is text that parses back, so a constant lives in the graph as its literal values:
+    one `full` when every element is equal (empty tensors included), else one `scalar_tensor`
+    per element, stacked and viewed to its shape. Big tables are refused: as a registered
+    buffer they become a graph input instead of thousands of nodes.
+    """
+    shape, dtype = list(tensor.shape), tensor.dtype
+    # a constant made on the meta device (planning) has no values: only its shape matters
+    flat = [0] * tensor.numel() if tensor.is_meta else tensor.detach().cpu().flatten().tolist()
+    if len(set(flat)) <= 1:
+        return builder.emit1("full", (shape, flat[0] if flat else 0), {"dtype": dtype}, name)
+    if len(flat) > CONSTANT_ELEMENTS:
+        where = f" at {builder.source}" if builder.source else ""
+        raise TraceError(
+            f"the forward builds a constant tensor of {len(flat)} elements{where}; memfit keeps"
+            f" constants of up to {CONSTANT_ELEMENTS} elements in the graph. Register it once as"
+            " a buffer (self.register_buffer(name, tensor, persistent=False)) and read that"
+        )
+    scalars = [builder.emit1("scalar_tensor", (x,), {"dtype": dtype}, name) for x in flat]
+    return builder.emit1("view", (builder.emit1("stack", (scalars,), {}, name), shape), {}, name)
+
+
+def _functional(fx_node: fx.Node, op: str, order: dict[fx.Node, int], source: str) -> str:
+    """`div_.Tensor` → `div.Tensor`: an in-place write the IR can express as a new value.
+
+    Library code updates fresh temporaries in place (`x /= x.sum(-1, keepdim=True)`). Once
+    every later reader reads the write's result, the old value is dead and the out-of-place op
+    computes the same thing. A write into an input or a view would also change what other
+    names see, which a value graph cannot say: that is refused with the line that wrote.
+    """
+    packet, dot, variant = op.partition(".")
+    functional = packet.removesuffix("_") + dot + variant
+    target = fx_node.args[0]
+    if not isinstance(target, fx.Node):
+        return op
+    producer = target.args[0] if getattr(target.target, "__name__", "") == "getitem" else target
+    fresh = (
+        producer.op == "call_function"
+        and isinstance(producer.target, torch._ops.OpOverload)
+        and ir_name(producer.target) in OP_KINDS
+        and kind(ir_name(producer.target)) is not Kind.VIEW
+        and all(u is fx_node or order[u] < order[fx_node] for u in target.users)
+    )
+    if functional == op or functional not in OP_KINDS:
+        return op
+    if not fresh:
+        where = f" at {source}" if source else ""
+        raise UnsupportedOpError(
+            f"op aten.{op} (node {fx_node.name}){where} writes in place into a view, an input"
+            " or a tensor read again afterwards; memfit's graph holds values, so write"
+            f" `x = x.{packet.removesuffix('_')}(...)` instead"
+        )
+    return functional
 
 
 def eliminate_dead_nodes(graph: Graph) -> None:

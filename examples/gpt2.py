@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from examples.layers import causal_attention, init_normal, merge_heads, split_heads
+from examples.layers import causal_attention, documents, init_normal, merge_heads, split_heads
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,9 +36,9 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, segments: Tensor | None) -> Tensor:
         q, k, v = (split_heads(t, self.n_head) for t in self.qkv(x).chunk(3, dim=-1))
-        return self.proj(merge_heads(causal_attention(q, k, v)))
+        return self.proj(merge_heads(causal_attention(q, k, v, segments)))
 
 
 class MLP(nn.Module):
@@ -59,8 +59,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: Tensor, segments: Tensor | None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), segments)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -75,6 +75,7 @@ class GPT2(nn.Module):
         self.norm_f = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight
+        self.document_eos: int | None = None  # set: rows are documents packed with this EOS
 
         self.apply(init_normal)
         nn.init.normal_(self.pos_emb, std=0.02)
@@ -85,8 +86,12 @@ class GPT2(nn.Module):
             nn.init.normal_(block.mlp.proj.weight, std=residual_std)
 
     def forward(self, idx: Tensor) -> Tensor:
-        t = idx.shape[1]
-        x = self.tok_emb(idx) + self.pos_emb[:t]
+        if self.document_eos is None:
+            segments, pos = None, self.pos_emb[: idx.shape[1]]
+        else:  # packed documents: attention and positions restart at each
+            segments, positions = documents(idx, self.document_eos)
+            pos = F.embedding(positions, self.pos_emb)
+        x = self.tok_emb(idx) + pos
         for block in self.blocks:
-            x = block(x)
+            x = block(x, segments)
         return self.lm_head(self.norm_f(x))

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from examples.layers import causal_attention, init_normal, merge_heads, split_heads
+from examples.layers import causal_attention, documents, init_normal, merge_heads, split_heads
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,11 +89,11 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.n_embd, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, segments: Tensor | None) -> Tensor:
         q = apply_rope(split_heads(self.wq(x), self.n_head), cos, sin)
         k = apply_rope(split_heads(self.wk(x), self.n_kv_head), cos, sin)
         v = split_heads(self.wv(x), self.n_kv_head)
-        return self.wo(merge_heads(causal_attention(q, k, v)))
+        return self.wo(merge_heads(causal_attention(q, k, v, segments)))
 
 
 class FeedForward(nn.Module):
@@ -117,8 +117,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, segments: Tensor | None) -> Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, segments)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -132,6 +132,7 @@ class Llama(nn.Module):
         self.norm_f = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight
+        self.document_eos: int | None = None  # set: rows are documents packed with this EOS
         cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -139,8 +140,11 @@ class Llama(nn.Module):
 
     def forward(self, idx: Tensor) -> Tensor:
         t = idx.shape[1]
-        cos, sin = self.rope_cos[:t], self.rope_sin[:t]
+        cos, sin, segments = self.rope_cos[:t], self.rope_sin[:t], None
+        if self.document_eos is not None:  # packed documents: rotary positions restart at each
+            segments, positions = documents(idx, self.document_eos)
+            cos, sin = (F.embedding(positions, table).unsqueeze(1) for table in (cos, sin))
         x = self.tok_emb(idx)
         for block in self.blocks:
-            x = block(x, cos, sin)
+            x = block(x, cos, sin, segments)
         return self.lm_head(self.norm_f(x))

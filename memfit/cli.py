@@ -50,6 +50,11 @@ COMMANDS = {
         "prune_command",
         "Prune MODEL's Linear weights by magnitude and report the validation-loss cost.",
     ),
+    "export": (
+        "memfit.export_cmd",
+        "export_command",
+        "Write RUN_DIR's trained weights to --out as a Hugging Face directory.",
+    ),
 }
 INSPECT_COMMANDS = {
     "kernels": (
@@ -130,7 +135,8 @@ def main(debug: bool) -> None:
     """memfit: a training compiler that makes transformer training fit in less memory.
 
     MODEL is a built-in example (gpt2-tiny, gpt2-mini, gpt2-small, llama-tiny, llama-mini,
-    llama-small, llama-7b, llama-13b, llama-70b) or path/to/file.py:factory.
+    llama-small, llama-7b, llama-13b, llama-70b), hf:DIR (a local Hugging Face model
+    directory) or path/to/file.py:factory.
     """
 
 

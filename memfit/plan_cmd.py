@@ -19,6 +19,7 @@ from rich.table import Table
 from compiler.budget import Budget, SweepPoint, compile_within, sweep_budgets
 from compiler.compile import CompileOptions, trace_model
 from compiler.models import resolve_model
+from compiler.models.adapter import decoder_blocks
 from compiler.passes.recompute import RecomputePolicy
 from compiler.plan import MemoryPlan, fmt_bytes
 from compiler.plan_render import write_html, write_png
@@ -144,9 +145,10 @@ def plan_command(
     with console.status(f"tracing {model} (batch {batch_size} × {seq})"):
         traced = trace_model(example, lm_loss, options)
     config = {"model": model, "batch": batch_size, "seq": seq, "precision": precision}
-    config["backend"] = backend
+    if backend == "triton":  # the only backend that changes the plan (fused groups)
+        config["backend"] = backend
     config |= {k: v for k, v in (("lora", lora), ("quantize_base", quantize_base)) if v}
-    n_layers = len(getattr(example.module, "blocks", [1]))
+    n_layers = len(decoder_blocks(example.module) or [1])
     if sweep:
         with console.status("planning the sweep"):
             points = sweep_budgets(traced, options, n_layers)

@@ -27,7 +27,12 @@ class DataErrorExit(click.ClickException):
 @click.command("prepare")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory.")
-@click.option("--tokenizer", type=click.Choice(["byte", "bpe"]), default="byte", show_default=True)
+@click.option(
+    "--tokenizer",
+    default="byte",
+    show_default=True,
+    help="byte, bpe (trained on INPUTS), or hf:DIR (a Hugging Face model's tokenizer.json).",
+)
 @click.option(
     "--vocab-size",
     type=click.IntRange(min=257),

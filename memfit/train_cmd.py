@@ -88,6 +88,12 @@ DEFAULT = TrainConfig()
 )
 @click.option("--tp", type=click.IntRange(min=1), default=DEFAULT.tp, show_default=True)
 @click.option(
+    "--document-mask",
+    is_flag=True,
+    help="Keep attention inside each packed document (split at the data's EOS); positions"
+    " restart per document.",
+)
+@click.option(
     "--zero",
     type=click.IntRange(0, 2),
     default=DEFAULT.zero,

@@ -45,7 +45,7 @@ from rich.progress import (
 
 from pipelines.errors import DataError
 from pipelines.manifest import MANIFEST_NAME, SPLITS, Manifest, SourceInfo, SplitInfo
-from pipelines.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer
+from pipelines.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, model_tokenizer
 
 ARROW_FILES = {split: f"{split}.arrow" for split in SPLITS}
 OUTPUT_NAMES = (*ARROW_FILES.values(), BPETokenizer.file_name, MANIFEST_NAME)
@@ -91,10 +91,10 @@ def prepare(
 ) -> Manifest:
     """Tokenize `inputs` (files or directories) into `out_dir`; return the written manifest.
 
-    `tokenizer` is a Tokenizer, "byte", or "bpe", which first trains a byte-level BPE of
-    `vocab_size` on the inputs. `workers=None` uses one process for small inputs and all cores
-    otherwise. Raises DataError naming the file (and line or row) for bad input, and when
-    `out_dir` already holds prepared data and not `overwrite`.
+    `tokenizer` is a Tokenizer, "byte", "hf:DIR" (a model's tokenizer.json), or "bpe", which
+    first trains a byte-level BPE of `vocab_size` on the inputs. `workers=None` uses one process
+    for small inputs and all cores otherwise. Raises DataError naming the file (and line or row)
+    for bad input, and when `out_dir` already holds prepared data and not `overwrite`.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -155,7 +155,9 @@ def _make_tokenizer(
     if tokenizer == "bpe":
         texts = (text for job in jobs for text, _ in _documents(job, text_column))
         return BPETokenizer.train(texts, vocab_size, show_progress=progress)
-    raise ValueError(f"tokenizer must be 'byte', 'bpe' or a Tokenizer, got {tokenizer!r}")
+    if tokenizer.startswith("hf:"):
+        return model_tokenizer(Path(tokenizer.removeprefix("hf:")))
+    raise ValueError(f"tokenizer must be 'byte', 'bpe', 'hf:DIR' or a Tokenizer, got {tokenizer!r}")
 
 
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:

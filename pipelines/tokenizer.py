@@ -1,4 +1,5 @@
-"""Tokenizers: raw bytes for tiny models and tests, byte-level BPE trained on the input otherwise.
+"""Tokenizers: raw bytes for tiny models and tests, byte-level BPE trained on the input, or the
+tokenizer.json of a Hugging Face model directory (`hf:DIR`) to train that model on.
 
 A tokenizer's identity (`to_json()`) is written into every manifest, so that a run can refuse data
 prepared with another tokenizer (`manifest.token_mismatch_check`) and rebuild the exact tokenizer
@@ -6,6 +7,7 @@ from a prepared directory (`tokenizer_from_json`).
 """
 
 import hashlib
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -72,8 +74,9 @@ class BPETokenizer:
 
     file_name = "tokenizer.json"
 
-    def __init__(self, json_text: str) -> None:
+    def __init__(self, json_text: str, eos_token: str = EOS_TOKEN) -> None:
         self._json = json_text
+        self.eos_token = eos_token
         try:
             self._tok = HFTokenizer.from_str(json_text)
         except Exception as e:  # `tokenizers` raises a bare Exception for malformed JSON
@@ -81,9 +84,9 @@ class BPETokenizer:
         # Not serialised by `tokenizers`: without it, "<|endoftext|>" inside a document would
         # become a real EOS and split it.
         self._tok.encode_special_tokens = True
-        eos = self._tok.token_to_id(EOS_TOKEN)
+        eos = self._tok.token_to_id(eos_token)
         if eos is None:
-            raise ValueError(f"tokenizer has no {EOS_TOKEN} token")
+            raise ValueError(f"tokenizer has no {eos_token} token")
         self.eos_id: int = eos
         self.vocab_size: int = self._tok.get_vocab_size()
 
@@ -107,8 +110,8 @@ class BPETokenizer:
         return cls(tok.to_str())
 
     @classmethod
-    def load(cls, path: Path) -> "BPETokenizer":
-        return cls(path.read_text(encoding="utf-8"))
+    def load(cls, path: Path, eos_token: str = EOS_TOKEN) -> "BPETokenizer":
+        return cls(path.read_text(encoding="utf-8"), eos_token)
 
     def save(self, path: Path) -> None:
         path.write_text(self._json, encoding="utf-8")
@@ -126,10 +129,51 @@ class BPETokenizer:
             "eos_id": self.eos_id,
             "file": self.file_name,
             "sha256": hashlib.sha256(self._json.encode("utf-8")).hexdigest(),
-        }
+        } | ({"eos_token": self.eos_token} if self.eos_token != EOS_TOKEN else {})
 
-    def __reduce__(self) -> tuple[type, tuple[str]]:
-        return BPETokenizer, (self._json,)
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        return BPETokenizer, (self._json, self.eos_token)
+
+
+def model_tokenizer(directory: Path) -> BPETokenizer:
+    """A Hugging Face model's own tokenizer (DIR/tokenizer.json), so that data prepared with it
+    feeds that model's embedding. EOS is the model's: tokenizer_config.json's `eos_token`, else
+    the token of config.json's `eos_token_id`."""
+    path = Path(directory) / BPETokenizer.file_name
+    if not path.is_file():
+        raise DataError(f"hf:{directory}: no {BPETokenizer.file_name} in the model directory")
+    text = path.read_text(encoding="utf-8")
+    eos = _model_eos(Path(directory), text)
+    try:
+        return BPETokenizer(text, eos)
+    except ValueError as e:
+        raise DataError(f"{path}: {e}") from e
+
+
+def _model_eos(directory: Path, tokenizer_json: str) -> str:
+    config_path = directory / "tokenizer_config.json"
+    if config_path.is_file():
+        eos = json.loads(config_path.read_text()).get("eos_token")
+        if isinstance(eos, dict):
+            eos = eos.get("content")
+        if isinstance(eos, str):
+            return eos
+    model_config = directory / "config.json"
+    eos_id = (
+        json.loads(model_config.read_text()).get("eos_token_id") if model_config.is_file() else None
+    )
+    eos_id = eos_id[0] if isinstance(eos_id, list) else eos_id
+    token = (
+        HFTokenizer.from_str(tokenizer_json).id_to_token(eos_id)
+        if isinstance(eos_id, int)
+        else None
+    )
+    if token is None:
+        raise DataError(
+            f"hf:{directory}: no end-of-text token: neither tokenizer_config.json's eos_token nor"
+            " config.json's eos_token_id names one"
+        )
+    return token
 
 
 def tokenizer_from_json(spec: Mapping[str, Any], directory: Path) -> Tokenizer:
@@ -140,7 +184,7 @@ def tokenizer_from_json(spec: Mapping[str, Any], directory: Path) -> Tokenizer:
     if kind == "bpe":
         path = Path(directory) / str(spec["file"])
         try:
-            tok = BPETokenizer.load(path)
+            tok = BPETokenizer.load(path, str(spec.get("eos_token", EOS_TOKEN)))
         except (OSError, ValueError) as e:
             raise DataError(f"{path}: cannot load tokenizer ({e})") from e
         if tok.to_json() != dict(spec):

@@ -101,6 +101,7 @@ class TrainConfig:
     precision: Precision = Precision.FP32  # master weights and AdamW states stay fp32
     lora: LoraConfig | None = None  # adapters on a frozen base
     quantize_base: str | None = None  # int8 | nf4 frozen base (with lora)
+    document_mask: bool = False  # attention within each packed document (the data's EOS)
     memory_budget: str | None = None  # SIZE or FRACTION, as `memfit plan --memory-budget`
     recompute: bool = True  # False: keep every activation the backward reads
     device_memory: str | None = None  # SIZE; default on CUDA: the device's free memory
@@ -147,6 +148,20 @@ class TrainConfig:
         if self.grad_accum > 1:
             raise TrainingError("--grad-accum with --dp/--tp is not supported yet")
         return mesh
+
+
+def mask_documents(module: torch.nn.Module, manifest: Manifest, model: str) -> None:
+    """--document-mask: the model attends within each document the data packs (and restarts
+    positions at each), split at the tokenizer's EOS."""
+    if not hasattr(module, "document_eos"):
+        raise TrainingError(
+            f"--document-mask: {model} has no `document_eos` attribute; the built-in gpt2 and"
+            " llama examples mask packed documents, a model file must handle it itself"
+        )
+    eos = manifest.tokenizer.get("eos_id")
+    if eos is None:
+        raise TrainingError("--document-mask: the prepared data's tokenizer names no eos_id")
+    module.document_eos = int(eos)
 
 
 def make_deterministic() -> None:
@@ -217,6 +232,8 @@ class Trainer:
                 f"the data in {data_dir} has a vocabulary of {vocab} tokens but {cfg.model}"
                 f" embeds only {example.vocab_size}"
             )
+        if cfg.document_mask:
+            mask_documents(example.module, self.manifest, cfg.model)
         window_tokens = cfg.batch_size * self.seq_len
         self.val_dataset = _optional_split(data_dir, "val", window_tokens, cfg.cache_dir)
         self.settings = run_settings(cfg, self.seq_len, self.manifest)
@@ -292,6 +309,8 @@ class Trainer:
     def _replan(self, budget: Budget | None, **changes: Any) -> CompiledStep:
         """The step planned again on a meta-device model with other options (the fit check)."""
         example = resolve_model(self.cfg.model, device="meta", vocab_size=self.vocab_size)
+        if self.cfg.document_mask:
+            mask_documents(example.module, self.manifest, self.cfg.model)
         options = self.compile_options(self.mesh, **changes)
         traced = trace_model(example, lm_loss, options)
         return compile_within(traced, options, budget, _layers(example))

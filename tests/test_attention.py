@@ -86,12 +86,14 @@ def test_op_is_exact_in_fp64(p: dict) -> None:
 
 @examples(30)
 @given(problems())
-def test_op_in_fp32_equals_the_definition(p: dict) -> None:
-    """In fp32 the op is within the compiled-step tolerance of the exact (fp64) definition,
-    atol per unit of the tensor's largest entry: gradients are sums with cancellation."""
-    got, want = _both(p, torch.float32, torch.float64)
-    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
-        atol = TOL["atol"] * max(1.0, b.abs().max().item())
+def test_op_in_fp32_is_close_to_the_exact_definition(p: dict) -> None:
+    """Against the exact (fp64) definition: rtol 1e-5 and atol 1e-5 per unit of the largest
+    entry. The backward recomputes p = exp(s − lse) from the fp32 lse, whose rounding is
+    |lse|·2⁻²⁴ relative (FlashAttention's trade): a little looser than the compiled-step atol,
+    which the examples and the Hugging Face model meet (tests below)."""
+    got, exact = _both(p, torch.float32, torch.float64)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, exact, strict=True):
+        atol = 1e-5 * max(1.0, b.abs().max().item())
         torch.testing.assert_close(
             a, b.float(), rtol=TOL["rtol"], atol=atol, msg=lambda m, n=name: f"{n}: {m}"
         )
@@ -162,6 +164,11 @@ class TinyAttention(nn.Module):
             kw["attn_mask"] = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
         elif self.mode == "other":  # not causal: spelled out
             kw["attn_mask"] = torch.ones(t, t, dtype=torch.bool, device=x.device).triu()
+        elif self.mode in ("documents", "two-tensors"):  # segment equality and causal
+            a = x % 3
+            b = a if self.mode == "documents" else x % 3  # equal, not one tensor: spelled out
+            same = a[:, None, :, None] == b[:, None, None, :]
+            kw["attn_mask"] = same & torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
         elif self.mode == "dropout":
             kw["dropout_p"] = 0.1
         y = F.scaled_dot_product_attention(q, k, v, **kw)
@@ -188,13 +195,15 @@ def _batch(vocab: int, b: int = 2, t: int = 9) -> tuple[Tensor, Tensor]:
     return x[:, :-1], x[:, 1:]
 
 
-@pytest.mark.parametrize("mode", ["causal", "mask", "other"])
+@pytest.mark.parametrize("mode", ["causal", "mask", "other", "documents", "two-tensors"])
 def test_sdpa_traces_into_the_op_and_matches_eager(mode: str) -> None:
     torch.manual_seed(0)
     model, batch = TinyAttention(mode), _batch(40)
     graph = trace(model, lm_loss, batch, return_grads=True)
     ops = _ops(graph)
-    if mode == "other":
+    forward = [n for n in graph.nodes if n.op == A.FORWARD]
+    assert (mode == "documents") == bool(forward and forward[0].args[3] is not None)
+    if mode in ("other", "two-tensors"):
         assert A.FORWARD not in ops and "_softmax" in ops
     else:
         assert ops.count(A.FORWARD) == 1 and ops.count(A.BACKWARD) == 1 and "_softmax" not in ops

@@ -142,7 +142,8 @@ def test_fp16_resume_restores_the_loss_scale(data: Path, tmp_path: Path) -> None
         json.loads((run / "checkpoints" / "step-00000010" / "state.json").read_text())
         for run in (straight, crashed)
     ]
-    assert scalers[0]["loss_scaler"]["clean_steps"] == 10
+    counted = scalers[0]["loss_scaler"]  # the corpus is this repository's source: it moves
+    assert counted["clean_steps"] + counted["skipped_steps"] == 10
     assert scalers[0]["loss_scaler"] == scalers[1]["loss_scaler"]
     want, got = _final_tensors(straight), _final_tensors(crashed)
     assert want.keys() == got.keys()

@@ -34,6 +34,13 @@ def _tanh(x):
 
 
 @triton.jit
+def _tile(base, rows, row_stride, n_rows, cols, n_cols):
+    """A [rows, cols] tile of a row-strided matrix, zero outside n_rows × n_cols."""
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    return tl.load(base + rows[:, None] * row_stride + cols[None, :], mask, other=0.0)
+
+
+@triton.jit
 def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """a·b with fp32 accumulation; UPCAST multiplies the (already rounded) operands in fp32:
     the interpreter's bf16 dot is wrong, and fp32 products of bf16 values are exact."""
@@ -94,8 +101,7 @@ def _attention_forward(
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q_ptr = Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_t + offs_d[None, :]
-    q = tl.load(q_ptr, (offs_m[:, None] < T) & (offs_d[None, :] < D), other=0.0)
+    q = _tile(Q + b * sq_b + h * sq_h, offs_m, sq_t, T, offs_d, D)
     seg_q = offs_m
     if HAS_SEG:
         seg_q = tl.load(SEG + b * T + offs_m, offs_m < T, other=-2)
@@ -105,8 +111,7 @@ def _attention_forward(
     lo, hi = _key_range(start_m, T, S, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_ptr = K + b * sk_b + hk * sk_h + offs_n[:, None] * sk_t + offs_d[None, :]
-        k = tl.load(k_ptr, (offs_n[:, None] < S) & (offs_d[None, :] < D), other=0.0)
+        k = _tile(K + b * sk_b + hk * sk_h, offs_n, sk_t, S, offs_d, D)
         s, _ = _scores(q, k, offs_m, offs_n, T, S, seg_q, SEG + b * T, scale, softcap,
                        CAUSAL, WINDOW, HAS_SEG, SOFTCAP, PRECISION, UPCAST)  # fmt: skip
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -114,8 +119,7 @@ def _attention_forward(
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v_ptr = V + b * sv_b + hk * sv_h + offs_n[:, None] * sv_t + offs_dv[None, :]
-        v = tl.load(v_ptr, (offs_n[:, None] < S) & (offs_dv[None, :] < DV), other=0.0)
+        v = _tile(V + b * sv_b + hk * sv_h, offs_n, sv_t, S, offs_dv, DV)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
         m_i = m_new
     empty = l_i == 0.0
@@ -124,6 +128,29 @@ def _attention_forward(
     o_ptr = OUT + b * so_b + h * so_h + offs_m[:, None] * so_t + offs_dv[None, :]
     tl.store(o_ptr, out.to(OUT.dtype.element_ty), (offs_m[:, None] < T) & (offs_dv[None, :] < DV))
     tl.store(LSE + bh * T + offs_m, lse, offs_m < T)
+
+
+@triton.jit
+def _rows(LSE, DELTA, SEG, bh, b, T, offs_m, HAS_SEG: tl.constexpr):
+    """A query block's lse (0 for rows that see no key: their p is 0 anyway), rowsum(dO∘O)
+    and segment ids."""
+    rows = offs_m < T
+    lse = tl.load(LSE + bh * T + offs_m, rows, other=0.0)
+    delta = tl.load(DELTA + bh * T + offs_m, rows, other=0.0)
+    seg_q = offs_m
+    if HAS_SEG:
+        seg_q = tl.load(SEG + b * T + offs_m, rows, other=-2)
+    return tl.where(lse == float("-inf"), 0.0, lse), delta, seg_q
+
+
+@triton.jit
+def _dscores(p, capped, do, v, delta, scale, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
+             UPCAST: tl.constexpr):  # fmt: skip
+    """d scores·scale of a block: P∘(dO·Vᵀ − rowsum(dO∘O)), times tanh' under soft-capping."""
+    ds = p * (_dot(do, tl.trans(v), PRECISION, UPCAST) - delta[:, None])
+    if SOFTCAP:
+        ds = ds * (1.0 - capped * capped)
+    return ds * scale
 
 
 @triton.jit
@@ -142,10 +169,8 @@ def _attention_backward_dkdv(
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k_ptr = K + b * sk_b + hk * sk_h + offs_n[:, None] * sk_t + offs_d[None, :]
-    k = tl.load(k_ptr, (offs_n[:, None] < S) & (offs_d[None, :] < D), other=0.0)
-    v_ptr = V + b * sv_b + hk * sv_h + offs_n[:, None] * sv_t + offs_dv[None, :]
-    v = tl.load(v_ptr, (offs_n[:, None] < S) & (offs_dv[None, :] < DV), other=0.0)
+    k = _tile(K + b * sk_b + hk * sk_h, offs_n, sk_t, S, offs_d, D)
+    v = _tile(V + b * sv_b + hk * sv_h, offs_n, sv_t, S, offs_dv, DV)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     lo = 0
@@ -158,26 +183,14 @@ def _attention_backward_dkdv(
         h = hk * REP + r
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
-            rows = offs_m < T
-            q_ptr = Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_t + offs_d[None, :]
-            q = tl.load(q_ptr, rows[:, None] & (offs_d[None, :] < D), other=0.0)
-            do_ptr = DO + b * sd_b + h * sd_h + offs_m[:, None] * sd_t + offs_dv[None, :]
-            do = tl.load(do_ptr, rows[:, None] & (offs_dv[None, :] < DV), other=0.0)
-            lse = tl.load(LSE + (b * H + h) * T + offs_m, rows, other=0.0)
-            lse = tl.where(lse == float("-inf"), 0.0, lse)
-            delta = tl.load(DELTA + (b * H + h) * T + offs_m, rows, other=0.0)
-            seg_q = offs_m
-            if HAS_SEG:
-                seg_q = tl.load(SEG + b * T + offs_m, rows, other=-2)
+            q = _tile(Q + b * sq_b + h * sq_h, offs_m, sq_t, T, offs_d, D)
+            do = _tile(DO + b * sd_b + h * sd_h, offs_m, sd_t, T, offs_dv, DV)
+            lse, delta, seg_q = _rows(LSE, DELTA, SEG, b * H + h, b, T, offs_m, HAS_SEG)
             s, capped = _scores(q, k, offs_m, offs_n, T, S, seg_q, SEG + b * T, scale, softcap,
                                 CAUSAL, WINDOW, HAS_SEG, SOFTCAP, PRECISION, UPCAST)  # fmt: skip
             p = tl.exp(s - lse[:, None])
             dv += _dot(tl.trans(p.to(do.dtype)), do, PRECISION, UPCAST)
-            dp = _dot(do, tl.trans(v), PRECISION, UPCAST)
-            ds = p * (dp - delta[:, None])
-            if SOFTCAP:
-                ds = ds * (1.0 - capped * capped)
-            ds = ds * scale
+            ds = _dscores(p, capped, do, v, delta, scale, SOFTCAP, PRECISION, UPCAST)
             dk += _dot(tl.trans(ds.to(q.dtype)), q, PRECISION, UPCAST)
     keys = offs_n[:, None] < S
     dk_ptr = DK + b * sdk_b + hk * sdk_h + offs_n[:, None] * sdk_t + offs_d[None, :]
@@ -204,32 +217,20 @@ def _attention_backward_dq(
     rows = offs_m < T
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q_ptr = Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_t + offs_d[None, :]
-    q = tl.load(q_ptr, rows[:, None] & (offs_d[None, :] < D), other=0.0)
-    do_ptr = DO + b * sd_b + h * sd_h + offs_m[:, None] * sd_t + offs_dv[None, :]
-    do = tl.load(do_ptr, rows[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    lse = tl.load(LSE + bh * T + offs_m, rows, other=0.0)
-    lse = tl.where(lse == float("-inf"), 0.0, lse)
-    delta = tl.load(DELTA + bh * T + offs_m, rows, other=0.0)
-    seg_q = offs_m
-    if HAS_SEG:
-        seg_q = tl.load(SEG + b * T + offs_m, rows, other=-2)
+    q = _tile(Q + b * sq_b + h * sq_h, offs_m, sq_t, T, offs_d, D)
+    do = _tile(DO + b * sd_b + h * sd_h, offs_m, sd_t, T, offs_dv, DV)
+    lse, delta, seg_q = _rows(LSE, DELTA, SEG, bh, b, T, offs_m, HAS_SEG)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     lo, hi = _key_range(start_m, T, S, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_ptr = K + b * sk_b + hk * sk_h + offs_n[:, None] * sk_t + offs_d[None, :]
-        k = tl.load(k_ptr, (offs_n[:, None] < S) & (offs_d[None, :] < D), other=0.0)
-        v_ptr = V + b * sv_b + hk * sv_h + offs_n[:, None] * sv_t + offs_dv[None, :]
-        v = tl.load(v_ptr, (offs_n[:, None] < S) & (offs_dv[None, :] < DV), other=0.0)
+        k = _tile(K + b * sk_b + hk * sk_h, offs_n, sk_t, S, offs_d, D)
+        v = _tile(V + b * sv_b + hk * sv_h, offs_n, sv_t, S, offs_dv, DV)
         s, capped = _scores(q, k, offs_m, offs_n, T, S, seg_q, SEG + b * T, scale, softcap,
                             CAUSAL, WINDOW, HAS_SEG, SOFTCAP, PRECISION, UPCAST)  # fmt: skip
         p = tl.exp(s - lse[:, None])
-        dp = _dot(do, tl.trans(v), PRECISION, UPCAST)
-        ds = p * (dp - delta[:, None])
-        if SOFTCAP:
-            ds = ds * (1.0 - capped * capped)
-        dq += _dot((ds * scale).to(k.dtype), k, PRECISION, UPCAST)
+        ds = _dscores(p, capped, do, v, delta, scale, SOFTCAP, PRECISION, UPCAST)
+        dq += _dot(ds.to(k.dtype), k, PRECISION, UPCAST)
     dq_ptr = DQ + b * sdq_b + h * sdq_h + offs_m[:, None] * sdq_t + offs_d[None, :]
     tl.store(dq_ptr, dq.to(DQ.dtype.element_ty), rows[:, None] & (offs_d[None, :] < D))
 

@@ -1,4 +1,4 @@
-"""Resolve a MODEL argument: a built-in example name, or `path/to/file.py:factory`."""
+"""Resolve a MODEL argument: a built-in example name, `hf:DIR`, or `path/to/file.py:factory`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import torch
 from torch import nn
 
 from compiler.errors import MemfitError, user_frame
+from compiler.models import hf
+from compiler.models.adapter import context_length
 from examples import EXAMPLES, ExampleModel, build_example
 
 
@@ -22,15 +24,17 @@ def resolve_model(
 ) -> ExampleModel:
     """Build the model `spec` names on `device` ("meta" plans without allocating weights).
 
-    `vocab_size` sizes a built-in example's embedding (a user's file builds its own).
+    `vocab_size` sizes a built-in example's embedding (a user's file or directory builds its own).
     """
+    if spec.startswith(hf.PREFIX):
+        return hf.load_hf(spec, device=device)
     with torch.device(device):
         if spec in EXAMPLES:
             return build_example(spec, vocab_size)
         if ":" not in spec:
             raise ModelSpecError(
-                f"MODEL {spec!r} is neither a built-in example ({', '.join(EXAMPLES)}) nor"
-                " path/to/file.py:factory"
+                f"MODEL {spec!r} is neither a built-in example ({', '.join(EXAMPLES)}),"
+                " hf:DIR (a Hugging Face model directory) nor path/to/file.py:factory"
             )
         return _from_file(spec)
 
@@ -64,6 +68,8 @@ def _from_file(spec: str) -> ExampleModel:
         ) from exc
     if isinstance(built, ExampleModel):
         return built
+    if hf.is_hf_model(built):
+        return hf.as_example(built, spec)
     if not isinstance(built, nn.Module):
         raise ModelSpecError(
             f"MODEL {spec!r}: {factory_name}() returned {type(built).__name__}; expected an"
@@ -71,10 +77,11 @@ def _from_file(spec: str) -> ExampleModel:
         )
     config = getattr(built, "config", built)
     vocab = getattr(config, "vocab_size", None)
-    block = getattr(config, "block_size", None) or getattr(config, "max_seq_len", None)
+    block = getattr(config, "block_size", None) or context_length(config)
     if not isinstance(vocab, int) or not isinstance(block, int):
         raise ModelSpecError(
             f"MODEL {spec!r}: the module needs integer `vocab_size` and `block_size` attributes"
-            " (on itself or on `.config`), or return an examples.ExampleModel"
+            " (on itself or on `.config`), or return an examples.ExampleModel or a transformers"
+            " PreTrainedModel"
         )
     return ExampleModel(built, vocab, block, spec)

@@ -43,11 +43,10 @@ from compiler.builder import GraphBuilder
 from compiler.errors import VerifyError
 from compiler.ir import Graph, Phase, Role, Value
 from compiler.mesh import Mesh, MeshError
+from compiler.models.adapter import TPLayout, tp_layout, tp_sizes
 from compiler.passes.manager import PassContext
 from compiler.passes.precision import Precision
 from compiler.trace import STATE_PREFIXES, AdamW, LossFn, mark_activations, trace_update
-from examples.gpt2 import GPT2
-from examples.llama import Llama
 from examples.loss import lm_loss
 
 DEFAULT_BUCKET_BYTES = 25 * 2**20  # DDP's default
@@ -376,36 +375,29 @@ class TPSpec:
 
 def tp_plan(module: nn.Module) -> tuple[dict[str, TPSpec], dict[str, int]]:
     """The split of every tensor-parallel parameter (the rest is replicated) and the sizes tp
-    must divide, for the example GPT-2 and Llama decoders."""
-    specs: dict[str, TPSpec] = {"tok_emb.weight": TPSpec(0)}  # vocabulary-parallel, tied head
-    if isinstance(module, GPT2):
-        block = module.blocks[0]
-        sizes = {"n_head": block.attn.n_head, "4·n_embd": block.mlp.fc.weight.shape[0]}
-        for i in range(len(module.blocks)):
-            p = f"blocks.{i}."
-            specs |= {p + "attn.qkv.weight": TPSpec(0, 3), p + "attn.qkv.bias": TPSpec(0, 3)}
-            specs |= {p + "attn.proj.weight": TPSpec(1)}
-            specs |= {p + "mlp.fc.weight": TPSpec(0), p + "mlp.fc.bias": TPSpec(0)}
-            specs |= {p + "mlp.proj.weight": TPSpec(1)}
-    elif isinstance(module, Llama):
-        block = module.blocks[0]
-        sizes = {
-            "n_head": block.attention.n_head,
-            "n_kv_head": block.attention.n_kv_head,
-            "ffn_dim": block.feed_forward.w1.weight.shape[0],
-        }
-        for i in range(len(module.blocks)):
-            p = f"blocks.{i}."
-            specs |= {p + f"attention.{w}.weight": TPSpec(0) for w in ("wq", "wk", "wv")}
-            specs |= {p + f"feed_forward.{w}.weight": TPSpec(0) for w in ("w1", "w3")}
-            specs |= {p + "attention.wo.weight": TPSpec(1), p + "feed_forward.w2.weight": TPSpec(1)}
-    else:
+    must divide, from the module's layout (compiler/models/adapter.py)."""
+    layout = _layout(module)
+    specs = {f"{layout.embedding}.weight": TPSpec(0)}  # vocabulary-parallel
+    head, embedding = module.get_submodule(layout.head), module.get_submodule(layout.embedding)
+    if head.weight is not embedding.weight:
+        specs[f"{layout.head}.weight"] = TPSpec(0)  # an untied head splits its vocabulary too
+    for i in range(len(module.get_submodule(layout.blocks))):
+        p = f"{layout.blocks}.{i}."
+        for name, parts in layout.column.items():
+            specs |= {p + name + ".weight": TPSpec(0, parts), p + name + ".bias": TPSpec(0, parts)}
+        specs |= {p + name + ".weight": TPSpec(1) for name in layout.row}
+    return specs, tp_sizes(module, layout)
+
+
+def _layout(module: nn.Module) -> TPLayout:
+    layout = tp_layout(module)
+    if layout is None:
         raise MeshError(
-            f"--tp: tensor parallelism knows the example GPT-2 and Llama decoders, not"
-            f" {type(module).__name__}; use --dp and --zero for other models"
+            f"--tp: no tensor-parallel layout fits {type(module).__name__} (layouts for"
+            " memfit's GPT-2 and Llama examples and Hugging Face Llama, Qwen2, Mistral and Gemma"
+            " are in compiler/models/adapter.py); use --dp and --zero for other models"
         )
-    sizes["vocab_size"] = module.tok_emb.num_embeddings
-    return specs, sizes
+    return layout
 
 
 class _ColumnParallel(nn.Module):
@@ -479,49 +471,64 @@ def tensor_parallel(module: nn.Module, loss_fn: LossFn, mesh: Mesh, rank: int) -
         )
     specs, sizes = tp_plan(module)
     mesh.check_sizes(sizes)
+    layout = _layout(module)
     tp, tp_rank = mesh.tp, mesh.coords(rank)[1]
 
     def piece(name: str, t: Tensor | None) -> Tensor | None:
         return None if t is None else specs[name].take(t.detach(), tp, tp_rank)
 
     for name, sub in list(module.named_modules()):
-        if not isinstance(sub, nn.Linear) or f"{name}.weight" not in specs or name == "lm_head":
+        if not isinstance(sub, nn.Linear) or f"{name}.weight" not in specs or name == layout.head:
             continue
-        parent_name, _, attr = name.rpartition(".")
-        parent = module.get_submodule(parent_name)
         weight = piece(f"{name}.weight", sub.weight)
         if specs[f"{name}.weight"].dim == 0:
             bias = piece(f"{name}.bias", sub.bias)
-            setattr(parent, attr, _ColumnParallel(weight, bias))
+            _replace(module, name, _ColumnParallel(weight, bias))
         else:
             bias = None if sub.bias is None else sub.bias.detach()
-            setattr(parent, attr, _RowParallel(weight, bias, tp))
-    for block in module.blocks:
-        gpt2 = isinstance(module, GPT2)
-        attn, mlp = (block.attn, block.mlp) if gpt2 else (block.attention, block.feed_forward)
-        _copy_in(attn, tp)
-        _copy_in(mlp, tp)
-        attn.n_head //= tp
-        if not gpt2:
-            attn.n_kv_head //= tp
-    start = tp_rank * (module.tok_emb.num_embeddings // tp)
-    weight = piece("tok_emb.weight", module.tok_emb.weight)
-    module.tok_emb = _VocabParallelEmbedding(weight, start, tp)
-    module.lm_head = _ColumnParallel(module.tok_emb.weight, None)  # the same tied Parameter
-    _copy_in(module.lm_head, tp)
+            _replace(module, name, _RowParallel(weight, bias, tp))
+    for block in module.get_submodule(layout.blocks):
+        for region in layout.regions:
+            _copy_in(block.get_submodule(region), tp)
+        attention = block.get_submodule(layout.regions[0])
+        for count in layout.heads:
+            setattr(attention, count, getattr(attention, count) // tp)
+    embedding, head = module.get_submodule(layout.embedding), module.get_submodule(layout.head)
+    start = tp_rank * (embedding.num_embeddings // tp)
+    parallel = _VocabParallelEmbedding(
+        piece(f"{layout.embedding}.weight", embedding.weight), start, tp
+    )
+    _replace(module, layout.embedding, parallel)
+    tied = head.weight is embedding.weight
+    head_weight = parallel.weight if tied else piece(f"{layout.head}.weight", head.weight)
+    _replace(module, layout.head, _ColumnParallel(head_weight, None))  # tied: the same Parameter
+    _copy_in(module.get_submodule(layout.head), tp)
     return parallel_loss(module, loss_fn)
 
 
+def _replace(module: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, attr = path.rpartition(".")
+    setattr(module.get_submodule(parent), attr, new)
+
+
 def _copy_in(region: nn.Module, tp: int) -> None:
-    """Megatron's f on a parallel region's input: identity forward, all-reduce backward."""
-    region.register_forward_pre_hook(
-        lambda _m, args: (collectives.copy_to_group(args[0], TP, tp), *args[1:])
-    )
+    """Megatron's f on a parallel region's input: identity forward, all-reduce backward. The
+    input is the first argument, positional or (as Hugging Face layers pass it) by keyword."""
+
+    def hook(
+        _m: nn.Module, args: tuple[object, ...], kwargs: dict[str, object]
+    ) -> tuple[tuple[object, ...], dict[str, object]]:
+        if args:
+            return (collectives.copy_to_group(args[0], TP, tp), *args[1:]), kwargs
+        first = next(iter(kwargs))
+        return args, kwargs | {first: collectives.copy_to_group(kwargs[first], TP, tp)}
+
+    region.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 def parallel_loss(module: nn.Module, loss_fn: LossFn) -> LossFn:
     """The loss to trace `module` with: vocabulary-parallel if `tensor_parallel` rewrote it."""
-    emb = getattr(module, "tok_emb", None)
-    if not isinstance(emb, _VocabParallelEmbedding):
+    emb = next((m for m in module.modules() if isinstance(m, _VocabParallelEmbedding)), None)
+    if emb is None:
         return loss_fn
     return partial(vocab_parallel_cross_entropy, start=emb.start, tp=emb.tp)
