@@ -11,7 +11,7 @@ from torch import Tensor
 
 from compiler.ir import Graph, Node, Role, Value, dump, parse
 from compiler.lora import LoraConfig, apply_lora
-from compiler.mesh import Mesh, MeshError
+from compiler.mesh import DEFAULT_BUCKET_BYTES, Mesh, MeshError
 from compiler.passes.accumulate import accumulate_into
 from compiler.passes.buffers import plan_buffers
 from compiler.passes.fused_update import fuse_updates
@@ -22,13 +22,7 @@ from compiler.passes.noop_views import eliminate_noop_views
 from compiler.passes.precision import FOUND_INF, LOSS_SCALE, Precision, precision_pass
 from compiler.passes.recompute import RecomputePolicy, recompute_pass
 from compiler.passes.schedule import schedule
-from compiler.passes.shard import (
-    DEFAULT_BUCKET_BYTES,
-    ShardLayout,
-    ShardOptions,
-    shard_pass,
-    tensor_parallel,
-)
+from compiler.passes.shard import ShardLayout, ShardOptions, shard_pass, tensor_parallel
 from compiler.plan import MemoryPlan
 from compiler.quantize import QuantMode, quantize_frozen_linears
 from compiler.trace import LR, STEP, Accumulate, AdamW, LossFn, trace
