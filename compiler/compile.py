@@ -12,6 +12,7 @@ from torch import Tensor
 from compiler.ir import Graph, Node, Role, Value, dump, parse
 from compiler.lora import LoraConfig, apply_lora
 from compiler.mesh import DEFAULT_BUCKET_BYTES, Mesh, MeshError
+from compiler.optimizers import Optimizer
 from compiler.passes.accumulate import accumulate_into
 from compiler.passes.buffers import plan_buffers
 from compiler.passes.fused_update import fuse_updates
@@ -35,7 +36,7 @@ class CompileOptions:
 
     batch_size: int = 8
     seq_len: int | None = None  # default: the model's block size
-    optimizer: AdamW | None = field(default_factory=AdamW)
+    optimizer: AdamW | Optimizer | None = field(default_factory=AdamW)  # a name: AdamW.named
     return_grads: bool = False
     grad_accum: int = 1  # micro-batches per optimizer step, summed inside the step (trace.py)
     precision: Precision = Precision.FP32  # compute dtype; master weights stay fp32
@@ -55,6 +56,8 @@ class CompileOptions:
 
     def __post_init__(self) -> None:
         self.precision = Precision(self.precision)  # a name from a flag or a config file
+        if isinstance(self.optimizer, str):
+            self.optimizer = AdamW.named(Optimizer(self.optimizer))
 
 
 @dataclass(frozen=True)
@@ -189,6 +192,11 @@ def trace_model(model: ExampleModel, loss_fn: LossFn, options: CompileOptions) -
         if options.optimizer is None or options.return_grads:
             raise MeshError(
                 "a --dp/--tp mesh compiles whole training steps (an optimizer, no grads)"
+            )
+        if options.optimizer.block:
+            raise MeshError(
+                "--optimizer adamw8bit with --dp/--tp/--zero is not supported: the shard pass"
+                " keeps AdamW moments as fp32 shards shaped like the parameters; use adamw"
             )
         loss_fn = tensor_parallel(model.module, loss_fn, options.mesh, options.rank)
         trainable = tuple(n for n, p in model.module.named_parameters() if p.requires_grad)

@@ -91,6 +91,7 @@ _POINTWISE = [
     "logical_not",
     "logical_and",
     "sign",
+    "round",
     "lerp.Scalar",
     "lerp.Tensor",
     "addcmul",
