@@ -16,7 +16,8 @@ class Optimizer(enum.StrEnum):
     adamw8bit stores, per trainable parameter flattened and padded to a multiple of
     STATE_BLOCK: int8 codes of the first moment (linear absmax: code = round(127·m/absmax)),
     int8 codes of the second moment's square root (same map on sqrt(v): v spans twice the
-    orders of magnitude of sqrt(v)), and one fp32 absmax/127 scale per block for each. The
+    orders of magnitude of sqrt(v); a positive root under half a step is stored as one step,
+    never 0: see trace.quantize_blocks), and one fp32 absmax/127 scale per block for each. The
     update dequantises, computes in fp32 and requantises."""
 
     ADAMW = "adamw"

@@ -251,7 +251,7 @@ def _adamw(
         update = m / (root / bias_correction2_sqrt + opt.eps)
         if opt.block:
             update = update.reshape(-1)[: p.numel()].view(p.shape)
-            (m, m_scale), (v, v_scale) = quantize_blocks(m), quantize_blocks(root)
+            (m, m_scale), (v, v_scale) = quantize_blocks(m), quantize_blocks(root, True)
             new_s[2].append(m_scale)
             new_s[3].append(v_scale)
         new_p.append(p - step_size * update)
@@ -267,13 +267,21 @@ def _to_blocks(x: Tensor, block: int) -> Tensor:
     return (F.pad(flat, (0, pad)) if pad else flat).view(-1, block)
 
 
-def quantize_blocks(x: Tensor) -> tuple[Tensor, Tensor]:
+def quantize_blocks(x: Tensor, keep_nonzero: bool = False) -> tuple[Tensor, Tensor]:
     """int8 codes and fp32 scales of `x` (blocks, block), linear absmax per block: code =
     round(x / scale), scale = absmax / 127, so |x - code·scale| ≤ absmax / 254. An all-zero
-    block has scale 0 and codes 0 (the division is guarded, no NaN)."""
+    block has scale 0 and codes 0 (the division is guarded, no NaN).
+
+    `keep_nonzero` (for sqrt(v) ≥ 0): a positive value under half a step is stored as one
+    step, not 0, so a dequantised second moment is 0 only where every gradient so far was —
+    else AdamW divides a surviving first moment by eps (an embedding row absent from the
+    batch) and the weights blow up within tens of steps."""
     scale = x.abs().amax(dim=1) / 127
     safe = scale.clamp_min(torch.finfo(torch.float32).tiny)
-    return (x / safe[:, None]).round().to(torch.int8), scale
+    codes = (x / safe[:, None]).round()
+    if keep_nonzero:
+        codes = torch.where(x > 0, codes.clamp_min(1), codes)
+    return codes.to(torch.int8), scale
 
 
 def dequantize_blocks(codes: Tensor, scale: Tensor) -> Tensor:

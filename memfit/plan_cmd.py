@@ -76,6 +76,7 @@ def plan_command(
     memory_budget: str | None,
     lora: str | None,
     quantize_base: str | None,
+    optimizer: str,
     dp: int,
     tp: int,
     zero: int,
@@ -108,6 +109,7 @@ def plan_command(
                 "--out": out,
                 "--lora": lora,
                 "--quantize-base": quantize_base,
+                "--optimizer": optimizer if optimizer != "adamw" else None,
                 "--sweep": sweep or None,
             },
             memory_budget,
@@ -147,7 +149,7 @@ def plan_command(
         seq_len=seq,
         recompute=RecomputePolicy() if recompute else None,
         backend=fusion_of(backend),
-        **lowering_kwargs(precision, lora, quantize_base),
+        **lowering_kwargs(precision, lora, quantize_base, optimizer),
     )
     with console.status(f"tracing {model} (batch {batch_size} × {seq})"):
         traced = trace_model(example, lm_loss, options)
@@ -155,6 +157,8 @@ def plan_command(
     if backend == "triton":  # the only backend that changes the plan (fused groups)
         config["backend"] = backend
     config |= {k: v for k, v in (("lora", lora), ("quantize_base", quantize_base)) if v}
+    if optimizer != "adamw":
+        config["optimizer"] = optimizer
     n_layers = len(decoder_blocks(example.module) or [1])
     if sweep:
         with console.status("planning the sweep"):

@@ -104,7 +104,12 @@ DEFAULT = TrainConfig()
     help="ZeRO stage over the dp ranks: 1 shards AdamW states, 2 gradients too.",
 )
 def train_command(
-    model: str, precision: str, lora: str | None, quantize_base: str | None, **options: object
+    model: str,
+    precision: str,
+    lora: str | None,
+    quantize_base: str | None,
+    optimizer: str,
+    **options: object,
 ) -> None:
     """Train MODEL (default: gpt2-tiny on the embedded corpus, CPU) with a compiled step.
 
@@ -115,7 +120,7 @@ def train_command(
     from compiler.plan import fmt_bytes  # torch and the compiler load when a run starts, not
     from runtime.train import Trainer  # for --help
 
-    lowering = lowering_kwargs(precision, lora, quantize_base)
+    lowering = lowering_kwargs(precision, lora, quantize_base, optimizer)
     cfg = TrainConfig(model=model, **lowering, **options)  # type: ignore[arg-type]
     if int(os.environ.get("RANK", "0")):  # other ranks train quietly
         console.quiet = True

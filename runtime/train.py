@@ -211,7 +211,7 @@ class Trainer:
         return CompileOptions(
             batch_size=(batch_size or cfg.batch_size) // (mesh.dp if mesh else 1),
             seq_len=self.seq_len,
-            optimizer=AdamW(weight_decay=cfg.weight_decay),
+            optimizer=AdamW.named(cfg.optimizer, cfg.weight_decay),
             grad_accum=grad_accum or cfg.grad_accum,
             mesh=mesh,
             rank=self.parallel.rank if self.parallel else 0,

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from compiler.errors import MemfitError
 from compiler.mesh import DEFAULT_BUCKET_BYTES, Mesh, MeshError
+from compiler.optimizers import Optimizer
 from compiler.precisions import Precision
 
 if TYPE_CHECKING:
@@ -51,6 +52,7 @@ class TrainConfig:
     precision: Precision = Precision.FP32  # master weights and AdamW states stay fp32
     lora: LoraConfig | None = None  # adapters on a frozen base
     quantize_base: str | None = None  # int8 | nf4 frozen base (with lora)
+    optimizer: Optimizer = Optimizer.ADAMW  # adamw8bit: int8 block-wise moments
     document_mask: bool = False  # attention within each packed document (the data's EOS)
     memory_budget: str | None = None  # SIZE or FRACTION, as `memfit plan --memory-budget`
     recompute: bool = True  # False: keep every activation the backward reads

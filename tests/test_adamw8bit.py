@@ -4,19 +4,27 @@ state's bytes in the plan, and mesh refusal."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
+from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors.torch import load_file
 
 from compiler.compile import CompileOptions, compile_model, optimize, trace_model
 from compiler.ir import Role
+from compiler.models import resolve_model
 from compiler.mesh import Mesh, MeshError
-from compiler.optimizers import STATE_BLOCK, Optimizer
+from compiler.optimizers import OPTIMIZERS, STATE_BLOCK, Optimizer
 from compiler.trace import AdamW, dequantize_blocks, quantize_blocks
 from examples import build_example
 from examples.loss import lm_loss
+from memfit.cli import main
 from runtime.arena import Arena
+from runtime.checkpoint import LATEST
 from runtime.program import Program
 
 
@@ -26,24 +34,38 @@ from runtime.program import Program
     block=st.sampled_from([1, 7, 256]),
     log_scale=st.floats(-30, 30),
     zero_block=st.booleans(),
+    keep_nonzero=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
 def test_quantise_dequantise_error_is_half_a_step_per_block(
-    blocks: int, block: int, log_scale: float, zero_block: bool, seed: int
+    blocks: int, block: int, log_scale: float, zero_block: bool, keep_nonzero: bool, seed: int
 ) -> None:
     """|x - deq(q(x))| ≤ absmax/254 in every block (half of the absmax/127 step, plus fp32
-    rounding of the product); an all-zero block round-trips to zeros without NaNs."""
+    rounding of the product); an all-zero block round-trips to zeros without NaNs. With
+    `keep_nonzero` (the second moment's root, ≥ 0), values under half a step come back as one
+    step: positive, within absmax/127."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(blocks, block, generator=gen) * 10.0**log_scale
     x *= torch.rand(blocks, 1, generator=gen) * 100  # blocks of different magnitudes
+    x[:, ::3] *= 1e-4  # some values far under a step
+    if keep_nonzero:
+        x = x.abs()
     if zero_block:
         x[0] = 0
-    codes, scale = quantize_blocks(x)
+    codes, scale = quantize_blocks(x, keep_nonzero)
     assert codes.dtype == torch.int8 and scale.dtype == torch.float32
     back = dequantize_blocks(codes, scale)
     absmax = x.abs().amax(dim=1, keepdim=True)
     assert torch.isfinite(back).all()
-    assert ((x - back).abs() <= absmax / 254 * (1 + 1e-5)).all()
+    error = (x - back).abs()
+    tol = 1 + 1e-5
+    if keep_nonzero:
+        small = x < absmax / 254
+        assert (error[~small] <= (absmax / 254 * tol).expand_as(x)[~small]).all()
+        assert (error <= absmax / 127 * tol).all()
+        assert ((back > 0) == (x > 0)).all()
+    else:
+        assert (error <= absmax / 254 * tol).all()
     if zero_block:
         assert not back[0].any()
 
@@ -77,7 +99,10 @@ def reference_step(
     for key, x in (("m", m), ("v", root)):
         scale = x.abs().amax(dim=1) / 127
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        state[key] = torch.round(x / safe[:, None]).to(torch.int8)
+        codes = torch.round(x / safe[:, None])
+        if key == "v":  # a positive root is never stored as 0
+            codes[(x > 0) & (codes == 0)] = 1
+        state[key] = codes.to(torch.int8)
         state[key + "s"] = scale
     return p
 
@@ -135,3 +160,61 @@ def test_compiled_8bit_step_equals_a_plain_torch_reference_after_three_steps(
         for prefix, key in (("exp_avg.", "m"), ("exp_avg_sq.", "v")):
             diff = (eager.state[prefix + n].int() - s[key].int()).abs()
             assert diff.max() <= 1 and (diff > 0).sum() <= diff.numel() // 1000, (prefix, n)
+
+
+def test_plan_counts_int8_codes_and_block_scales_as_optimizer_state() -> None:
+    """Per parameter of n elements: 2 moments × ceil(n/256) blocks × (256 one-byte codes + one
+    4-byte scale), against fp32's 2 × 4n bytes — about (1 + 4/256)/4 ≈ 0.254 of it for
+    parameters much larger than a block."""
+    example = resolve_model("gpt2-tiny", device="meta")
+    numels = [p.numel() for p in example.module.parameters()]
+    planned = {}
+    for name in OPTIMIZERS:
+        options = CompileOptions(2, 16, optimizer=name)
+        step = optimize(trace_model(example, lm_loss, options), options)
+        assert step.plan is not None
+        planned[name] = step.plan.outside[Role.OPTIMIZER_STATE]
+    assert planned["adamw"] == sum(8 * n for n in numels)
+    assert planned["adamw8bit"] == sum(2 * -(-n // 256) * (256 + 4) for n in numels)
+    large = [n for n in numels if n >= 256 * 64]
+    assert sum(2 * -(-n // 256) * 260 for n in large) / sum(8 * n for n in large) < 0.2541
+
+
+def test_meshes_refuse_8bit_moments() -> None:
+    """The shard pass keeps fp32 moment shards shaped like the parameters: a clear error."""
+    options = CompileOptions(2, 16, optimizer="adamw8bit", mesh=Mesh(2, 1, 1))
+    with pytest.raises(MeshError, match="--optimizer adamw8bit with --dp/--tp/--zero"):
+        trace_model(resolve_model("gpt2-tiny", device="meta"), lm_loss, options)
+    result = CliRunner().invoke(
+        main, ["plan", "gpt2-tiny", "--dp", "2", "--optimizer", "adamw8bit"]
+    )
+    assert result.exit_code == 2
+    assert "--optimizer adamw8bit" in result.output
+
+
+def test_checkpoints_carry_the_codes_and_scales_and_resume_exactly(
+    compiler_data: Path, tmp_path: Path
+) -> None:
+    """`memfit train --optimizer adamw8bit`: checkpoints hold int8 codes and fp32 scales; a run
+    resumed from step 5 ends with the same tensors and losses as one that did not stop."""
+    args = ["train", "gpt2-tiny", "--batch", "2", "--seq", "16", "--steps", "10"]
+    args += ["--warmup", "2", "--optimizer", "adamw8bit", "--checkpoint-every", "5"]
+    args += ["--val-every", "0", "--data", str(compiler_data)]
+    straight = tmp_path / "straight"
+    result = CliRunner().invoke(main, [*args, "--out", str(straight)])
+    assert result.exit_code == 0, result.output
+    crashed = tmp_path / "crashed"
+    shutil.copytree(straight, crashed)
+    shutil.rmtree(crashed / "checkpoints" / "step-00000010")  # as if killed after step 5
+    (crashed / "checkpoints" / LATEST).write_text("step-00000005\n")
+    result = CliRunner().invoke(main, [*args, "--out", str(crashed), "--resume"])
+    assert result.exit_code == 0, result.output
+    want, got = (
+        load_file(run / "checkpoints" / "step-00000010" / "tensors.safetensors")
+        for run in (straight, crashed)
+    )
+    assert want["exp_avg.tok_emb.weight"].dtype == torch.int8
+    assert want["exp_avg_sq.scale.tok_emb.weight"].dtype == torch.float32
+    assert want["exp_avg_sq.tok_emb.weight"].any()  # the moments moved from their zero start
+    assert want.keys() == got.keys()
+    assert all(torch.equal(want[k], got[k]) for k in want)
