@@ -25,6 +25,7 @@ from examples.loss import lm_loss
 from memfit.cli import main
 from runtime.arena import Arena
 from runtime.checkpoint import LATEST
+from runtime.corpus_runs import corpus_batches, train_steps
 from runtime.program import Program
 
 
@@ -218,3 +219,19 @@ def test_checkpoints_carry_the_codes_and_scales_and_resume_exactly(
     assert want["exp_avg_sq.tok_emb.weight"].any()  # the moments moved from their zero start
     assert want.keys() == got.keys()
     assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+@pytest.mark.parametrize("model_name", ["gpt2-tiny", "llama-tiny"])
+def test_8bit_moments_train_within_2_percent_of_fp32_adamw(model_name: str) -> None:
+    """60 steps of 4×64 on the embedded corpus at lr 3e-3: the mean of the last 10 losses with
+    8-bit moments within 2 % of fp32 AdamW's (measured: −0.7 % gpt2-tiny, +0.5 % llama-tiny;
+    80 steps: −1.0 %, +0.7 %)."""
+    last = {}
+    for name in OPTIMIZERS:
+        torch.manual_seed(0)
+        options = CompileOptions(batch_size=4, seq_len=64, optimizer=name)
+        model = resolve_model(model_name)
+        _, losses = train_steps(model, corpus_batches("train", 4, 64), 60, 3e-3, options)
+        last[name] = sum(losses[-10:]) / 10
+    assert last["adamw"] < 0.7 * 5.3  # it trained: from ~5.3 (byte-level chance 5.5)
+    assert abs(last["adamw8bit"] / last["adamw"] - 1) < 0.02
