@@ -180,8 +180,8 @@ def trace(
     if optimizer:
         names += [LR, STEP]
         roles += [Role.INPUT, Role.INPUT]
-    writes = [*trainable, *(n for n, r in zip(names, roles, strict=True) if r is Role.OPTIMIZER_STATE)]
-    writes = writes if optimizer else []
+    states = [n for n, r in zip(names, roles, strict=True) if r is Role.OPTIMIZER_STATE]
+    writes = [*trainable, *states] if optimizer else []
     return_grads = return_grads or not (optimizer or accumulate)
     return _to_ir(gm, names, roles, n_t, [*writes, *sums], return_grads)
 

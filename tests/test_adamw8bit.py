@@ -14,10 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from compiler.compile import CompileOptions, compile_model, optimize, trace_model
+from compiler.compile import CompileOptions, optimize, trace_model
 from compiler.ir import Role
-from compiler.models import resolve_model
 from compiler.mesh import Mesh, MeshError
+from compiler.models import resolve_model
 from compiler.optimizers import OPTIMIZERS, STATE_BLOCK, Optimizer
 from compiler.trace import AdamW, dequantize_blocks, quantize_blocks
 from examples import build_example
@@ -139,7 +139,9 @@ def test_compiled_8bit_step_equals_a_plain_torch_reference_after_three_steps(
         }
         for n in params
     }
-    assert all(s["m"].dtype == torch.int8 and s["m"].shape[1] == STATE_BLOCK for s in states.values())
+    assert all(
+        s["m"].dtype == torch.int8 and s["m"].shape[1] == STATE_BLOCK for s in states.values()
+    )
     gen = torch.Generator().manual_seed(0)
     for t in range(1, 4):
         ids = torch.randint(0, example.vocab_size, (2, 17), generator=gen)
