@@ -185,15 +185,13 @@ def _contiguous_order(graph: Graph, groups: list[list[Node]]) -> list[Node]:
     producer = graph.producers()
     dag = nx.DiGraph()
     dag.add_nodes_from(range(len(units)))
-    readers_of: dict[int, list[Node]] = {}
+    readers = graph.users()
     for n in graph.nodes:
         for v in n.inputs:
-            readers_of.setdefault(id(v), []).append(n)
             if id(v) in producer:
                 dag.add_edge(unit_of[id(producer[id(v)])], unit_of[id(n)])
-    for n in graph.nodes:  # an in-place write comes after every read of its target
-        if n.op == "copy_":
-            for reader in readers_of.get(id(n.args[0]), []):
+        if n.op == "copy_":  # an in-place write comes after every read of its target
+            for reader in readers.get(id(n.args[0]), []):
                 dag.add_edge(unit_of[id(reader)], unit_of[id(n)])
     dag.remove_edges_from(list(nx.selfloop_edges(dag)))
     key = [min(pos[id(n)] for n in unit) for unit in units]
