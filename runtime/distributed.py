@@ -28,7 +28,6 @@ from compiler.ir import Graph
 from compiler.mesh import Mesh, MeshError
 from compiler.passes.shard import MASTER, ShardLayout, TPSpec, tp_plan
 from compiler.trace import STATE_PREFIXES
-from runtime.eager import run_graph
 from runtime.program import Backend, initial_state
 
 Groups = dict[str, Any]
@@ -100,12 +99,6 @@ class Parallel:
         """Remember the compiled step's bucket layout and the module's tensor-parallel split."""
         self.layout = compiled_layout
         self.specs = tp_plan(module)[0] if self.mesh.tp > 1 else {}
-
-    def backend(
-        self, graph: Graph, inputs: Mapping[str, Tensor], device: torch.device
-    ) -> list[Tensor]:
-        """The eager backend with this rank's process groups bound to the graph's names."""
-        return self.wrap(run_graph)(graph, inputs, device)
 
     def wrap(self, backend: Backend) -> Backend:
         """`backend` with this rank's process groups bound to the graph's group names."""
