@@ -33,6 +33,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache, partial
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -76,11 +77,7 @@ class Bucket:
         return collectives.shard_size(self.numel, self.world)
 
     def offsets(self) -> list[int]:
-        out, at = [], 0
-        for n in self.numels:
-            out.append(at)
-            at += n
-        return out
+        return list(accumulate(self.numels, initial=0))[:-1]
 
     def flatten(self, tensors: Mapping[str, Tensor]) -> Tensor:
         """The padded flat bucket [world · shard] from per-parameter tensors."""
@@ -147,14 +144,7 @@ def shard_pass(graph: Graph, ctx: PassContext, options: ShardOptions | None = No
     """The pass entry: a no-op without options (no mesh); records the layout as `ctx.shard`."""
     if options is None:
         return graph
-    rewrite = _Rewrite(
-        graph,
-        options.mesh,
-        list(options.trainable),
-        options.optimizer,
-        options.bucket_bytes,
-        options.precision.low_dtype if options.mesh.zero >= 1 else None,
-    )
+    rewrite = _Rewrite(graph, options)
     out = rewrite.run()
     ctx.shard = rewrite.layout
     return out
@@ -163,15 +153,9 @@ def shard_pass(graph: Graph, ctx: PassContext, options: ShardOptions | None = No
 class _Rewrite:
     """One walk over the traced step, emitting the sharded step."""
 
-    def __init__(
-        self,
-        graph: Graph,
-        mesh: Mesh,
-        trainable: list[str],
-        optimizer: AdamW,
-        bucket_bytes: int,
-        low: torch.dtype | None,
-    ) -> None:
+    def __init__(self, graph: Graph, options: ShardOptions) -> None:
+        mesh, trainable = options.mesh, options.trainable
+        low = options.precision.low_dtype if mesh.zero >= 1 else None  # ZeRO: low-precision params
         loss, *grads = graph.outputs
         if len(grads) != len(trainable):
             raise VerifyError(
@@ -179,7 +163,7 @@ class _Rewrite:
                 f" gradient per trainable parameter); got {len(grads)} gradients for"
                 f" {len(trainable)} trainable parameters"
             )
-        self.src, self.mesh, self.optimizer, self.low = graph, mesh, optimizer, low
+        self.src, self.mesh, self.optimizer, self.low = graph, mesh, options.optimizer, low
         self.loss = loss
         self.grad_of = dict(zip(trainable, grads, strict=True))
         self.params = {v.name: v for v in graph.inputs if v.role is Role.PARAM}
@@ -187,7 +171,7 @@ class _Rewrite:
         order = sorted(trainable, key=lambda n: ready.get(id(self.grad_of[n]), -1))
         shapes = {n: self.params[n].shape for n in trainable}
         itemsize = max(g.dtype.itemsize for g in grads)
-        self.buckets = buckets(order, shapes, itemsize, bucket_bytes, mesh.dp)
+        self.buckets = buckets(order, shapes, itemsize, options.bucket_bytes, mesh.dp)
         self.ready = [
             max(ready.get(id(self.grad_of[n]), -1) for n in b.names) for b in self.buckets
         ]
