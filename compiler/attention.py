@@ -359,15 +359,17 @@ def sdpa(
     scale: float | None = None,
     enable_gqa: bool = False,
     window: int = 0,
+    segment_ids: Tensor | None = None,
 ) -> Tensor:
-    """`F.scaled_dot_product_attention` as memfit's op (no attn_mask, no dropout; `window` from
-    a recognised mask): any leading batch dims are flattened into one."""
+    """`F.scaled_dot_product_attention` as memfit's op (no attn_mask, no dropout; `window` and
+    `segment_ids` from a recognised mask): any leading batch dims are flattened into one."""
     del attn_mask, dropout_p, enable_gqa  # checked by the caller (compiler/trace.py)
     lead = query.shape[:-3]
     q, k, v = (x.reshape(-1, *x.shape[-3:]) for x in (query, key, value))
     d = q.shape[-1]
     scale = d**-0.5 if scale is None else scale
-    out, _ = attention(q, k, v, None, is_causal, scale, window, 0.0, chunk_rows(q.shape[2], d))
+    chunk = chunk_rows(q.shape[2], d)
+    out, _ = attention(q, k, v, segment_ids, is_causal, scale, window, 0.0, chunk)
     return out.view(*lead, *out.shape[1:])
 
 

@@ -239,14 +239,23 @@ def _every_frame() -> Iterator[None]:
 class AttentionAsOneOp(TorchFunctionMode):
     """Traces `F.scaled_dot_product_attention` as `memfit::attention` (and its backward as
     `memfit::attention_backward`) on any device, before ATen picks a backend: the trace then
-    holds the output and row log-sum-exp, never the [T, S] scores. A call with an explicit
-    `attn_mask` is spelled out instead (softmax of masked scores, which `passes/attention.py`
-    turns back into the op when the mask is causal); dropout cannot be traced."""
+    holds the output and row log-sum-exp, never the [T, S] scores. An explicit `attn_mask`
+    becomes the op's options when it is computed from no input and is causal / causal within a
+    window, or when it is `segments[..., :, None] == segments[..., None, :]` (one [B, T] tensor
+    read both ways: a document mask) and-ed with such a mask; other masks are spelled out
+    (softmax of masked scores). Dropout cannot be traced."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.made: dict[int, tuple[Tensor, object, tuple]] = {}  # id(result) → how it was made
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         kwargs = kwargs or {}
         if func is not F.scaled_dot_product_attention:
-            return func(*args, **kwargs)
+            out = func(*args, **kwargs)
+            if func in _EQUALS | _ANDS and isinstance(out, Tensor):
+                self.made[id(out)] = (out, func, args)  # kept alive: ids stay unique
+            return out
         call = dict(zip(_SDPA_ARGS, args, strict=False)) | kwargs
         if call.get("dropout_p", 0.0) > 0:
             where = _calling_frame()
@@ -256,12 +265,50 @@ class AttentionAsOneOp(TorchFunctionMode):
                 " model's attention dropout to 0"
             )
         mask = call.get("attn_mask")
-        if mask is not None:
-            options = _mask_options(mask, call["query"].shape[-2], call["key"].shape[-2])
+        queries, keys = call["query"].shape[-2], call["key"].shape[-2]
+        documents = self._documents(mask, queries, keys) if mask is not None else None
+        if documents is not None:
+            call["segment_ids"], (call["is_causal"], call["window"]) = documents
+            call["attn_mask"] = None
+        elif mask is not None:
+            options = _mask_options(mask, queries, keys)
             if options is None or (options[0] and call.get("is_causal")):
                 return attention.spelled_out(**call)
             call["attn_mask"], call["is_causal"], call["window"] = None, *options
         return attention.sdpa(**call)
+
+    def _documents(self, mask: Tensor, queries: int, keys: int) -> tuple[Tensor, tuple] | None:
+        """(segment ids [B, T], (causal, window)) of a document mask, else None."""
+        made = self.made.get(id(mask))
+        if made is None or made[0] is not mask or made[1] not in _ANDS or queries != keys:
+            return None
+        for equal, rest in (made[2][:2], made[2][1::-1]):
+            eq = self.made.get(id(equal))
+            if eq is None or eq[0] is not equal or eq[1] not in _EQUALS:
+                continue
+            segments = _read_both_ways(*eq[2][:2], queries)
+            options = _mask_options(rest, queries, keys) if isinstance(rest, Tensor) else None
+            if segments is not None and options is not None:
+                return segments, options
+        return None
+
+
+_EQUALS = {Tensor.__eq__, Tensor.eq, torch.eq}
+_ANDS = {Tensor.__and__, Tensor.logical_and, Tensor.bitwise_and, torch.logical_and}
+
+
+def _read_both_ways(a: object, b: object, t: int) -> Tensor | None:
+    """The [B, t] tensor that `a` ([..., t, 1]) and `b` ([..., 1, t]) both view, element for
+    element (same base, offset and strides), else None."""
+    if not (isinstance(a, Tensor) and isinstance(b, Tensor)) or a._base is None:
+        return None
+    if a.shape[-2:] != (t, 1) or b.shape[-2:] != (1, t) or a._base is not b._base:
+        return None
+    if a.numel() != b.numel() or a.is_floating_point():
+        return None
+    rows_a, rows_b = a.reshape(-1, t), b.reshape(-1, t)
+    same = rows_a.stride() == rows_b.stride() and rows_a.storage_offset() == rows_b.storage_offset()
+    return rows_a if same else None
 
 
 def _calling_frame() -> str:

@@ -10,8 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from compiler import attention
-
 
 def split_heads(x: Tensor, n_head: int) -> Tensor:
     """[B, T, H * D] -> [B, H, T, D]."""
@@ -26,13 +24,14 @@ def merge_heads(x: Tensor) -> Tensor:
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, segments: Tensor | None = None) -> Tensor:
     """softmax(q kᵀ / sqrt(D), future masked out) v for q [B, H, T, D] and k, v [B, Hkv, T, D]
     (grouped-query when Hkv < H: k and v are not repeated). With `segments` [B, T] a query
-    sees only keys of its own document: memfit's attention op, which SDPA has no form for."""
+    sees only earlier keys of its own document, through a [B, 1, T, T] boolean mask."""
+    gqa = k.shape[1] != q.shape[1]
     if segments is None:
-        gqa = k.shape[1] != q.shape[1]
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    t, d = q.shape[2], q.shape[3]
-    chunk = attention.chunk_rows(t, d)
-    return attention.attention(q, k, v, segments, True, d**-0.5, 0, 0.0, chunk)[0]
+    t = q.shape[2]
+    past = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+    mask = (segments[:, None, :, None] == segments[:, None, None, :]) & past
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
 def documents(idx: Tensor, eos: int) -> tuple[Tensor, Tensor]:

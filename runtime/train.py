@@ -386,7 +386,14 @@ class Trainer:
             self.val_dataset, self.cfg.batch_size, self.seq_len, seed=0, prefetch=0
         )
         n = min(self.cfg.val_batches, loader.batches_per_epoch)
-        losses = [float(self.eval_program.run(tokens=x, targets=y)[0]) for x, y in _take(loader, n)]
+        losses = []
+        for tokens, targets in _take(loader, n):
+            if self.parallel is None:
+                losses.append(float(self.eval_program.run(tokens=tokens, targets=targets)[0]))
+                continue
+            # compiled for this rank's rows, like the training step
+            rows = {"tokens": self.parallel.rows(tokens), "targets": self.parallel.rows(targets)}
+            losses.append(self.parallel.mean_loss(self.eval_program.run(**rows)[0]))
         return sum(losses) / len(losses)
 
     # --- the loop ---------------------------------------------------------------------------

@@ -86,17 +86,16 @@ def test_op_is_exact_in_fp64(p: dict) -> None:
 
 @examples(30)
 @given(problems())
-def test_op_in_fp32_is_as_accurate_as_the_definition_in_fp32(p: dict) -> None:
-    """Against the exact (fp64) definition, the op's fp32 error is within the compiled-step
-    tolerance (atol per unit of the largest entry: gradients are sums with cancellation) or
-    within twice the error of the definition itself computed in fp32."""
+def test_op_in_fp32_is_close_to_the_exact_definition(p: dict) -> None:
+    """Against the exact (fp64) definition: rtol 1e-5 and atol 1e-5 per unit of the largest
+    entry. The backward recomputes p = exp(s − lse) from the fp32 lse, whose rounding is
+    |lse|·2⁻²⁴ relative (FlashAttention's trade): a little looser than the compiled-step atol,
+    which the examples and the Hugging Face model meet (tests below)."""
     got, exact = _both(p, torch.float32, torch.float64)
-    plain = _both(p, torch.float32)[1]
-    for name, a, b, c in zip(("out", "dq", "dk", "dv"), got, exact, plain, strict=True):
-        err, own = (a.double() - b).abs(), (c.double() - b).abs().max().item()
-        bound = TOL["rtol"] * b.abs() + max(TOL["atol"] * b.abs().max().item(), 2 * own)
-        assert bool((err <= bound).all()), (
-            f"{name}: error {err.max():.3g}, fp32 definition's {own:.3g}"
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, exact, strict=True):
+        atol = 1e-5 * max(1.0, b.abs().max().item())
+        torch.testing.assert_close(
+            a, b.float(), rtol=TOL["rtol"], atol=atol, msg=lambda m, n=name: f"{n}: {m}"
         )
 
 
@@ -165,6 +164,11 @@ class TinyAttention(nn.Module):
             kw["attn_mask"] = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
         elif self.mode == "other":  # not causal: spelled out
             kw["attn_mask"] = torch.ones(t, t, dtype=torch.bool, device=x.device).triu()
+        elif self.mode in ("documents", "two-tensors"):  # segment equality and causal
+            a = x % 3
+            b = a if self.mode == "documents" else x % 3  # equal, not one tensor: spelled out
+            same = a[:, None, :, None] == b[:, None, None, :]
+            kw["attn_mask"] = same & torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
         elif self.mode == "dropout":
             kw["dropout_p"] = 0.1
         y = F.scaled_dot_product_attention(q, k, v, **kw)
@@ -191,13 +195,15 @@ def _batch(vocab: int, b: int = 2, t: int = 9) -> tuple[Tensor, Tensor]:
     return x[:, :-1], x[:, 1:]
 
 
-@pytest.mark.parametrize("mode", ["causal", "mask", "other"])
+@pytest.mark.parametrize("mode", ["causal", "mask", "other", "documents", "two-tensors"])
 def test_sdpa_traces_into_the_op_and_matches_eager(mode: str) -> None:
     torch.manual_seed(0)
     model, batch = TinyAttention(mode), _batch(40)
     graph = trace(model, lm_loss, batch, return_grads=True)
     ops = _ops(graph)
-    if mode == "other":
+    forward = [n for n in graph.nodes if n.op == A.FORWARD]
+    assert (mode == "documents") == bool(forward and forward[0].args[3] is not None)
+    if mode in ("other", "two-tensors"):
         assert A.FORWARD not in ops and "_softmax" in ops
     else:
         assert ops.count(A.FORWARD) == 1 and ops.count(A.BACKWARD) == 1 and "_softmax" not in ops

@@ -68,7 +68,8 @@ def test_packed_loss_with_the_mask_equals_the_documents_alone(name: str) -> None
 
     graph = trace(model, lm_loss, (x, y), return_grads=True)
     forward = [n for n in graph.nodes if n.op == attention.FORWARD]
-    assert forward and all(n.args[3] is not None for n in forward)  # segment ids in the graph
+    assert forward and all(n.args[3] is not None for n in forward)  # segment ids, no [T, T]
+    assert not [v for v in graph.values() if v.shape[-2:] == (24, 24)]
     loss, *grads = Program.from_module(graph, model).step(x, y, lr=0.0)
     torch.testing.assert_close(loss, separate, rtol=1e-5, atol=1e-6)
     model.zero_grad()
