@@ -146,7 +146,5 @@ def quantize_frozen_linears(module: nn.Module, mode: QuantMode) -> list[str]:
             " freeze the base first (e.g. with --lora)"
         )
     for name in targets:
-        parent, _, child = name.rpartition(".")
-        owner = module.get_submodule(parent)
-        setattr(owner, child, QuantizedLinear(getattr(owner, child), mode))
+        module.set_submodule(name, QuantizedLinear(module.get_submodule(name), mode))
     return targets

@@ -467,10 +467,10 @@ def tensor_parallel(module: nn.Module, loss_fn: LossFn, mesh: Mesh, rank: int) -
         weight = piece(f"{name}.weight", sub.weight)
         if specs[f"{name}.weight"].dim == 0:
             bias = piece(f"{name}.bias", sub.bias)
-            _replace(module, name, _ColumnParallel(weight, bias))
+            module.set_submodule(name, _ColumnParallel(weight, bias))
         else:
             bias = None if sub.bias is None else sub.bias.detach()
-            _replace(module, name, _RowParallel(weight, bias, tp))
+            module.set_submodule(name, _RowParallel(weight, bias, tp))
     for block in module.get_submodule(layout.blocks):
         for region in layout.regions:
             _copy_in(block.get_submodule(region), tp)
@@ -482,17 +482,12 @@ def tensor_parallel(module: nn.Module, loss_fn: LossFn, mesh: Mesh, rank: int) -
     parallel = _VocabParallelEmbedding(
         piece(f"{layout.embedding}.weight", embedding.weight), start, tp
     )
-    _replace(module, layout.embedding, parallel)
+    module.set_submodule(layout.embedding, parallel)
     tied = head.weight is embedding.weight
     head_weight = parallel.weight if tied else piece(f"{layout.head}.weight", head.weight)
-    _replace(module, layout.head, _ColumnParallel(head_weight, None))  # tied: the same Parameter
+    module.set_submodule(layout.head, _ColumnParallel(head_weight, None))  # tied: one Parameter
     _copy_in(module.get_submodule(layout.head), tp)
     return parallel_loss(module, loss_fn)
-
-
-def _replace(module: nn.Module, path: str, new: nn.Module) -> None:
-    parent, _, attr = path.rpartition(".")
-    setattr(module.get_submodule(parent), attr, new)
 
 
 def _copy_in(region: nn.Module, tp: int) -> None:
