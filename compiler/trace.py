@@ -554,7 +554,7 @@ def eliminate_dead_nodes(graph: Graph) -> None:
     live = {id(v) for v in graph.outputs}
     kept: list[Node] = []
     for node in reversed(graph.nodes):
-        if node.op == "copy_" or any(id(v) in live for v in node.outputs):
+        if kind(node.op) is Kind.WRITE or any(id(v) in live for v in node.outputs):
             kept.append(node)
             live.update(id(v) for v in node.inputs)
     graph.nodes = kept[::-1]

@@ -111,3 +111,28 @@ def planning_options(func: F) -> F:
         help="Recompute until the step fits: a size (12GB, 800MiB: the whole step's peak) or a"
         " fraction of the no-recompute activation memory (0.5).",
     )(func)
+
+
+def mesh_options(func: F) -> F:
+    """--dp, --tp, --zero: the mesh one rank of which is planned."""
+    func = click.option(
+        "--zero",
+        type=click.IntRange(0, 2),
+        default=0,
+        show_default=True,
+        help="ZeRO stage over the dp ranks: 1 shards AdamW states, 2 gradients too.",
+    )(func)
+    func = click.option(
+        "--tp",
+        type=click.IntRange(min=1),
+        default=1,
+        show_default=True,
+        help="Tensor-parallel ranks.",
+    )(func)
+    return click.option(
+        "--dp",
+        type=click.IntRange(min=1),
+        default=1,
+        show_default=True,
+        help="Data-parallel ranks.",
+    )(func)

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from compiler.plan import fmt_bytes
 from memfit.options import lowering_kwargs, lowering_options, planning_options
-from runtime.train import TrainConfig, Trainer
+from runtime.train_config import TrainConfig
+
+if TYPE_CHECKING:
+    from runtime.train import Trainer
 
 console = Console()
 DEFAULT = TrainConfig()
@@ -109,6 +112,9 @@ def train_command(
     (gloo on CPU, NCCL on CUDA); rank 0 prints, logs and writes full checkpoints, which
     resume on any mesh.
     """
+    from compiler.plan import fmt_bytes  # torch and the compiler load when a run starts, not
+    from runtime.train import Trainer  # for --help
+
     lowering = lowering_kwargs(precision, lora, quantize_base)
     cfg = TrainConfig(model=model, **lowering, **options)  # type: ignore[arg-type]
     if int(os.environ.get("RANK", "0")):  # other ranks train quietly
@@ -161,6 +167,8 @@ def train_command(
 
 
 def _print_plan(trainer: Trainer) -> None:
+    from compiler.plan import fmt_bytes
+
     """The plan about to run: bytes by role at the peak, recomputation's cost, the backend."""
     step = trainer.compiled
     if step.plan is None:  # a mesh rank's step is run unplanned

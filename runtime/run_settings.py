@@ -19,7 +19,7 @@ from compiler.errors import MemfitError
 
 if TYPE_CHECKING:
     from pipelines.manifest import Manifest
-    from runtime.train import TrainConfig
+    from runtime.train_config import TrainConfig
 
 FLAGS = {
     "model": "MODEL",

@@ -43,14 +43,13 @@ from compiler import collectives
 from compiler.builder import GraphBuilder
 from compiler.errors import VerifyError
 from compiler.ir import Graph, Phase, Role, Value
-from compiler.mesh import Mesh, MeshError
+from compiler.mesh import DEFAULT_BUCKET_BYTES, Mesh, MeshError
 from compiler.models.adapter import TPLayout, tp_layout, tp_sizes
 from compiler.passes.manager import PassContext
 from compiler.passes.precision import Precision
 from compiler.trace import STATE_PREFIXES, AdamW, LossFn, mark_activations, trace_update
 from examples.loss import lm_loss
 
-DEFAULT_BUCKET_BYTES = 25 * 2**20  # DDP's default
 MASTER = "master."
 DP = "dp"
 
