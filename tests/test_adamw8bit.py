@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from compiler.compile import CompileOptions, optimize, trace_model
+from compiler.compile import CompileOptions, compile_model, optimize, trace_model
 from compiler.ir import Role
 from compiler.mesh import Mesh, MeshError
 from compiler.models import resolve_model
@@ -23,10 +23,12 @@ from compiler.trace import AdamW, dequantize_blocks, quantize_blocks
 from examples import build_example
 from examples.loss import lm_loss
 from memfit.cli import main
-from runtime.arena import Arena
+from runtime.arena import Arena, allocations
 from runtime.checkpoint import LATEST
 from runtime.corpus_runs import corpus_batches, train_steps
+from runtime.eager import run_graph
 from runtime.program import Program
+from tests.test_measured_peak import BATCH, SCALARS, SEQ, eager_peak
 
 
 @settings(max_examples=60, deadline=None)
@@ -237,3 +239,18 @@ def test_8bit_moments_train_within_2_percent_of_fp32_adamw(model_name: str) -> N
         last[name] = sum(losses[-10:]) / 10
     assert last["adamw"] < 0.7 * 5.3  # it trained: from ~5.3 (byte-level chance 5.5)
     assert abs(last["adamw8bit"] / last["adamw"] - 1) < 0.02
+
+
+@pytest.mark.parametrize("name", ["gpt2-tiny", "llama-tiny"])
+def test_measured_8bit_step_peak_is_the_planned_peak(name: str) -> None:
+    """The 8-bit update's dequantised moments, padding and requantisation are planned values:
+    an eager step allocates at its peak what the plan says (as test_measured_peak for fp32)."""
+    torch.manual_seed(0)
+    example = build_example(name)
+    step = compile_model(example, lm_loss, CompileOptions(BATCH, SEQ, optimizer="adamw8bit"))
+    program = Program.from_module(step.graph, example.module, backend=run_graph)
+    tokens = torch.randint(0, example.vocab_size, (BATCH, SEQ))
+    program.step(tokens, tokens.roll(1, 1))
+    measured = allocations(lambda: program.step(tokens, tokens.roll(1, 1))).peak_bytes
+    planned = eager_peak(step)
+    assert planned <= measured <= planned + SCALARS, (measured, planned)
