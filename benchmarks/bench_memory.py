@@ -35,6 +35,7 @@ from torch import Tensor
 
 from compiler.compile import CompileOptions, compile_model
 from compiler.models import resolve_model
+from compiler.optimizers import Optimizer
 from compiler.passes.recompute import RecomputePolicy
 from compiler.plan import fmt_bytes
 from examples.loss import lm_loss
@@ -80,14 +81,21 @@ def eager_peak(name: str, b: int, t: int, compiled: bool = False) -> Peaks:
 
 
 def memfit_peaks(
-    name: str, b: int, t: int, policy: RecomputePolicy | None, accumulate: bool = False
+    name: str,
+    b: int,
+    t: int,
+    policy: RecomputePolicy | None,
+    accumulate: bool = False,
+    optimizer: Optimizer = Optimizer.ADAMW,
 ) -> tuple[Peaks, Peaks, float, float]:
     """(planned, measured, arena / lower bound, planning seconds) of memfit's step."""
     torch.manual_seed(0)
     example = resolve_model(name)
     if policy is not None and policy.checkpoint_layers:  # every block of this model
         policy = replace(policy, checkpoint_layers=len(example.module.blocks))
-    options = CompileOptions(b, t, recompute=policy, accumulate_grads=accumulate)
+    options = CompileOptions(
+        b, t, recompute=policy, accumulate_grads=accumulate, optimizer=optimizer
+    )
     compiled = compile_model(example, lm_loss, options)
     graph, plan, timings = compiled.graph, compiled.plan, compiled.context.timings
     assert plan is not None
@@ -103,16 +111,27 @@ def memfit_peaks(
     return (planned, planned - persistent), (measured, measured - persistent), plan.ratio, planning
 
 
-MEMFIT = {  # label: (recompute policy, tied gradients accumulated in place)
-    "memfit, no recompute": (None, False),
-    "memfit default (min-cut)": (RecomputePolicy(), False),
-    "memfit budget 0.5": (RecomputePolicy(activation_fraction=0.5), False),
-    "memfit checkpointing + accumulate": (RecomputePolicy(checkpoint_layers=1), True),
+A8 = Optimizer.ADAMW8BIT
+MEMFIT = {  # label: (recompute policy, tied gradients accumulated in place, optimizer)
+    "memfit, no recompute": (None, False, Optimizer.ADAMW),
+    "memfit default (min-cut)": (RecomputePolicy(), False, Optimizer.ADAMW),
+    "memfit budget 0.5": (RecomputePolicy(activation_fraction=0.5), False, Optimizer.ADAMW),
+    "memfit checkpointing + accumulate": (
+        RecomputePolicy(checkpoint_layers=1),
+        True,
+        Optimizer.ADAMW,
+    ),
+    "memfit default, adamw8bit": (RecomputePolicy(), False, A8),
+    "memfit checkpointing + accumulate, adamw8bit": (
+        RecomputePolicy(checkpoint_layers=1),
+        True,
+        A8,
+    ),
 }
 
 
 def main(configs: list[str], torch_compile: bool = True) -> None:
-    table = Table(title="peak bytes of one training step (AdamW, fp32 moments), CPU, fp32")
+    table = Table(title="peak bytes of one training step (AdamW), CPU, fp32")
     columns = ["side", "batch×seq", "planned", "measured", "/ eager", "step / eager"]
     columns += ["arena / bound", "plan s"]
     for column in columns:
@@ -130,9 +149,9 @@ def main(configs: list[str], torch_compile: bool = True) -> None:
             except Exception as e:  # noqa: BLE001 — say why instead of a number
                 row = ["", f"failed: {type(e).__name__}", "", ""]
             table.add_row(f"{name} torch.compile", f"{b}×{t}", *row)
-        for label, (policy, accumulate) in MEMFIT.items():
+        for label, (policy, accumulate, optimizer) in MEMFIT.items():
             planned, measured, ratio, planning = memfit_peaks(
-                name, int(b), int(t), policy, accumulate
+                name, int(b), int(t), policy, accumulate, optimizer
             )
             table.add_row(
                 f"{name} {label}",
@@ -147,11 +166,12 @@ def main(configs: list[str], torch_compile: bool = True) -> None:
         print(f"{spec}: done in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     Console(width=140).print(table)
     print(
-        "Every number is a whole step's peak: parameters, buffers, AdamW moments (fp32), the"
+        "Every number is a whole step's peak: parameters, buffers, AdamW moments (fp32; int8"
+        " codes and fp32 block scales in the adamw8bit rows), the"
         " batch, gradients, activations, temporaries and kernel scratch (memfit: its arena)."
         " eager/torch.compile: measured (forward, backward, AdamW.step, zero_grad). memfit:"
         " planned and measured; '/ eager' compares measured whole steps, 'step / eager' the"
-        " bytes beyond parameters, buffers and moments."
+        " bytes beyond parameters, buffers and moments (each side's own)."
     )
 
 

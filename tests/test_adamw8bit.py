@@ -201,7 +201,8 @@ def test_checkpoints_carry_the_codes_and_scales_and_resume_exactly(
     compiler_data: Path, tmp_path: Path
 ) -> None:
     """`memfit train --optimizer adamw8bit`: checkpoints hold int8 codes and fp32 scales; a run
-    resumed from step 5 ends with the same tensors and losses as one that did not stop."""
+    resumed from step 5 ends with the same tensors and losses as one that did not stop; a
+    resume with fp32 moments is refused, naming --optimizer."""
     args = ["train", "gpt2-tiny", "--batch", "2", "--seq", "16", "--steps", "10"]
     args += ["--warmup", "2", "--optimizer", "adamw8bit", "--checkpoint-every", "5"]
     args += ["--val-every", "0", "--data", str(compiler_data)]
@@ -223,6 +224,10 @@ def test_checkpoints_carry_the_codes_and_scales_and_resume_exactly(
     assert want["exp_avg_sq.tok_emb.weight"].any()  # the moments moved from their zero start
     assert want.keys() == got.keys()
     assert all(torch.equal(want[k], got[k]) for k in want)
+    fp32 = [a if a != "adamw8bit" else "adamw" for a in args]
+    result = CliRunner().invoke(main, [*fp32, "--out", str(crashed), "--resume"])
+    assert result.exit_code == 2
+    assert "--optimizer adamw8bit (this command: adamw)" in " ".join(result.output.split())
 
 
 @pytest.mark.parametrize("model_name", ["gpt2-tiny", "llama-tiny"])
