@@ -45,6 +45,7 @@ STATE_PREFIXES = ("exp_avg.", "exp_avg_sq.")
 SCALE_PREFIXES = ("exp_avg.scale.", "exp_avg_sq.scale.")  # 8-bit moments' per-block scales
 GRAD_ACCUM = "grad_accum."  # prefix of each trainable parameter's accumulation buffer
 LR, STEP = "lr", "step"  # the optimizer's per-step scalar inputs
+UPDATE_BLOCKS = 4096  # 8-bit moments are dequantised this many blocks (1 Mi elements) at a time
 
 
 @dataclass(frozen=True)
@@ -236,28 +237,50 @@ def _adamw(
     beta1, beta2 = opt.betas
     step_size = lr / (1 - beta1**step)
     bias_correction2_sqrt = (1 - beta2**step).sqrt()
-    n = len(params)
-    new_p, new_s = [], [[] for _ in opt.prefixes]
-    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-        m, v = states[i], states[n + i]
-        if opt.block:
-            g = _to_blocks(g, opt.block)
-            m = dequantize_blocks(m, states[2 * n + i])
-            v = dequantize_blocks(v, states[3 * n + i]).square()
-        p = p * (1 - lr * opt.weight_decay)
+
+    def moments(g: Tensor, m: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """New m, new v, its square root and the step direction m / (sqrt(v̂) + eps)."""
         m = m.lerp(g, 1 - beta1)
         v = v * beta2 + g * g * (1 - beta2)
         root = v.sqrt()
-        update = m / (root / bias_correction2_sqrt + opt.eps)
+        return m, v, root, m / (root / bias_correction2_sqrt + opt.eps)
+
+    n = len(params)
+    new_p, new_s = [], [[] for _ in opt.prefixes]
+    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
         if opt.block:
+            update, *quantized = _update_8bit(opt.block, moments, g, states[i::n])
             update = update.reshape(-1)[: p.numel()].view(p.shape)
-            (m, m_scale), (v, v_scale) = quantize_blocks(m), quantize_blocks(root, True)
-            new_s[2].append(m_scale)
-            new_s[3].append(v_scale)
-        new_p.append(p - step_size * update)
-        new_s[0].append(m)
-        new_s[1].append(v)
+            for group, t in zip(new_s, quantized, strict=True):
+                group.append(t)
+        else:
+            m, v, _, update = moments(g, states[i], states[n + i])
+            new_s[0].append(m)
+            new_s[1].append(v)
+        new_p.append(p * (1 - lr * opt.weight_decay) - step_size * update)
     return [*new_p, *(t for group in new_s for t in group)]
+
+
+def _update_8bit(
+    block: int,
+    moments: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor, Tensor]],
+    grad: Tensor,
+    states: Sequence[Tensor],
+) -> list[Tensor]:
+    """The step direction (blocks, block), then the new m codes, sqrt(v) codes, m scales and
+    sqrt(v) scales, computed UPDATE_BLOCKS blocks at a time: a large parameter's dequantised
+    moments are never whole fp32 tensors, only the direction is (the parameter's update)."""
+    g = _to_blocks(grad, block)
+    m_codes, v_codes, m_scales, v_scales = states
+    parts = []
+    for a in range(0, g.shape[0], UPDATE_BLOCKS):
+        rows = slice(a, a + UPDATE_BLOCKS)
+        m = dequantize_blocks(m_codes[rows], m_scales[rows])
+        v = dequantize_blocks(v_codes[rows], v_scales[rows]).square()
+        m, _, root, update = moments(g[rows], m, v)
+        (mq, ms), (vq, vs) = quantize_blocks(m), quantize_blocks(root, True)
+        parts.append((update, mq, vq, ms, vs))
+    return [torch.cat(ts) if len(ts) > 1 else ts[0] for ts in zip(*parts, strict=True)]
 
 
 def _to_blocks(x: Tensor, block: int) -> Tensor:

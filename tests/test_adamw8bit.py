@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
+from compiler import trace
 from compiler.compile import CompileOptions, compile_model, optimize, trace_model
 from compiler.ir import Role
 from compiler.mesh import Mesh, MeshError
@@ -110,17 +111,22 @@ def reference_step(
     return p
 
 
-@pytest.mark.parametrize("model_name", ["gpt2-tiny", "llama-tiny"])
+@pytest.mark.parametrize(
+    ("model_name", "update_blocks"),
+    [("gpt2-tiny", trace.UPDATE_BLOCKS), ("llama-tiny", trace.UPDATE_BLOCKS), ("llama-tiny", 3)],
+)
 def test_compiled_8bit_step_equals_a_plain_torch_reference_after_three_steps(
-    model_name: str,
+    model_name: str, update_blocks: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The compiled step (eager and arena backends, fused_update pass in the pipeline) against
-    reference_step on every parameter, fed the step's own gradients, for 3 steps: the same
+    reference_step on every parameter, fed the step's own gradients, for 3 steps (with the
+    moments dequantised in chunks of `update_blocks` blocks: 3 splits every matrix): the same
     scales and parameters (fp32 tolerance) and codes, but for a last-bit difference that
     crosses a rounding boundary (one code of 12288 in llama-tiny, by one)."""
     options = CompileOptions(2, 16, optimizer=Optimizer.ADAMW8BIT, return_grads=True)
     assert isinstance(options.optimizer, AdamW)
     opt = options.optimizer
+    monkeypatch.setattr(trace, "UPDATE_BLOCKS", update_blocks)
     torch.manual_seed(0)
     example = build_example(model_name)
     step = optimize(trace_model(example, lm_loss, options), options)
