@@ -4,7 +4,6 @@ state's bytes in the plan, and mesh refusal."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -25,11 +24,11 @@ from examples import build_example
 from examples.loss import lm_loss
 from memfit.cli import main
 from runtime.arena import Arena, allocations
-from runtime.checkpoint import LATEST
 from runtime.corpus_runs import corpus_batches, train_steps
 from runtime.eager import run_graph
 from runtime.program import Program
 from tests.test_measured_peak import BATCH, SCALARS, SEQ, eager_peak
+from tests.test_train import run_and_resume_from_step_5
 
 
 @settings(max_examples=60, deadline=None)
@@ -212,15 +211,7 @@ def test_checkpoints_carry_the_codes_and_scales_and_resume_exactly(
     args = ["train", "gpt2-tiny", "--batch", "2", "--seq", "16", "--steps", "10"]
     args += ["--warmup", "2", "--optimizer", "adamw8bit", "--checkpoint-every", "5"]
     args += ["--val-every", "0", "--data", str(compiler_data)]
-    straight = tmp_path / "straight"
-    result = CliRunner().invoke(main, [*args, "--out", str(straight)])
-    assert result.exit_code == 0, result.output
-    crashed = tmp_path / "crashed"
-    shutil.copytree(straight, crashed)
-    shutil.rmtree(crashed / "checkpoints" / "step-00000010")  # as if killed after step 5
-    (crashed / "checkpoints" / LATEST).write_text("step-00000005\n")
-    result = CliRunner().invoke(main, [*args, "--out", str(crashed), "--resume"])
-    assert result.exit_code == 0, result.output
+    straight, crashed = run_and_resume_from_step_5(args, tmp_path)
     want, got = (
         load_file(run / "checkpoints" / "step-00000010" / "tensors.safetensors")
         for run in (straight, crashed)
