@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from compiler.compile import CompileOptions, pass_manager
@@ -16,6 +16,7 @@ from compiler.passes.manager import PassContext
 from compiler.passes.verify import verify
 from runtime.arena import Arena
 from runtime.eager import run_graph
+from tests.strategies import examples
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -60,7 +61,7 @@ def tied_backward(rows: int, dim: int, n: int, transposed: bool, read_later: boo
     st.booleans(),
     st.integers(0, 99),
 )
-@settings(max_examples=30, deadline=None)
+@examples(30)
 def test_the_scatter_accumulates_into_the_dying_tensor(
     rows: int, dim: int, n: int, transposed: bool, read_later: bool, seed: int
 ) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from compiler import update_op
@@ -23,6 +23,7 @@ from examples.loss import lm_loss
 from runtime.arena import Arena, allocations
 from runtime.eager import run_graph
 from runtime.program import Program
+from tests.strategies import examples
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -75,7 +76,7 @@ def same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 @given(updates(), st.integers(1, 12), st.booleans())
-@settings(max_examples=40, deadline=None)
+@examples(40)
 def test_random_updates_run_in_chunks_bit_for_bit(graph: Graph, elements: int, flag: bool) -> None:
     original = update_op.CHUNK_ELEMENTS
     update_op.CHUNK_ELEMENTS = elements  # several chunks per target
