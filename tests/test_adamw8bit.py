@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
@@ -27,11 +27,12 @@ from runtime.arena import Arena, allocations
 from runtime.corpus_runs import corpus_batches, train_steps
 from runtime.eager import run_graph
 from runtime.program import Program
+from tests.strategies import examples
 from tests.test_measured_peak import BATCH, SCALARS, SEQ, eager_peak
 from tests.test_train import run_and_resume_from_step_5
 
 
-@settings(max_examples=60, deadline=None)
+@examples(60)
 @given(
     blocks=st.integers(1, 4),
     block=st.sampled_from([1, 7, 256]),
