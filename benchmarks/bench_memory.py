@@ -7,8 +7,15 @@ bytes the allocator hands out on top during the step (profiler memory events,
 and eager's `zero_grad(set_to_none=True)` has freed the gradients, as in steady training.
 "step" columns leave out what both sides must hold anyway (parameters, buffers, moments).
 
-memfit runs twice: keeping every activation the backward reads (`recompute=None`), and as
-`compile_model` compiles by default (the recompute pass's min-cut before the schedule).
+Sides: eager PyTorch (forward, backward, `torch.optim.AdamW.step`, `zero_grad`);
+`torch.compile` (inductor on the CPU) of the model's forward with the same loss, backward and
+AdamW step (`--no-torch-compile` skips it); memfit keeping every activation the backward reads
+(`recompute=None`), as `compile_model` compiles by default (the recompute pass's min-cut), and
+under an activation fraction. Every memfit step updates parameters in place with the chunked
+`memfit::update` (compiler/passes/fused_update.py). Each number is a whole step's peak:
+parameters, buffers, AdamW moments, the batch, gradients, activations and temporaries (for
+memfit: the arena and kernel scratch), measured at the allocator; memfit's planned peak is
+printed beside its measured one.
 
     .venv/bin/python benchmarks/bench_memory.py                    # tiny and small configs
     .venv/bin/python benchmarks/bench_memory.py gpt2-tiny:8:64     # MODEL:BATCH:SEQ ...
@@ -19,6 +26,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Iterable
+from dataclasses import replace
 
 import torch
 from rich.console import Console
@@ -27,6 +35,7 @@ from torch import Tensor
 
 from compiler.compile import CompileOptions, compile_model
 from compiler.models import resolve_model
+from compiler.optimizers import Optimizer
 from compiler.passes.recompute import RecomputePolicy
 from compiler.plan import fmt_bytes
 from examples.loss import lm_loss
@@ -50,14 +59,16 @@ def batch(vocab: int, b: int, t: int, seed: int) -> tuple[Tensor, Tensor]:
 Peaks = tuple[int, int]  # (whole step, the step's own bytes beyond params, buffers, moments)
 
 
-def eager_peak(name: str, b: int, t: int) -> Peaks:
+def eager_peak(name: str, b: int, t: int, compiled: bool = False) -> Peaks:
+    """Eager PyTorch's step, or with the model's forward under torch.compile (inductor)."""
     torch.manual_seed(0)
     example = resolve_model(name)
     model = example.module
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    forward = torch.compile(model) if compiled else model
 
     def step(x: Tensor, y: Tensor) -> None:
-        lm_loss(model(x), y).backward()
+        lm_loss(forward(x), y).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -69,12 +80,22 @@ def eager_peak(name: str, b: int, t: int) -> Peaks:
     return peak, peak - persistent
 
 
-def memfit_peaks(name: str, b: int, t: int, recompute: bool) -> tuple[Peaks, Peaks, float, float]:
+def memfit_peaks(
+    name: str,
+    b: int,
+    t: int,
+    policy: RecomputePolicy | None,
+    accumulate: bool = False,
+    optimizer: Optimizer = Optimizer.ADAMW,
+) -> tuple[Peaks, Peaks, float, float]:
     """(planned, measured, arena / lower bound, planning seconds) of memfit's step."""
     torch.manual_seed(0)
     example = resolve_model(name)
-    policy = RecomputePolicy() if recompute else None
-    options = CompileOptions(batch_size=b, seq_len=t, recompute=policy)
+    if policy is not None and policy.checkpoint_layers:  # every block of this model
+        policy = replace(policy, checkpoint_layers=len(example.module.blocks))
+    options = CompileOptions(
+        b, t, recompute=policy, accumulate_grads=accumulate, optimizer=optimizer
+    )
     compiled = compile_model(example, lm_loss, options)
     graph, plan, timings = compiled.graph, compiled.plan, compiled.context.timings
     assert plan is not None
@@ -90,37 +111,70 @@ def memfit_peaks(name: str, b: int, t: int, recompute: bool) -> tuple[Peaks, Pea
     return (planned, planned - persistent), (measured, measured - persistent), plan.ratio, planning
 
 
-def main(configs: list[str]) -> None:
+A8 = Optimizer.ADAMW8BIT
+MEMFIT = {  # label: (recompute policy, tied gradients accumulated in place, optimizer)
+    "memfit, no recompute": (None, False, Optimizer.ADAMW),
+    "memfit default (min-cut)": (RecomputePolicy(), False, Optimizer.ADAMW),
+    "memfit budget 0.5": (RecomputePolicy(activation_fraction=0.5), False, Optimizer.ADAMW),
+    "memfit checkpointing + accumulate": (
+        RecomputePolicy(checkpoint_layers=1),
+        True,
+        Optimizer.ADAMW,
+    ),
+    "memfit default, adamw8bit": (RecomputePolicy(), False, A8),
+    "memfit checkpointing + accumulate, adamw8bit": (
+        RecomputePolicy(checkpoint_layers=1),
+        True,
+        A8,
+    ),
+}
+
+
+def main(configs: list[str], torch_compile: bool = True) -> None:
     table = Table(title="peak bytes of one training step (AdamW), CPU, fp32")
-    columns = ["model", "batch×seq", "eager", "memfit", "measured", "/ eager", "step / eager"]
+    columns = ["side", "batch×seq", "planned", "measured", "/ eager", "step / eager"]
     columns += ["arena / bound", "plan s"]
     for column in columns:
-        table.add_column(column, justify="left" if column == "model" else "right")
+        table.add_column(column, justify="left" if column == "side" else "right")
     for spec in configs:
         name, b, t = spec.split(":")
         start = time.perf_counter()
         eager = eager_peak(name, int(b), int(t))
-        for recompute in (False, True):
-            planned, measured, ratio, planning = memfit_peaks(name, int(b), int(t), recompute)
+        table.add_row(f"{name} eager", f"{b}×{t}", "", fmt_bytes(eager[0]), "1.00", "1.00")
+        if torch_compile:
+            try:
+                peak = eager_peak(name, int(b), int(t), compiled=True)
+                row = ["", fmt_bytes(peak[0]), f"{peak[0] / eager[0]:.2f}"]
+                row.append(f"{peak[1] / eager[1]:.2f}")
+            except Exception as e:  # noqa: BLE001 — say why instead of a number
+                row = ["", f"failed: {type(e).__name__}", "", ""]
+            table.add_row(f"{name} torch.compile", f"{b}×{t}", *row)
+        for label, (policy, accumulate, optimizer) in MEMFIT.items():
+            planned, measured, ratio, planning = memfit_peaks(
+                name, int(b), int(t), policy, accumulate, optimizer
+            )
             table.add_row(
-                name + (" + recompute" if recompute else " (no recompute)"),
+                f"{name} {label}",
                 f"{b}×{t}",
-                fmt_bytes(eager[0]) if not recompute else "",
                 fmt_bytes(planned[0]),
                 fmt_bytes(measured[0]),
-                f"{planned[0] / eager[0]:.2f}",
-                f"{planned[1] / eager[1]:.2f}",
+                f"{measured[0] / eager[0]:.2f}",
+                f"{measured[1] / eager[1]:.2f}",
                 f"{ratio:.3f}",
                 f"{planning:.2f}",
             )
         print(f"{spec}: done in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     Console(width=140).print(table)
     print(
-        "eager: measured peak of torch (forward, backward, AdamW.step, zero_grad). memfit: the"
-        " planned peak (arena + parameters, moments, batch) and the measured one; '/ eager'"
-        " compares whole steps, 'step / eager' the bytes beyond parameters, buffers and moments."
+        "Every number is a whole step's peak: parameters, buffers, AdamW moments (fp32; int8"
+        " codes and fp32 block scales in the adamw8bit rows), the"
+        " batch, gradients, activations, temporaries and kernel scratch (memfit: its arena)."
+        " eager/torch.compile: measured (forward, backward, AdamW.step, zero_grad). memfit:"
+        " planned and measured; '/ eager' compares measured whole steps, 'step / eager' the"
+        " bytes beyond parameters, buffers and moments (each side's own)."
     )
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or CONFIGS)
+    args = [a for a in sys.argv[1:] if a != "--no-torch-compile"]
+    main(args or CONFIGS, torch_compile="--no-torch-compile" not in sys.argv)

@@ -6,6 +6,11 @@ and the matmul FLOPs recomputed in the backward (FLOPs counted the same way for 
 `compiler.ops.flops` on ATen nodes). PyTorch's side is AOTAutograd with
 `min_cut_rematerialization_partition` under `torch._functorch.config.activation_memory_budget`.
 
+Saved bytes are counted the same way on both sides: the distinct storages the saved values
+keep alive, excluding the graph's inputs (parameters, buffers, the batch) and views of them —
+the parameters are held anyway, saving them costs nothing. PyTorch's partitioner lists the
+parameters (and transposed views of them) among its saved values; those are left out here.
+
     PYTHONPATH=. python benchmarks/bench_recompute.py --model gpt2-small --batch 2 --seq 256
 """
 
@@ -82,8 +87,20 @@ def torch_partition(
     saved = [
         a for a in fw_out[1:] if hasattr(a, "meta") and isinstance(a.meta.get("val"), torch.Tensor)
     ]
-    saved_bytes = sum(a.meta["val"].numel() * a.meta["val"].element_size() for a in saved)
+    bases = {id(b): b for b in map(_storage_of, saved) if b.op != "placeholder"}
+    saved_bytes = sum(b.meta["val"].numel() * b.meta["val"].element_size() for b in bases.values())
     return saved_bytes, _fx_matmul_flops(seen["bw"])
+
+
+def _storage_of(node: torch.fx.Node) -> torch.fx.Node:
+    """The fx node owning the storage `node` views (itself unless it is a view op's result)."""
+    while (
+        node.op == "call_function"
+        and hasattr(node.target, "name")
+        and OP_KINDS.get(ir_name(node.target)) is Kind.VIEW
+    ):
+        node = node.args[0]
+    return node
 
 
 def main() -> None:
@@ -111,6 +128,11 @@ def main() -> None:
         f"{args.model}, batch {args.batch} × seq {args.seq}; no-recompute saved activations:"
         f" memfit {full / 2**20:.1f} MiB, PyTorch {torch_none[0] / 2**20:.1f} MiB;"
         f" step {step_flops / 1e9:.2f} GFLOP"
+    )
+    print(
+        "saved MiB, both sides: distinct storages of the values the forward saves for the"
+        " backward, excluding parameters, buffers, the batch and views of them (held anyway);"
+        " recompute GFLOP: matmul FLOPs the backward recomputes, by compiler.ops.flops"
     )
     print(
         f"{'budget':>8} | {'memfit saved MiB':>16} {'recompute GFLOP':>16} {'% step':>7} |"

@@ -176,15 +176,7 @@ def forward_into(
 
 @attention.register_fake
 def _(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    segment_ids: Tensor | None,
-    causal: bool,
-    scale: float,
-    window: int,
-    softcap: float,
-    chunk: int,
+    q: Tensor, k: Tensor, v: Tensor, segment_ids: Tensor | None, *options: object
 ) -> tuple[Tensor, Tensor]:
     return _forward_outputs(q, k, v, segment_ids)
 
@@ -264,18 +256,7 @@ def backward_into(
 
 @attention_backward.register_fake
 def _(
-    grad: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    out: Tensor,
-    lse: Tensor,
-    segment_ids: Tensor | None,
-    causal: bool,
-    scale: float,
-    window: int,
-    softcap: float,
-    chunk: int,
+    grad: Tensor, q: Tensor, k: Tensor, v: Tensor, *rest: object
 ) -> tuple[Tensor, Tensor, Tensor]:
     return _gradients(q, k, v)
 

@@ -189,7 +189,6 @@ OPS: dict[str, torch._ops.OpOverload] = {
     SHARD: torch.ops.memfit.shard.default,
     WAIT: torch.ops.memfit.wait.default,
 }
-COMMUNICATING = (ALL_REDUCE, REDUCE_SCATTER, ALL_GATHER)
 
 
 def reduced(x: Tensor, group: str, world: int) -> Tensor:

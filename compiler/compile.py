@@ -9,11 +9,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from compiler.ir import Graph, Role, dump, parse
+from compiler.ir import Graph, Node, Role, Value, dump, parse
 from compiler.lora import LoraConfig, apply_lora
-from compiler.mesh import Mesh, MeshError
+from compiler.mesh import DEFAULT_BUCKET_BYTES, Mesh, MeshError
+from compiler.optimizers import Optimizer
+from compiler.passes.accumulate import accumulate_into
 from compiler.passes.attention import attention_pass
 from compiler.passes.buffers import plan_buffers
+from compiler.passes.fused_update import fuse_updates
 from compiler.passes.fusion import FusionOptions, fuse
 from compiler.passes.linear_cross_entropy import linear_cross_entropy
 from compiler.passes.manager import Pass, PassContext, PassManager
@@ -21,13 +24,7 @@ from compiler.passes.noop_views import eliminate_noop_views
 from compiler.passes.precision import FOUND_INF, LOSS_SCALE, Precision, precision_pass
 from compiler.passes.recompute import RecomputePolicy, recompute_pass
 from compiler.passes.schedule import schedule
-from compiler.passes.shard import (
-    DEFAULT_BUCKET_BYTES,
-    ShardLayout,
-    ShardOptions,
-    shard_pass,
-    tensor_parallel,
-)
+from compiler.passes.shard import ShardLayout, ShardOptions, shard_pass, tensor_parallel
 from compiler.plan import MemoryPlan
 from compiler.quantize import QuantMode, quantize_frozen_linears
 from compiler.trace import LR, STEP, Accumulate, AdamW, LossFn, trace
@@ -40,7 +37,7 @@ class CompileOptions:
 
     batch_size: int = 8
     seq_len: int | None = None  # default: the model's block size
-    optimizer: AdamW | None = field(default_factory=AdamW)
+    optimizer: AdamW | Optimizer | None = field(default_factory=AdamW)  # a name: AdamW.named
     return_grads: bool = False
     grad_accum: int = 1  # micro-batches per optimizer step, summed inside the step (trace.py)
     precision: Precision = Precision.FP32  # compute dtype; master weights stay fp32
@@ -52,11 +49,16 @@ class CompileOptions:
     recompute: RecomputePolicy | None = RecomputePolicy()  # None: keep every activation
     backend: str = "eager"  # eager | triton: triton groups fusible nodes into generated kernels
     fused_cross_entropy: bool = True  # the LM head as chunked linear+cross-entropy ops
+    # a tied weight's gradient halves summed in place (passes/accumulate.py): one weight-sized
+    # buffer less, at the price of another fp32 summation order than eager PyTorch's
+    accumulate_grads: bool = False
     dump_after: set[str] = field(default_factory=set)
     dump_dir: Path | None = None
 
     def __post_init__(self) -> None:
         self.precision = Precision(self.precision)  # a name from a flag or a config file
+        if isinstance(self.optimizer, str):
+            self.optimizer = AdamW.named(Optimizer(self.optimizer))
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,9 @@ def pass_manager(
     if options.fused_cross_entropy:
         passes.append(("linear_cross_entropy", linear_cross_entropy))
     passes.append(("precision", partial(precision_pass, precision=options.precision)))
+    passes.append(("fused_update", partial(fuse_updates, backend=options.backend)))
+    if options.accumulate_grads:
+        passes.append(("accumulate", accumulate_into))
     if options.recompute is not None:
         passes.append(("recompute", partial(recompute_pass, policy=options.recompute)))
     passes += [
@@ -162,6 +167,15 @@ class TracedStep:
     seq_len: int
     shard: ShardOptions | None  # a mesh's data-parallel rewrite of the traced step
     micro: Graph | None = None  # the accumulating micro-step, with grad_accum > 1
+    # the graph after the passes before recompute, per (source graph, precision, backend, fused
+    # head): they do not depend on the recompute policy, so a budget search or sweep runs them
+    # once (the micro-step's TracedStep shares this dict; its source graph keys its own entries)
+    prepared: dict[tuple, tuple[Graph, PassContext]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+
+
+POLICY_PASSES = ("recompute", "schedule")  # the first pass whose result depends on the policy
 
 
 def trace_model(model: ExampleModel, loss_fn: LossFn, options: CompileOptions) -> TracedStep:
@@ -180,6 +194,11 @@ def trace_model(model: ExampleModel, loss_fn: LossFn, options: CompileOptions) -
         if options.optimizer is None or options.return_grads:
             raise MeshError(
                 "a --dp/--tp mesh compiles whole training steps (an optimizer, no grads)"
+            )
+        if options.optimizer.block:
+            raise MeshError(
+                "--optimizer adamw8bit with --dp/--tp/--zero is not supported: the shard pass"
+                " keeps AdamW moments as fp32 shards shaped like the parameters; use adamw"
             )
         loss_fn = tensor_parallel(model.module, loss_fn, options.mesh, options.rank)
         trainable = tuple(n for n, p in model.module.named_parameters() if p.requires_grad)
@@ -209,7 +228,10 @@ def trace_model(model: ExampleModel, loss_fn: LossFn, options: CompileOptions) -
 
 
 def optimize(traced: TracedStep, options: CompileOptions) -> CompiledStep:
-    """Run the pass pipeline on a fresh copy of a traced step (so one trace serves many plans)."""
+    """Run the pass pipeline on a fresh copy of a traced step (so one trace serves many plans).
+
+    The passes before the policy's (recompute, or schedule without it) run once per traced
+    step and option set; each plan continues from a copy of their graph."""
     micro = None
     if traced.micro is not None:
         micro = optimize(replace(traced, graph=traced.micro, micro=None), options)
@@ -220,8 +242,26 @@ def optimize(traced: TracedStep, options: CompileOptions) -> CompiledStep:
 
 def _optimize(traced: TracedStep, options: CompileOptions) -> CompiledStep:
     ctx = PassContext(dump_after=set(options.dump_after), dump_dir=options.dump_dir)
-    passes = pass_manager(options, traced.shard)
-    graph = passes.run(parse(dump(traced.graph)), ctx)
+    passes = pass_manager(options, traced.shard).passes
+    split = next(i for i, (name, _) in enumerate(passes) if name in POLICY_PASSES)
+    if options.dump_after:  # the dumps of every pass are asked for: no shortcut
+        graph = PassManager(passes).run(parse(dump(traced.graph)), ctx)
+    else:
+        key = (
+            id(traced.graph),
+            options.precision,
+            options.backend,
+            options.fused_cross_entropy,
+            options.accumulate_grads,
+        )
+        if key not in traced.prepared:
+            before = PassContext()
+            prefix = PassManager(passes[:split]).run(parse(dump(traced.graph)), before)
+            traced.prepared[key] = (prefix, before)
+        prefix, before = traced.prepared[key]
+        ctx.timings.update(before.timings)
+        ctx.shard = before.shard
+        graph = PassManager(passes[split:]).run(clone(prefix), ctx)
     if ctx.plan is not None and ctx.recompute is not None:
         ctx.plan.recompute = {
             "extra_flops": ctx.recompute.extra_flops,
@@ -229,6 +269,18 @@ def _optimize(traced: TracedStep, options: CompileOptions) -> CompiledStep:
             "values": list(ctx.recompute.recomputed),
         }
     return CompiledStep(graph, ctx, options.batch_size, traced.seq_len, ctx.plan, ctx.shard)
+
+
+def clone(graph: Graph) -> Graph:
+    """A copy with its own values (passes set roles on values; the original keeps its own)."""
+    fresh = {id(v): Value(v.name, v.shape, v.dtype, v.role) for v in graph.values()}
+    nodes = []
+    for n in graph.nodes:
+        node = Node(n.op, n.args, dict(n.kwargs), [fresh[id(v)] for v in n.outputs], n.phase)
+        node.source, node.group = n.source, n.group
+        node.map_args(lambda v: fresh[id(v)])
+        nodes.append(node)
+    return Graph([fresh[id(v)] for v in graph.inputs], nodes, [fresh[id(v)] for v in graph.outputs])
 
 
 def compile_model(

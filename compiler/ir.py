@@ -112,8 +112,8 @@ class Node:
 
     def map_args(self, fn: Any) -> None:
         """Replace every Value argument `v` by `fn(v)` (used by rewriting passes)."""
-        self.args = _map_values(self.args, fn)
-        self.kwargs = {k: _map_values(a, fn) for k, a in self.kwargs.items()}
+        self.args = map_values(self.args, fn)
+        self.kwargs = map_values(self.kwargs, fn)
 
     def __repr__(self) -> str:
         return format_node(self)
@@ -170,11 +170,14 @@ def _values_in(obj: Any) -> Iterator[Value]:
             yield from _values_in(item)
 
 
-def _map_values(obj: Any, fn: Any) -> Any:
+def map_values(obj: Any, fn: Any) -> Any:
+    """`obj` (args, kwargs, lists of them) with every Value `v` replaced by `fn(v)`."""
     if isinstance(obj, Value):
         return fn(obj)
     if isinstance(obj, list | tuple):
-        return type(obj)(_map_values(item, fn) for item in obj)
+        return type(obj)(map_values(item, fn) for item in obj)
+    if isinstance(obj, dict):
+        return {k: map_values(a, fn) for k, a in obj.items()}
     return obj
 
 

@@ -72,8 +72,9 @@ def storage(graph: Graph) -> Storage:
 def scratch(graph: Graph) -> list[int]:
     """Bytes each step's kernel holds outside the arena besides its inputs and outputs.
 
-    Only memfit's own ops say what they hold (a chunk of logits, a block of attention scores);
-    ATen's own scratch inside its kernels is small and not modelled.
+    Only memfit's own ops say what they hold (a chunk of logits, a block of attention scores,
+    one chunk of the optimizer update's new values); ATen's own scratch inside its kernels is
+    small and not modelled.
     """
     return [workspace_bytes(n) for n in graph.nodes]
 

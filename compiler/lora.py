@@ -148,14 +148,12 @@ def apply_lora(module: nn.Module, config: LoraConfig) -> list[str]:
     for p in module.parameters():
         p.requires_grad_(False)
     for name in chosen:
-        parent, _, child = name.rpartition(".")
-        owner = module.get_submodule(parent)
-        current = getattr(owner, child)
+        current = module.get_submodule(name)
         if isinstance(current, LoraLinear):
             current.lora_A.requires_grad_(True)
             current.lora_B.requires_grad_(True)
         else:
-            setattr(owner, child, LoraLinear(current, config.r, config.alpha))
+            module.set_submodule(name, LoraLinear(current, config.r, config.alpha))
     return chosen
 
 
@@ -172,8 +170,7 @@ def merge_lora(module: nn.Module) -> nn.Module:
         dense.weight.copy_(weight if m.merged else weight + m.delta())
         if base.bias is not None:
             dense.bias.copy_(base.bias)
-        parent, _, child = name.rpartition(".")
-        setattr(module.get_submodule(parent), child, dense)
+        module.set_submodule(name, dense)
     return module
 
 

@@ -16,6 +16,8 @@ from compiler.errors import MemfitError
 
 ZERO_STAGES = (0, 1, 2)
 
+DEFAULT_BUCKET_BYTES = 25 * 2**20  # gradients reduced together across dp ranks (DDP's default)
+
 
 class MeshError(MemfitError):
     """The mesh does not fit the model, the batch or the processes launched."""

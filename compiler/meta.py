@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from compiler.ir import Node, Value
+from compiler.ir import Node, map_values
 from compiler.ops import Kind, kind, resolve
 
 META = torch.device("meta")
@@ -22,13 +22,7 @@ META = torch.device("meta")
 
 def bind(obj: Any, env: Mapping[int, Tensor]) -> Any:
     """`obj` (a node's args or kwargs) with every Value replaced by its tensor in `env`."""
-    if isinstance(obj, Value):
-        return env[id(obj)]
-    if isinstance(obj, list | tuple):
-        return type(obj)(bind(x, env) for x in obj)
-    if isinstance(obj, dict):
-        return {k: bind(v, env) for k, v in obj.items()}
-    return obj
+    return map_values(obj, lambda v: env[id(v)])
 
 
 def run_node(node: Node, env: Mapping[int, Tensor], device: torch.device) -> list[Tensor]:
@@ -40,6 +34,9 @@ def run_node(node: Node, env: Mapping[int, Tensor], device: torch.device) -> lis
     kwargs = bind(node.kwargs, env)
     if node.op == "copy_":
         args[0].copy_(args[1])
+        return []
+    if kind(node.op) is Kind.WRITE:  # memfit::update: writes its targets, returns nothing
+        resolve(node.op)(*args, **kwargs)
         return []
     if creation:
         kwargs["device"] = device

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from compiler import attention, collectives, custom_ops
+from compiler import attention, collectives, custom_ops, update_op
 
 if TYPE_CHECKING:
-    from compiler.ir import Node
+    from compiler.ir import Node, Value
 
 
 class Kind(enum.StrEnum):
@@ -91,6 +91,7 @@ _POINTWISE = [
     "logical_not",
     "logical_and",
     "sign",
+    "round",
     "lerp.Scalar",
     "lerp.Tensor",
     "addcmul",
@@ -188,6 +189,7 @@ OP_KINDS: dict[str, Kind] = {
         (_CREATION, Kind.CREATION),
         (_COPY, Kind.COPY),
         (_WRITE, Kind.WRITE),
+        ([update_op.UPDATE], Kind.WRITE),  # chunked in-place optimizer update
         (list(custom_ops.OPS), Kind.MATMUL),  # memfit's fused linear + cross-entropy
         (list(attention.OPS), Kind.MATMUL),  # memfit's attention: O(T) saved, FLOPs of matmuls
         ([op for op in collectives.OPS if op != collectives.WAIT], Kind.COLLECTIVE),
@@ -216,12 +218,36 @@ def resolve(op: str) -> torch._ops.OpOverload:
         return attention.OPS[op]
     if op in collectives.OPS:
         return collectives.OPS[op]
+    if op == update_op.UPDATE:
+        return torch.ops.memfit.update.default
     packet, _, variant = op.partition(".")
     return getattr(getattr(torch.ops.aten, packet), variant or "default")
 
 
+@cache
+def out_variant(op: str) -> tuple[torch._ops.OpOverload, tuple[str, ...]] | None:
+    """The `out=` overload taking exactly `op`'s arguments, and its out argument names."""
+    f = resolve(op)
+    want = [(a.name, str(a.type)) for a in f._schema.arguments]
+    for name in f.overloadpacket.overloads():
+        g = getattr(f.overloadpacket, name)
+        outs = tuple(a.name for a in g._schema.arguments if a.is_out)
+        ins = [(a.name, str(a.type)) for a in g._schema.arguments if not a.is_out]
+        if outs and ins == want:
+            return g, outs
+    return None
+
+
 def kind(op: str) -> Kind:
     return OP_KINDS[op]
+
+
+def written(node: Node) -> list[Value]:
+    """The persistent values a WRITE node changes in place (`copy_`: its first argument;
+    `memfit::update`: its list of targets)."""
+    if node.op == update_op.UPDATE:
+        return list(node.args[0])
+    return [node.args[0]] if kind(node.op) is Kind.WRITE else []
 
 
 def flops(node: Node) -> int:
@@ -229,6 +255,8 @@ def flops(node: Node) -> int:
     k = OP_KINDS[node.op]
     if node.op in custom_ops.OPS:
         return custom_ops.flops(node)
+    if node.op == update_op.UPDATE:
+        return update_op.flops(node)
     if node.op in attention.OPS:
         return attention.flops(node)
     if k is Kind.MATMUL:
@@ -250,6 +278,8 @@ def workspace_bytes(node: Node) -> int:
         return custom_ops.workspace_bytes(node)
     if node.op in attention.OPS:
         return attention.workspace_bytes(node)
+    if node.op == update_op.UPDATE:
+        return update_op.workspace_bytes(node)
     return 0
 
 

@@ -30,12 +30,11 @@ from rich.table import Table
 
 from compiler.compile import CompileOptions, compile_model
 from compiler.ir import Role
-from compiler.mesh import Mesh
+from compiler.mesh import DEFAULT_BUCKET_BYTES, Mesh
 from compiler.models import resolve_model
 from compiler.models.adapter import decoder_blocks
 from compiler.passes.precision import Precision
 from compiler.passes.recompute import RecomputePolicy
-from compiler.passes.shard import DEFAULT_BUCKET_BYTES
 from compiler.plan import MemoryPlan, fmt_bytes
 from examples import GPT2_CONFIGS, LLAMA_CONFIGS, ExampleModel
 from examples.gpt2 import GPT2

@@ -9,6 +9,7 @@ temporary next to its matmul, never a value kept from forward to backward.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Literal
 
 import torch
@@ -132,9 +133,7 @@ def quantize_frozen_linears(module: nn.Module, mode: QuantMode) -> list[str]:
     """
     if mode not in QUANT_MODES:
         raise ValueError(f"unknown quantisation {mode!r}; choose one of {', '.join(QUANT_MODES)}")
-    uses: dict[int, int] = {}
-    for _, p in module.named_parameters(remove_duplicate=False):
-        uses[id(p)] = uses.get(id(p), 0) + 1
+    uses = Counter(id(p) for _, p in module.named_parameters(remove_duplicate=False))
     targets = [
         name
         for name, m in module.named_modules()
@@ -146,7 +145,5 @@ def quantize_frozen_linears(module: nn.Module, mode: QuantMode) -> list[str]:
             " freeze the base first (e.g. with --lora)"
         )
     for name in targets:
-        parent, _, child = name.rpartition(".")
-        owner = module.get_submodule(parent)
-        setattr(owner, child, QuantizedLinear(getattr(owner, child), mode))
+        module.set_submodule(name, QuantizedLinear(module.get_submodule(name), mode))
     return targets

@@ -38,11 +38,14 @@ from compiler.errors import TraceError, UnsupportedOpError, is_library, short_pa
 from compiler.ir import Graph, Node, Phase, Role, Value
 from compiler.models.adapter import known_setting
 from compiler.ops import OP_KINDS, Kind, ir_name, kind
+from compiler.optimizers import Optimizer
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 STATE_PREFIXES = ("exp_avg.", "exp_avg_sq.")
+SCALE_PREFIXES = ("exp_avg.scale.", "exp_avg_sq.scale.")  # 8-bit moments' per-block scales
 GRAD_ACCUM = "grad_accum."  # prefix of each trainable parameter's accumulation buffer
 LR, STEP = "lr", "step"  # the optimizer's per-step scalar inputs
+UPDATE_BLOCKS = 4096  # 8-bit moments are dequantised this many blocks (1 Mi elements) at a time
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,34 @@ class AdamW:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 0.01
+    block: int = 0  # > 0: both moments int8 in blocks of this many elements (optimizers.py)
+
+    @classmethod
+    def named(cls, optimizer: Optimizer, weight_decay: float = 0.01) -> AdamW:
+        return cls(weight_decay=weight_decay, block=Optimizer(optimizer).state_block)
+
+    @property
+    def prefixes(self) -> tuple[str, ...]:
+        """The state inputs' name prefixes, in graph order, each followed by every parameter."""
+        return STATE_PREFIXES + (SCALE_PREFIXES if self.block else ())
+
+    def state_examples(self, params: Sequence[Tensor]) -> list[Tensor]:
+        """Zeroed optimizer states for `params`, in the order of `prefixes` then parameters:
+        moments shaped like the parameter, or int8 codes (blocks, block) and fp32 scales."""
+        if not self.block:
+            return [torch.zeros_like(p) for _ in STATE_PREFIXES for p in params]
+        blocks = [-(-p.numel() // self.block) for p in params]
+        codes = [
+            torch.zeros(n, self.block, dtype=torch.int8, device=p.device)
+            for _ in STATE_PREFIXES
+            for n, p in zip(blocks, params, strict=True)
+        ]
+        scales = [
+            torch.zeros(n, dtype=torch.float32, device=p.device)
+            for _ in SCALE_PREFIXES
+            for n, p in zip(blocks, params, strict=True)
+        ]
+        return codes + scales
 
 
 @dataclass(frozen=True)
@@ -102,7 +133,7 @@ def trace(
         p_vals, rest = flat[:n_p], flat[n_p:]
         b_vals, rest = rest[:n_b], rest[n_b:]
         bound = dict(zip(params, p_vals, strict=True)) | dict(zip(buffers, b_vals, strict=True))
-        n_states = 2 * n_t if optimizer else 0
+        n_states = len(optimizer.prefixes) * n_t if optimizer else 0
         states, rest = rest[:n_states], rest[n_states:]
         sums, rest = (rest[:n_t], rest[n_t:]) if accumulate else ((), rest)
         (x, y), scalars = rest[:2], rest[-2:]
@@ -125,13 +156,13 @@ def trace(
             grads = [s / accumulate.micro_steps for s in summed]
         if optimizer:
             lr, t = scalars
-            outs += _adamw(optimizer, leaves, grads, states[:n_t], states[n_t:], lr, t)
+            outs += _adamw(optimizer, leaves, grads, states, lr, t)
         return outs + ([torch.zeros_like(a) for a in sums] if accumulate else [])
 
     example = [p.detach().requires_grad_(p.requires_grad) for p in params.values()]
     example += [b.detach() for b in buffers.values()]
     if optimizer:
-        example += [torch.zeros_like(params[n]) for _ in range(2) for n in trainable]
+        example += optimizer.state_examples([params[n] for n in trainable])
     if accumulate:
         example += [torch.zeros_like(params[n]) for n in trainable]
     example += [t.detach() for t in batch]
@@ -142,15 +173,16 @@ def trace(
     names = [*params, *buffers]
     roles = [Role.PARAM] * n_p + [Role.BUFFER] * n_b
     if optimizer:
-        names += [p + n for p in STATE_PREFIXES for n in trainable]
-        roles += [Role.OPTIMIZER_STATE] * (2 * n_t)
+        names += [p + n for p in optimizer.prefixes for n in trainable]
+        roles += [Role.OPTIMIZER_STATE] * (len(optimizer.prefixes) * n_t)
     sums = [GRAD_ACCUM + n for n in trainable] if accumulate else []
     names += [*sums, *batch_names]
     roles += [Role.GRAD_ACCUM] * len(sums) + [Role.INPUT, Role.INPUT]
     if optimizer:
         names += [LR, STEP]
         roles += [Role.INPUT, Role.INPUT]
-    writes = [*trainable, *names[n_p + n_b : n_p + n_b + 2 * n_t]] if optimizer else []
+    states = [n for n, r in zip(names, roles, strict=True) if r is Role.OPTIMIZER_STATE]
+    writes = [*trainable, *states] if optimizer else []
     return_grads = return_grads or not (optimizer or accumulate)
     return _to_ir(gm, names, roles, n_t, [*writes, *sums], return_grads)
 
@@ -177,19 +209,18 @@ def trace_update(params: dict[str, Tensor], optimizer: AdamW = AdamW()) -> Graph
     n = len(names)
 
     def update(*flat: Tensor) -> list[Tensor]:
-        p, g, m, v = (flat[i * n : (i + 1) * n] for i in range(4))
-        lr, t = flat[-2:]
-        return _adamw(optimizer, p, g, m, v, lr, t)
+        p, g = flat[:n], flat[n : 2 * n]
+        return _adamw(optimizer, p, g, flat[2 * n : -2], *flat[-2:])
 
     shapes = [torch.empty_like(t, device="meta") for t in params.values()]
-    example = [s.clone() for _ in range(4) for s in shapes]
+    example = [s.clone() for _ in range(2) for s in shapes] + optimizer.state_examples(shapes)
     example += [torch.tensor(1e-3, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)]
     gm = _make_fx(update, example)
-    roles = [Role.PARAM, Role.GRAD, Role.OPTIMIZER_STATE, Role.OPTIMIZER_STATE]
-    all_names = [*names, *(f"grad.{k}" for k in names)]
-    all_names += [p + k for p in STATE_PREFIXES for k in names] + [LR, STEP]
-    all_roles = [r for r in roles for _ in range(n)] + [Role.INPUT, Role.INPUT]
-    writes = [*names, *all_names[2 * n : 4 * n]]
+    states = [p + k for p in optimizer.prefixes for k in names]
+    all_names = [*names, *(f"grad.{k}" for k in names), *states, LR, STEP]
+    all_roles = [Role.PARAM] * n + [Role.GRAD] * n + [Role.OPTIMIZER_STATE] * len(states)
+    all_roles += [Role.INPUT, Role.INPUT]
+    writes = [*names, *states]
     return _to_ir(gm, all_names, all_roles, 0, writes, return_grads=False)
 
 
@@ -197,25 +228,88 @@ def _adamw(
     opt: AdamW,
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],
-    exp_avg_sqs: Sequence[Tensor],
+    states: Sequence[Tensor],
     lr: Tensor,
     step: Tensor,
 ) -> list[Tensor]:
-    """New parameters, then new first and second moments — torch.optim.AdamW's arithmetic."""
+    """New parameters, then new states in input order — torch.optim.AdamW's arithmetic, on
+    moments dequantised and requantised around it when they are 8-bit."""
     beta1, beta2 = opt.betas
     step_size = lr / (1 - beta1**step)
     bias_correction2_sqrt = (1 - beta2**step).sqrt()
-    new_p, new_m, new_v = [], [], []
-    for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs, strict=True):
-        p = p * (1 - lr * opt.weight_decay)
+
+    def moments(g: Tensor, m: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """New m, new v, its square root and the step direction m / (sqrt(v̂) + eps)."""
         m = m.lerp(g, 1 - beta1)
         v = v * beta2 + g * g * (1 - beta2)
-        denom = v.sqrt() / bias_correction2_sqrt + opt.eps
-        new_p.append(p - step_size * (m / denom))
-        new_m.append(m)
-        new_v.append(v)
-    return [*new_p, *new_m, *new_v]
+        root = v.sqrt()
+        return m, v, root, m / (root / bias_correction2_sqrt + opt.eps)
+
+    n = len(params)
+    new_p, new_s = [], [[] for _ in opt.prefixes]
+    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+        if opt.block:
+            update, *quantized = _update_8bit(opt.block, moments, g, states[i::n])
+            update = update.reshape(-1)[: p.numel()].view(p.shape)
+            for group, t in zip(new_s, quantized, strict=True):
+                group.append(t)
+        else:
+            m, v, _, update = moments(g, states[i], states[n + i])
+            new_s[0].append(m)
+            new_s[1].append(v)
+        new_p.append(p * (1 - lr * opt.weight_decay) - step_size * update)
+    return [*new_p, *(t for group in new_s for t in group)]
+
+
+def _update_8bit(
+    block: int,
+    moments: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor, Tensor]],
+    grad: Tensor,
+    states: Sequence[Tensor],
+) -> list[Tensor]:
+    """The step direction (blocks, block), then the new m codes, sqrt(v) codes, m scales and
+    sqrt(v) scales, computed UPDATE_BLOCKS blocks at a time: a large parameter's dequantised
+    moments are never whole fp32 tensors, only the direction is (the parameter's update)."""
+    g = _to_blocks(grad, block)
+    m_codes, v_codes, m_scales, v_scales = states
+    parts = []
+    for a in range(0, g.shape[0], UPDATE_BLOCKS):
+        rows = slice(a, a + UPDATE_BLOCKS)
+        m = dequantize_blocks(m_codes[rows], m_scales[rows])
+        v = dequantize_blocks(v_codes[rows], v_scales[rows]).square()
+        m, _, root, update = moments(g[rows], m, v)
+        (mq, ms), (vq, vs) = quantize_blocks(m), quantize_blocks(root, True)
+        parts.append((update, mq, vq, ms, vs))
+    return [torch.cat(ts) if len(ts) > 1 else ts[0] for ts in zip(*parts, strict=True)]
+
+
+def _to_blocks(x: Tensor, block: int) -> Tensor:
+    """`x` flattened, zero-padded to a multiple of `block`, as (blocks, block)."""
+    flat = x.reshape(-1)
+    pad = -flat.numel() % block
+    return (F.pad(flat, (0, pad)) if pad else flat).view(-1, block)
+
+
+def quantize_blocks(x: Tensor, keep_nonzero: bool = False) -> tuple[Tensor, Tensor]:
+    """int8 codes and fp32 scales of `x` (blocks, block), linear absmax per block: code =
+    round(x / scale), scale = absmax / 127, so |x - code·scale| ≤ absmax / 254. An all-zero
+    block has scale 0 and codes 0 (the division is guarded, no NaN).
+
+    `keep_nonzero` (for sqrt(v) ≥ 0): a positive value under half a step is stored as one
+    step, not 0, so a dequantised second moment is 0 only where every gradient so far was —
+    else AdamW divides a surviving first moment by eps (an embedding row absent from the
+    batch) and the weights blow up within tens of steps."""
+    scale = x.abs().amax(dim=1) / 127
+    safe = scale.clamp_min(torch.finfo(torch.float32).tiny)
+    codes = (x / safe[:, None]).round()
+    if keep_nonzero:
+        codes = torch.where(x > 0, codes.clamp_min(1), codes)
+    return codes.to(torch.int8), scale
+
+
+def dequantize_blocks(codes: Tensor, scale: Tensor) -> Tensor:
+    """fp32 values of int8 block codes: code · its block's scale."""
+    return codes.to(torch.float32) * scale[:, None]
 
 
 @contextmanager
@@ -554,7 +648,7 @@ def eliminate_dead_nodes(graph: Graph) -> None:
     live = {id(v) for v in graph.outputs}
     kept: list[Node] = []
     for node in reversed(graph.nodes):
-        if node.op == "copy_" or any(id(v) in live for v in node.outputs):
+        if kind(node.op) is Kind.WRITE or any(id(v) in live for v in node.outputs):
             kept.append(node)
             live.update(id(v) for v in node.inputs)
     graph.nodes = kept[::-1]

@@ -12,6 +12,7 @@ them against each command's own docstring).
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from typing import Any
 
@@ -22,6 +23,7 @@ from compiler.errors import MemfitError
 from pipelines.errors import DataError
 
 console = Console(stderr=True)
+ARGS = "memfit.args"  # the command line as given, in click's shared context meta
 
 # name: (module, attribute, the first sentence of the command's docstring)
 COMMANDS = {
@@ -107,6 +109,7 @@ class _Group(_LazyGroup):
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if "--debug" in args[1:]:
             args = ["--debug", *(a for a in args if a != "--debug")]
+        ctx.meta[ARGS] = list(args)  # what `train --nproc-per-node` hands its ranks
         return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context) -> Any:
@@ -115,7 +118,10 @@ class _Group(_LazyGroup):
         except (MemfitError, DataError, OSError, ValueError, KeyError) as exc:
             if ctx.params.get("debug"):
                 raise
-            console.print(f"[bold red]error:[/] {_message(exc)}", highlight=False, markup=True)
+            rank = f" (rank {os.environ['RANK']})" if "RANK" in os.environ else ""
+            console.print(
+                f"[bold red]error{rank}:[/] {_message(exc)}", highlight=False, markup=True
+            )
             sys.exit(2)
 
 

@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from compiler.errors import MemfitError
+from compiler.optimizers import OPTIMIZERS, Optimizer
 from compiler.precisions import PRECISIONS, Precision
 
 F = Callable[..., Any]
@@ -38,7 +39,16 @@ def model_shape_options(func: F) -> F:
 
 
 def adapter_options(func: F) -> F:
-    """--lora, --quantize-base: low-rank adapters on a frozen, optionally quantised base."""
+    """--lora, --quantize-base: low-rank adapters on a frozen, optionally quantised base;
+    --optimizer: how the trained weights' AdamW states are stored."""
+    func = click.option(
+        "--optimizer",
+        type=click.Choice(OPTIMIZERS),
+        default="adamw",
+        show_default=True,
+        help="adamw8bit: AdamW moments as int8 codes with an fp32 scale per 256 elements"
+        " (about 1/4 of fp32's optimizer-state bytes).",
+    )(func)
     func = click.option(
         "--quantize-base",
         type=click.Choice(["int8", "nf4"]),
@@ -64,8 +74,11 @@ def lowering_options(func: F) -> F:
     )(adapter_options(func))
 
 
-def lowering_kwargs(precision: str, lora: str | None, quantize_base: str | None) -> dict[str, Any]:
-    """CompileOptions fields for the lowering options (LoRA spec parsed, errors named)."""
+def lowering_kwargs(
+    precision: str, lora: str | None, quantize_base: str | None, optimizer: str = "adamw"
+) -> dict[str, Any]:
+    """CompileOptions / TrainConfig fields for the lowering options (LoRA spec parsed, errors
+    named)."""
     from compiler.lora import LoraConfig
 
     if quantize_base and not lora:
@@ -76,7 +89,12 @@ def lowering_kwargs(precision: str, lora: str | None, quantize_base: str | None)
         config = LoraConfig.parse(lora) if lora else None
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--lora") from None
-    return {"precision": Precision(precision), "lora": config, "quantize_base": quantize_base}
+    return {
+        "precision": Precision(precision),
+        "lora": config,
+        "quantize_base": quantize_base,
+        "optimizer": Optimizer(optimizer),
+    }
 
 
 def planning_options(func: F) -> F:
@@ -110,4 +128,29 @@ def planning_options(func: F) -> F:
         metavar="SIZE|FRACTION",
         help="Recompute until the step fits: a size (12GB, 800MiB: the whole step's peak) or a"
         " fraction of the no-recompute activation memory (0.5).",
+    )(func)
+
+
+def mesh_options(func: F) -> F:
+    """--dp, --tp, --zero: the mesh one rank of which is planned."""
+    func = click.option(
+        "--zero",
+        type=click.IntRange(0, 2),
+        default=0,
+        show_default=True,
+        help="ZeRO stage over the dp ranks: 1 shards AdamW states, 2 gradients too.",
+    )(func)
+    func = click.option(
+        "--tp",
+        type=click.IntRange(min=1),
+        default=1,
+        show_default=True,
+        help="Tensor-parallel ranks.",
+    )(func)
+    return click.option(
+        "--dp",
+        type=click.IntRange(min=1),
+        default=1,
+        show_default=True,
+        help="Data-parallel ranks.",
     )(func)

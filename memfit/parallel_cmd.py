@@ -22,35 +22,10 @@ from compiler.parallel_plan import example_config, largest_batch, llama_formula,
 from compiler.plan import fmt_bytes
 from compiler.precisions import PRECISIONS, Precision
 from examples.llama import LlamaConfig
-from memfit.options import PlanError, model_shape_options
+from memfit.options import PlanError, mesh_options, model_shape_options
 
 console = Console()
 F = Callable[..., Any]
-
-
-def mesh_options(func: F) -> F:
-    """--dp, --tp, --zero: the mesh one rank of which is planned."""
-    func = click.option(
-        "--zero",
-        type=click.IntRange(0, 2),
-        default=0,
-        show_default=True,
-        help="ZeRO stage over the dp ranks: 1 shards AdamW states, 2 gradients too.",
-    )(func)
-    func = click.option(
-        "--tp",
-        type=click.IntRange(min=1),
-        default=1,
-        show_default=True,
-        help="Tensor-parallel ranks.",
-    )(func)
-    return click.option(
-        "--dp",
-        type=click.IntRange(min=1),
-        default=1,
-        show_default=True,
-        help="Data-parallel ranks.",
-    )(func)
 
 
 @click.command()

@@ -10,31 +10,25 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-import torch
 from rich.console import Console
 from rich.table import Table
 
-from compiler.budget import Budget, SweepPoint, compile_within, sweep_budgets
-from compiler.compile import CompileOptions, trace_model
-from compiler.models import resolve_model
-from compiler.models.adapter import decoder_blocks
-from compiler.passes.recompute import RecomputePolicy
-from compiler.plan import MemoryPlan, fmt_bytes
-from compiler.plan_render import write_html, write_png
 from compiler.precisions import PRECISIONS
-from compiler.sweep_render import write_sweep_png
-from examples.loss import lm_loss
 from memfit.options import (
     PlanError,
     adapter_options,
     lowering_kwargs,
+    mesh_options,
     model_shape_options,
     planning_options,
 )
-from memfit.parallel_cmd import mesh_options, parallel_plan_command
-from runtime.backend import fusion_of, planned_backend
+
+if TYPE_CHECKING:
+    from compiler.budget import SweepPoint
+    from compiler.plan import MemoryPlan
 
 FORMATS = ("table", "json", "png", "html")
 
@@ -82,6 +76,7 @@ def plan_command(
     memory_budget: str | None,
     lora: str | None,
     quantize_base: str | None,
+    optimizer: str,
     dp: int,
     tp: int,
     zero: int,
@@ -94,6 +89,19 @@ def plan_command(
 
     With --dp/--tp/--zero (or --device-memory) it plans one rank of that mesh from shapes only.
     """
+    # the compiler (torch, scipy) loads when a plan is made, not for --help
+    import torch
+
+    from compiler.budget import Budget, compile_within, sweep_budgets
+    from compiler.compile import CompileOptions, trace_model
+    from compiler.models import resolve_model
+    from compiler.models.adapter import decoder_blocks
+    from compiler.passes.recompute import RecomputePolicy
+    from compiler.plan import fmt_bytes
+    from examples.loss import lm_loss
+    from memfit.parallel_cmd import parallel_plan_command
+    from runtime.backend import fusion_of, planned_backend
+
     if dp * tp > 1 or zero or device_memory:
         _refuse_with_a_mesh(
             {
@@ -101,6 +109,7 @@ def plan_command(
                 "--out": out,
                 "--lora": lora,
                 "--quantize-base": quantize_base,
+                "--optimizer": optimizer if optimizer != "adamw" else None,
                 "--sweep": sweep or None,
             },
             memory_budget,
@@ -140,7 +149,7 @@ def plan_command(
         seq_len=seq,
         recompute=RecomputePolicy() if recompute else None,
         backend=fusion_of(backend),
-        **lowering_kwargs(precision, lora, quantize_base),
+        **lowering_kwargs(precision, lora, quantize_base, optimizer),
     )
     with console.status(f"tracing {model} (batch {batch_size} × {seq})"):
         traced = trace_model(example, lm_loss, options)
@@ -148,6 +157,8 @@ def plan_command(
     if backend == "triton":  # the only backend that changes the plan (fused groups)
         config["backend"] = backend
     config |= {k: v for k, v in (("lora", lora), ("quantize_base", quantize_base)) if v}
+    if optimizer != "adamw":
+        config["optimizer"] = optimizer
     n_layers = len(decoder_blocks(example.module) or [1])
     if sweep:
         with console.status("planning the sweep"):
@@ -172,6 +183,9 @@ def plan_command(
 
 
 def _emit_sweep(points: list[SweepPoint], config: dict, fmt: str, path: Path | None) -> None:
+    from compiler.plan import fmt_bytes
+    from compiler.sweep_render import write_sweep_png
+
     if fmt == "json":
         doc = json.dumps({"config": config, "points": [asdict(p) for p in points]}, indent=1)
         click.echo(doc) if path is None else path.write_text(doc + "\n")
@@ -200,6 +214,8 @@ def _default_path(model: str, batch: int, seq: int, fmt: str) -> Path | None:
 
 
 def _emit(plan: MemoryPlan, fmt: str, path: Path | None) -> None:
+    from compiler.plan_render import write_html, write_png
+
     if fmt == "table":
         console.print(plan.table())
     elif fmt == "json" and path is None:
@@ -215,6 +231,8 @@ def _emit(plan: MemoryPlan, fmt: str, path: Path | None) -> None:
 def _refuse_with_a_mesh(given: dict[str, object], memory_budget: str | None) -> None:
     """Flags the per-rank plan of a mesh does not honour yet: refused before any planning,
     rather than planned without them."""
+    from compiler.budget import Budget
+
     ignored = [
         flag if value is True else f"{flag} {value}" for flag, value in given.items() if value
     ]

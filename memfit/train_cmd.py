@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from compiler.plan import fmt_bytes
+from memfit.cli import ARGS
 from memfit.options import lowering_kwargs, lowering_options, planning_options
-from runtime.train import TrainConfig, Trainer
+from runtime.train_config import TrainConfig
+
+if TYPE_CHECKING:
+    from runtime.train import Trainer
 
 console = Console()
 DEFAULT = TrainConfig()
@@ -84,7 +89,7 @@ DEFAULT = TrainConfig()
     "--dp",
     type=click.IntRange(min=1),
     default=None,
-    help="Data-parallel ranks (default: every rank torchrun launched that --tp leaves).",
+    help="Data-parallel ranks (default: every launched rank that --tp leaves).",
 )
 @click.option("--tp", type=click.IntRange(min=1), default=DEFAULT.tp, show_default=True)
 @click.option(
@@ -100,16 +105,36 @@ DEFAULT = TrainConfig()
     show_default=True,
     help="ZeRO stage over the dp ranks: 1 shards AdamW states, 2 gradients too.",
 )
+@click.option(
+    "--nproc-per-node",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Launch this many ranks here and train on them (as torchrun --standalone does);"
+    " --dp/--tp/--zero split them.",
+)
 def train_command(
-    model: str, precision: str, lora: str | None, quantize_base: str | None, **options: object
+    model: str,
+    precision: str,
+    lora: str | None,
+    quantize_base: str | None,
+    optimizer: str,
+    nproc_per_node: int | None,
+    **options: object,
 ) -> None:
     """Train MODEL (default: gpt2-tiny on the embedded corpus, CPU) with a compiled step.
 
-    Under `torchrun --nproc-per-node N` each process is one rank of a --dp × --tp mesh
-    (gloo on CPU, NCCL on CUDA); rank 0 prints, logs and writes full checkpoints, which
-    resume on any mesh.
+    With --nproc-per-node N (or under `torchrun --nproc-per-node N`) each process is one rank
+    of a --dp × --tp mesh (gloo on CPU, NCCL on CUDA); rank 0 prints, logs and writes full
+    checkpoints, which resume on any mesh.
     """
-    lowering = lowering_kwargs(precision, lora, quantize_base)
+    if nproc_per_node is not None and "RANK" not in os.environ:
+        from runtime.distributed import launch_here
+
+        sys.exit(launch_here(nproc_per_node, _without_nproc(click.get_current_context())))
+    from compiler.plan import fmt_bytes  # torch and the compiler load when a run starts, not
+    from runtime.train import Trainer  # for --help
+
+    lowering = lowering_kwargs(precision, lora, quantize_base, optimizer)
     cfg = TrainConfig(model=model, **lowering, **options)  # type: ignore[arg-type]
     if int(os.environ.get("RANK", "0")):  # other ranks train quietly
         console.quiet = True
@@ -161,6 +186,8 @@ def train_command(
 
 
 def _print_plan(trainer: Trainer) -> None:
+    from compiler.plan import fmt_bytes
+
     """The plan about to run: bytes by role at the peak, recomputation's cost, the backend."""
     step = trainer.compiled
     if step.plan is None:  # a mesh rank's step is run unplanned
@@ -178,3 +205,17 @@ def _print_plan(trainer: Trainer) -> None:
         f" recomputation +{step.plan.extra_flops_percent:.2f}% FLOPs",
         highlight=False,
     )
+
+
+def _without_nproc(ctx: click.Context) -> list[str]:
+    """The command line the ranks run: this one without --nproc-per-node."""
+    args, kept = ctx.meta[ARGS], []
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == "--nproc-per-node":
+            skip = True
+        elif not arg.startswith("--nproc-per-node="):
+            kept.append(arg)
+    return kept

@@ -18,7 +18,7 @@ from __future__ import annotations
 import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from functools import cache, partial
+from functools import partial
 from typing import Any
 
 import torch
@@ -26,10 +26,11 @@ from torch import Tensor
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from compiler import update_op
 from compiler.ir import Graph, Node, Value
 from compiler.liveness import UPDATES_SELF
 from compiler.meta import bind, results
-from compiler.ops import INTO, OP_KINDS, Kind, kind, resolve
+from compiler.ops import INTO, OP_KINDS, Kind, kind, out_variant, resolve
 from compiler.plan import MemoryPlan
 from runtime.interpreter import Env, Interpreter, Step
 
@@ -54,20 +55,6 @@ _IN_PLACE = {
     "select_scatter": lambda out, src, dim, index: out.select(dim, index).copy_(src),
 }
 assert _IN_PLACE.keys() == UPDATES_SELF
-
-
-@cache
-def out_variant(op: str) -> tuple[torch._ops.OpOverload, tuple[str, ...]] | None:
-    """The `out=` overload taking exactly `op`'s arguments, and its out argument names."""
-    f = resolve(op)
-    want = [(a.name, str(a.type)) for a in f._schema.arguments]
-    for name in f.overloadpacket.overloads():
-        g = getattr(f.overloadpacket, name)
-        outs = tuple(a.name for a in g._schema.arguments if a.is_out)
-        ins = [(a.name, str(a.type)) for a in g._schema.arguments if not a.is_out]
-        if outs and ins == want:
-            return g, outs
-    return None
 
 
 class Arena(Interpreter):
@@ -112,6 +99,8 @@ class Arena(Interpreter):
     def compile(self, node: Node) -> Run:
         """One node as a function of the environment of tensors, writing into its views."""
         op, args, kwargs = node.op, node.args, node.kwargs
+        if op == update_op.UPDATE:  # in place: it has no outputs of its own
+            return partial(_run_into, op, update_op.update_into, [], args)
         if kind(op) is Kind.WRITE:
             return partial(_write, _binder(args[0]), _binder(args[1]))
         if kind(op) is Kind.VIEW:

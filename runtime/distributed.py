@@ -13,8 +13,11 @@ loader position and therefore the losses do not depend on the number of ranks.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import sys
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +31,6 @@ from compiler.ir import Graph
 from compiler.mesh import Mesh, MeshError
 from compiler.passes.shard import MASTER, ShardLayout, TPSpec, tp_plan
 from compiler.trace import STATE_PREFIXES
-from runtime.eager import run_graph
 from runtime.program import Backend, initial_state
 
 Groups = dict[str, Any]
@@ -37,6 +39,36 @@ Groups = dict[str, Any]
 def launched_world() -> int:
     """WORLD_SIZE as torchrun set it (1 when not launched by torchrun)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def launch_here(nproc: int, args: list[str]) -> int:
+    """Run `python -m memfit ARGS` as `nproc` ranks on this machine, as `torchrun --standalone
+    --nproc-per-node NPROC` does, and return the exit status of the first rank that failed (0
+    when every rank finished). A failing rank prints its own one-paragraph error; torch's
+    launcher would add its report and traceback after it, which a user cannot act on, so its
+    logs are silenced and its ChildFailedError becomes this status."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+        monitor_interval=0.1,
+    )
+    try:
+        elastic_launch(config, sys.executable)("-m", "memfit", *args)
+    except ChildFailedError as failed:
+        _, first = failed.get_first_failure()
+        return first.exitcode if first.exitcode > 0 else 1
+    return 0
 
 
 def init_process_group(device: str) -> None:
@@ -100,12 +132,6 @@ class Parallel:
         """Remember the compiled step's bucket layout and the module's tensor-parallel split."""
         self.layout = compiled_layout
         self.specs = tp_plan(module)[0] if self.mesh.tp > 1 else {}
-
-    def backend(
-        self, graph: Graph, inputs: Mapping[str, Tensor], device: torch.device
-    ) -> list[Tensor]:
-        """The eager backend with this rank's process groups bound to the graph's names."""
-        return self.wrap(run_graph)(graph, inputs, device)
 
     def wrap(self, backend: Backend) -> Backend:
         """`backend` with this rank's process groups bound to the graph's group names."""

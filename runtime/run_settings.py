@@ -1,11 +1,11 @@
 """The settings a resumed run must share with the run that wrote its checkpoint.
 
 A checkpoint's parameters and AdamW moments mean one thing only for the model, lowering,
-batch shape and data they were trained with: resuming with another `--grad-accum` silently
-changes the tokens per step, another `--data` silently trains on other text. So a checkpoint
-records these settings and `--resume` refuses, naming each flag, any that differ. Nothing is
-taken from the checkpoint behind the user's back: the command line says what runs. The
-schedule (`--steps`, `--lr`, `--warmup`), the mesh (`--dp/--tp/--zero`) and checkpointing
+optimizer, batch shape and data they were trained with: resuming with another `--grad-accum`
+silently changes the tokens per step, another `--data` silently trains on other text. So a
+checkpoint records these settings and `--resume` refuses, naming each flag, any that differ.
+Nothing is taken from the checkpoint behind the user's back: the command line says what runs.
+The schedule (`--steps`, `--lr`, `--warmup`), the mesh (`--dp/--tp/--zero`) and checkpointing
 flags may change on resume; checkpoints are full, so they load on any mesh.
 """
 
@@ -19,18 +19,20 @@ from compiler.errors import MemfitError
 
 if TYPE_CHECKING:
     from pipelines.manifest import Manifest
-    from runtime.train import TrainConfig
+    from runtime.train_config import TrainConfig
 
 FLAGS = {
     "model": "MODEL",
     "precision": "--precision",
     "lora": "--lora",
     "quantize_base": "--quantize-base",
+    "optimizer": "--optimizer",
     "batch_size": "--batch",
     "seq_len": "--seq",
     "grad_accum": "--grad-accum",
     "data": "--data",
 }
+UNRECORDED = {"optimizer": "adamw"}  # what checkpoints from before a setting was recorded used
 
 
 class SettingsMismatch(MemfitError):
@@ -44,6 +46,7 @@ def run_settings(cfg: TrainConfig, seq_len: int, manifest: Manifest) -> dict[str
         "precision": cfg.precision,
         "lora": None if cfg.lora is None else _lora_text(asdict(cfg.lora)),
         "quantize_base": cfg.quantize_base,
+        "optimizer": cfg.optimizer,
         "batch_size": cfg.batch_size,
         "seq_len": seq_len,
         "grad_accum": cfg.grad_accum,
@@ -62,6 +65,7 @@ def check_resume(recorded: dict[str, Any] | None, current: dict[str, Any], where
             f"--resume: {where} records no run settings (written by an older memfit); start a"
             " new run with another --out"
         )
+    recorded = UNRECORDED | recorded
     differ = [name for name in FLAGS if recorded.get(name) != current.get(name)]
     if not differ:
         return

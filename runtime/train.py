@@ -15,7 +15,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,15 +31,12 @@ from compiler.compile import (
     optimize,
     trace_model,
 )
-from compiler.errors import MemfitError
 from compiler.ir import Role
-from compiler.lora import LoraConfig
-from compiler.mesh import Mesh, MeshError
+from compiler.mesh import Mesh
 from compiler.models import resolve_model
 from compiler.passes.manager import PassContext
-from compiler.passes.precision import Precision
 from compiler.passes.recompute import RecomputePolicy
-from compiler.passes.shard import DEFAULT_BUCKET_BYTES, parallel_loss
+from compiler.passes.shard import parallel_loss
 from compiler.trace import AdamW, trace
 from examples import EXAMPLES, ExampleModel
 from examples.loss import lm_loss
@@ -60,94 +57,14 @@ from runtime.checkpoint import (
     save_checkpoint,
     write_text_atomic,
 )
-from runtime.distributed import Parallel, launched_world
+from runtime.distributed import Parallel
 from runtime.fit import check_fit, device_capacity
 from runtime.program import Program, initial_state
 from runtime.run_settings import check_resume, run_settings
+from runtime.train_config import TrainConfig, TrainingError
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
-
-
-class TrainingError(MemfitError):
-    """Training cannot go on (diverged, or a resume that does not fit the run)."""
-
-
-@dataclass
-class TrainConfig:
-    model: str = "gpt2-tiny"
-    data: Path | None = None  # a `memfit prepare` directory; None: the embedded corpus
-    out: Path = Path("runs/default")
-    steps: int = 300
-    batch_size: int = 16
-    seq_len: int | None = None  # default: the model's block size
-    grad_accum: int = 1
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup: int = 30
-    weight_decay: float = 0.1
-    val_every: int = 100
-    val_batches: int = 4
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 3
-    seed: int = 0
-    resume: bool = False
-    deterministic: bool = False  # bit-identical runs whatever the thread count (one thread)
-    device: str = "cpu"
-    dp: int | None = None  # data-parallel ranks; None: every launched rank not used by tp
-    tp: int = 1  # tensor-parallel ranks
-    zero: int = 0  # ZeRO stage over the data-parallel ranks
-    bucket_bytes: int = DEFAULT_BUCKET_BYTES  # gradients reduced together across dp ranks
-    precision: Precision = Precision.FP32  # master weights and AdamW states stay fp32
-    lora: LoraConfig | None = None  # adapters on a frozen base
-    quantize_base: str | None = None  # int8 | nf4 frozen base (with lora)
-    document_mask: bool = False  # attention within each packed document (the data's EOS)
-    memory_budget: str | None = None  # SIZE or FRACTION, as `memfit plan --memory-budget`
-    recompute: bool = True  # False: keep every activation the backward reads
-    device_memory: str | None = None  # SIZE; default on CUDA: the device's free memory
-    backend: str = "auto"  # auto | eager | arena | triton (runtime/backend.py)
-    cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "memfit")
-
-    def check(self) -> None:
-        bad = [
-            f"--{name.removesuffix('_size').removesuffix('_len').replace('_', '-')} must be"
-            f" ≥ {low}, got {getattr(self, name)}"
-            for name, low in [
-                ("steps", 1),
-                ("batch_size", 1),
-                ("seq_len", 1),
-                ("grad_accum", 1),
-                ("warmup", 0),
-                ("val_every", 0),
-                ("checkpoint_every", 0),
-                ("keep_checkpoints", 1),
-            ]
-            if getattr(self, name) is not None and getattr(self, name) < low
-        ]
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            bad.append(f"--lr must be a positive number, got {self.lr}")
-        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
-            bad.append(f"--weight-decay must be a number ≥ 0, got {self.weight_decay}")
-        if bad:
-            raise TrainingError("bad training options: " + "; ".join(bad))
-
-    def mesh(self) -> Mesh | None:
-        """The mesh to run on; None for one process. Checked against the batch."""
-        world = launched_world()
-        if self.dp is None and world % max(self.tp, 1):
-            raise MeshError(
-                f"--tp {self.tp} does not divide the {world} process(es) launched; launch a"
-                f" multiple of {self.tp} with torchrun --nproc-per-node"
-            )
-        dp = max(world // max(self.tp, 1), 1) if self.dp is None else self.dp
-        mesh = Mesh(dp, self.tp, self.zero)
-        if mesh.world == 1 and world == 1:
-            return None
-        mesh.check_world(world)  # before the batch: a missing torchrun is the first problem
-        mesh.check_batch(self.batch_size)
-        if self.grad_accum > 1:
-            raise TrainingError("--grad-accum with --dp/--tp is not supported yet")
-        return mesh
 
 
 def mask_documents(module: torch.nn.Module, manifest: Manifest, model: str) -> None:
@@ -294,7 +211,7 @@ class Trainer:
         return CompileOptions(
             batch_size=(batch_size or cfg.batch_size) // (mesh.dp if mesh else 1),
             seq_len=self.seq_len,
-            optimizer=AdamW(weight_decay=cfg.weight_decay),
+            optimizer=AdamW.named(cfg.optimizer, cfg.weight_decay),
             grad_accum=grad_accum or cfg.grad_accum,
             mesh=mesh,
             rank=self.parallel.rank if self.parallel else 0,
@@ -386,7 +303,14 @@ class Trainer:
             self.val_dataset, self.cfg.batch_size, self.seq_len, seed=0, prefetch=0
         )
         n = min(self.cfg.val_batches, loader.batches_per_epoch)
-        losses = [float(self.eval_program.run(tokens=x, targets=y)[0]) for x, y in _take(loader, n)]
+        losses = []
+        for tokens, targets in _take(loader, n):
+            if self.parallel is None:
+                losses.append(float(self.eval_program.run(tokens=tokens, targets=targets)[0]))
+                continue
+            # compiled for this rank's rows, like the training step
+            rows = {"tokens": self.parallel.rows(tokens), "targets": self.parallel.rows(targets)}
+            losses.append(self.parallel.mean_loss(self.eval_program.run(**rows)[0]))
         return sum(losses) / len(losses)
 
     # --- the loop ---------------------------------------------------------------------------

@@ -38,7 +38,6 @@ from compiler.codegen.triton import Kernel, group_kernels
 from compiler.ir import Graph, Node, Value
 from compiler.meta import bind, results
 from compiler.ops import Kind, kind
-from compiler.plan import MemoryPlan
 from runtime.arena import Arena, Run
 from runtime.interpreter import Env, Interpreter, Step
 
@@ -181,21 +180,14 @@ class TritonArena(Arena):
     before writing it); a group planned any other overlapping way runs as its nodes.
     """
 
-    def __init__(
-        self,
-        graph: Graph,
-        plan: MemoryPlan,
-        device: torch.device | str = "cpu",
-        buffer: Tensor | None = None,
-    ) -> None:
-        if torch.device(device).type == "cpu":
+    def schedule(self) -> list[Step]:
+        """The steps, each group a kernel unless its planned views overlap (`Arena.__init__`
+        calls this once, after laying out the views)."""
+        if self.device.type == "cpu":
             require_interpreter()
-        self.producer = graph.producers()
+        self.producer = self.graph.producers()
         self.launched: list[int] = []  # group ids run as kernels
         self.unfused: list[int] = []  # group ids run node by node (overlapping plan)
-        super().__init__(graph, plan, device, buffer)
-
-    def schedule(self) -> list[Step]:
         members = group_members(self.graph)
         out: list[Step] = []
         for step in steps(self.graph):

@@ -19,7 +19,17 @@ HEAVY = ("torch", "scipy", "matplotlib", "pyarrow")
 
 
 @pytest.mark.parametrize(
-    "args", [[], ["compile"], ["prepare"], ["prune"], ["inspect"], ["inspect", "kernels"]]
+    "args",
+    [
+        [],
+        ["compile"],
+        ["plan"],
+        ["train"],
+        ["prepare"],
+        ["prune"],
+        ["inspect"],
+        ["inspect", "kernels"],
+    ],
 )
 def test_help_loads_no_heavy_library(args: list[str]) -> None:
     code = (

@@ -41,6 +41,7 @@ from examples.loss import lm_loss
 from pipelines.prepare import prepare
 from runtime.checkpoint import LATEST, latest_checkpoint
 from runtime.distributed import Parallel, launched_world
+from runtime.eager import run_graph
 from runtime.program import Program
 from runtime.train import TrainConfig, Trainer
 
@@ -176,7 +177,7 @@ def _bf16_zero2_steps(out: Path) -> None:
         assert compiled.context.shard is not None
         parallel.bind(compiled.context.shard, model.module)
         state = parallel.initial_state(compiled.graph, model.module, "cpu")
-        program = Program(compiled.graph, state, "cpu", parallel.backend)
+        program = Program(compiled.graph, state, "cpu", parallel.wrap(run_graph))
     losses = []
     for rows in torch.randint(0, 256, (3, 4, 17), generator=torch.Generator().manual_seed(1)):
         tokens, targets = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()

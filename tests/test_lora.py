@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from compiler import ops
 from compiler.compile import CompileOptions, compile_model
 from compiler.ir import Role
 from compiler.lora import (
@@ -113,7 +114,7 @@ def test_base_weights_get_no_gradient_and_no_optimizer_state(gpt2_lora: tuple) -
     states = [v.name for v in graph.inputs if v.role is Role.OPTIMIZER_STATE]
     assert sorted(states) == sorted(f"{p}.{n}" for p in ("exp_avg", "exp_avg_sq") for n in adapters)
     assert len(graph.outputs) == 1 + len(adapters)  # the loss, then one gradient per adapter
-    written = {n.args[0].name for n in graph.nodes if n.op == "copy_"}
+    written = {v.name for n in graph.nodes for v in ops.written(n)}
     assert written == set(adapters) | set(states)
     base = [v for v in graph.inputs if v.name.endswith(".base.weight")]
     assert len(base) == 4 and all(v.role is Role.PARAM for v in base)

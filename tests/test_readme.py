@@ -38,8 +38,8 @@ def using_it_commands() -> list[str]:
 
 def _argv(line: str, cwd: Path) -> list[str]:
     words = shlex.split(line)
-    program = {"memfit": ["-m", "memfit"], "torchrun": ["-m", "torch.distributed.run"]}
-    argv = [sys.executable, *program[words[0]]]
+    assert words[0] == "memfit", f"README: {line!r} does not run memfit"
+    argv = [sys.executable, "-m", "memfit"]
     for i, word in enumerate(words[1:], 1):
         if words[i - 1] in SMALL:
             word = SMALL[words[i - 1]]

@@ -123,12 +123,9 @@ def test_a_new_run_never_overwrites_an_old_one(data: Path, tmp_path: Path) -> No
     assert "already holds a run" in " ".join(result.output.split())
 
 
-def test_fp16_resume_restores_the_loss_scale(data: Path, tmp_path: Path) -> None:
-    """The dynamic loss scale and its counters are part of a checkpoint: a resumed fp16 run
-    carries on with the same scale (and so skips the same overflowing steps)."""
-    args = ["train", "gpt2-tiny", "--batch", "4", "--seq", "32", "--steps", "10"]
-    args += ["--warmup", "2", "--precision", "fp16", "--checkpoint-every", "5"]
-    args += ["--val-every", "0", "--data", str(data)]
+def run_and_resume_from_step_5(args: list[str], tmp_path: Path) -> tuple[Path, Path]:
+    """`memfit train` ARGS (10 steps, checkpoints every 5) straight, and again resumed from its
+    step-5 checkpoint as if killed after it: the two run directories."""
     straight = tmp_path / "straight"
     result = CliRunner().invoke(main, [*args, "--out", str(straight)])
     assert result.exit_code == 0, result.output
@@ -138,6 +135,16 @@ def test_fp16_resume_restores_the_loss_scale(data: Path, tmp_path: Path) -> None
     (crashed / "checkpoints" / LATEST).write_text("step-00000005\n")
     result = CliRunner().invoke(main, [*args, "--out", str(crashed), "--resume"])
     assert result.exit_code == 0, result.output
+    return straight, crashed
+
+
+def test_fp16_resume_restores_the_loss_scale(data: Path, tmp_path: Path) -> None:
+    """The dynamic loss scale and its counters are part of a checkpoint: a resumed fp16 run
+    carries on with the same scale (and so skips the same overflowing steps)."""
+    args = ["train", "gpt2-tiny", "--batch", "4", "--seq", "32", "--steps", "10"]
+    args += ["--warmup", "2", "--precision", "fp16", "--checkpoint-every", "5"]
+    args += ["--val-every", "0", "--data", str(data)]
+    straight, crashed = run_and_resume_from_step_5(args, tmp_path)
     scalers = [
         json.loads((run / "checkpoints" / "step-00000010" / "state.json").read_text())
         for run in (straight, crashed)

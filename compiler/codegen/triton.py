@@ -155,7 +155,7 @@ def emit(group: int, nodes: Sequence[Node], stored: Sequence[Value]) -> Kernel:
         for v, expr in zip(node.outputs, outs, strict=True):
             if register_dtype(v.dtype) != v.dtype:  # round as eager does, compute on in fp32
                 expr = f"({expr}).to({TL_DTYPES[v.dtype]}).to(tl.float32)"
-            e.names[id(v)] = e.let(expr, comment) if not _is_name(expr) else expr
+            e.names[id(v)] = expr if expr.isidentifier() else e.let(expr, comment)
             comment = ""
         header.append(
             f"#   {', '.join(e.names[id(v)] for v in node.outputs)} <- {format_node(node)}"
@@ -200,10 +200,6 @@ def emit(group: int, nodes: Sequence[Node], stored: Sequence[Value]) -> Kernel:
         bytes_moved=sum(v.nbytes for v in (*inputs, *stored)),
         flops=sum(flops(n) for n in nodes if n.op not in CONSTANTS),
     )
-
-
-def _is_name(expr: str) -> bool:
-    return expr.isidentifier()
 
 
 def _producer(nodes: Sequence[Node], value: Value) -> Node:

@@ -13,9 +13,10 @@ or an index op (they stay eager), never when it would make a cycle, never across
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+import networkx as nx
 
 from compiler.codegen.fusibility import (
     Fit,
@@ -72,14 +73,10 @@ class _Groups:
         out: set[int] = set()
         for i in inside:
             for v in self.nodes[i].outputs:
-                readers = self.readers_of_value(v)
+                readers = [r for r in self.readers[i] if v in self.nodes[r].inputs]
                 if id(v) in self.outputs or any(r not in inside for r in readers):
                     out.add(id(v))
         return out
-
-    def readers_of_value(self, v: Value) -> list[int]:
-        producer = self.producer[id(v)]
-        return [r for r in self.readers[producer] if v in self.nodes[r].inputs]
 
     def legal(self, a: int, b: int) -> bool:
         """Whether groups a and b can become one kernel."""
@@ -179,50 +176,30 @@ def _absorb_producers(groups: _Groups) -> None:
 
 
 def _contiguous_order(graph: Graph, groups: list[list[Node]]) -> list[Node]:
-    """A topological order close to the current one in which every group is contiguous."""
-    unit_of: dict[int, int] = {}
-    units: list[list[Node]] = []
-    for members in groups:
-        for n in members:
-            unit_of[id(n)] = len(units)
-        units.append(members)
-    for n in graph.nodes:
-        if id(n) not in unit_of:
-            unit_of[id(n)] = len(units)
-            units.append([n])
+    """A topological order close to the current one in which every group is contiguous: the
+    groups and the other nodes are units, taken by their first member's position."""
+    grouped = {id(n) for members in groups for n in members}
+    units = [*groups, *([n] for n in graph.nodes if id(n) not in grouped)]
+    unit_of = {id(n): u for u, members in enumerate(units) for n in members}
     pos = {id(n): i for i, n in enumerate(graph.nodes)}
     producer = graph.producers()
-    succ: list[set[int]] = [set() for _ in units]
-    preds = [0] * len(units)
-
-    def edge(a: int, b: int) -> None:
-        if a != b and b not in succ[a]:
-            succ[a].add(b)
-            preds[b] += 1
-
-    readers_of: dict[int, list[Node]] = {}
+    dag = nx.DiGraph()
+    dag.add_nodes_from(range(len(units)))
+    readers = graph.users()
     for n in graph.nodes:
         for v in n.inputs:
-            readers_of.setdefault(id(v), []).append(n)
             if id(v) in producer:
-                edge(unit_of[id(producer[id(v)])], unit_of[id(n)])
-    for n in graph.nodes:  # an in-place write comes after every read of its target
-        if n.op == "copy_":
-            for reader in readers_of.get(id(n.args[0]), []):
-                edge(unit_of[id(reader)], unit_of[id(n)])
+                dag.add_edge(unit_of[id(producer[id(v)])], unit_of[id(n)])
+        if n.op == "copy_":  # an in-place write comes after every read of its target
+            for reader in readers.get(id(n.args[0]), []):
+                dag.add_edge(unit_of[id(reader)], unit_of[id(n)])
+    dag.remove_edges_from(list(nx.selfloop_edges(dag)))
     key = [min(pos[id(n)] for n in unit) for unit in units]
-    ready = [(key[u], u) for u in range(len(units)) if preds[u] == 0]
-    heapq.heapify(ready)
-    order: list[Node] = []
-    while ready:
-        _, u = heapq.heappop(ready)
-        order += units[u]
-        for s in succ[u]:
-            preds[s] -= 1
-            if preds[s] == 0:
-                heapq.heappush(ready, (key[s], s))
-    assert len(order) == len(graph.nodes), "fusion made a cycle"
-    return order
+    try:
+        order = nx.lexicographical_topological_sort(dag, key=key.__getitem__)
+        return [n for u in order for n in units[u]]
+    except nx.NetworkXUnfeasible:
+        raise AssertionError("fusion made a cycle") from None
 
 
 @dataclass(frozen=True)

@@ -42,11 +42,10 @@ class PassManager:
     """An ordered list of named passes: `run` applies them, each followed by `verify`."""
 
     def __init__(self, passes: list[tuple[str, Pass]], *, check_shapes: bool = True) -> None:
-        names = [name for name, _ in passes]
-        if len(set(names)) != len(names):
-            raise ValueError(f"pass names must be unique: {names}")
         self.passes = passes
         self.check_shapes = check_shapes
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"pass names must be unique: {self.names}")
 
     @property
     def names(self) -> list[str]:

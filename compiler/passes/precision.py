@@ -40,6 +40,7 @@ from compiler.builder import GraphBuilder
 from compiler.collectives import ALL_REDUCE, REDUCE_SCATTER
 from compiler.errors import VerifyError
 from compiler.ir import DTYPE_NAMES, Graph, Node, Phase, Role, Value, format_node
+from compiler.liveness import storage
 from compiler.ops import Kind, kind
 from compiler.passes.manager import PassContext
 from compiler.precisions import Precision
@@ -140,18 +141,10 @@ def state_bytes(graph: Graph) -> dict[Role, int]:
 
 def saved_for_backward(graph: Graph) -> int:
     """Bytes of the forward buffers the backward reads; a view counts as the buffer it views."""
-    base: dict[int, Value] = {id(v): v for v in graph.inputs}
-    forward: set[int] = set()
-    saved: dict[int, int] = {}
-    for node in graph.nodes:
-        if node.phase is Phase.BACKWARD and kind(node.op) is not Kind.CREATION:
-            saved |= {id(base[id(v)]): base[id(v)].nbytes for v in node.inputs}
-        view = kind(node.op) is Kind.VIEW
-        for v in node.outputs:
-            base[id(v)] = base[id(node.inputs[0])] if view else v
-            if node.phase is Phase.FORWARD and not view:
-                forward.add(id(v))
-    return sum(n for k, n in saved.items() if k in forward)
+    facts = storage(graph)
+    forward = {id(v) for n in graph.nodes if n.phase is Phase.FORWARD for v in n.outputs}
+    saved = {r for n in graph.nodes if n.phase is Phase.BACKWARD for r in facts.reads[id(n)]}
+    return sum(facts.owner[r].nbytes for r in saved & forward)
 
 
 def _is_exact_cast(node: Node) -> bool:

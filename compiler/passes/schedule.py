@@ -21,27 +21,27 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass
 
+from compiler import ops
 from compiler.ir import Graph, Phase
 from compiler.liveness import Storage, in_place, liveness, lower_bound, storage
-from compiler.ops import Kind, kind
 from compiler.passes.manager import PassContext
 
 
 def dependencies(graph: Graph, facts: Storage) -> list[set[int]]:
     """For each node index, the indices of the nodes that must run before it."""
     producer = {id(v): i for i, n in enumerate(graph.nodes) for v in n.outputs}
-    written = {id(n.args[0]) for n in graph.nodes if kind(n.op) is Kind.WRITE}
+    written = {id(v) for n in graph.nodes for v in ops.written(n)}
     preds: list[set[int]] = [set() for _ in graph.nodes]
     last_write: dict[int, int] = {}
     reads: dict[int, list[int]] = {}
     for i, node in enumerate(graph.nodes):
         inputs = facts.inputs[id(node)]
         preds[i].update(producer[id(v)] for v in inputs if id(v) in producer)
-        target = id(node.args[0]) if kind(node.op) is Kind.WRITE else None
+        targets = {id(v) for v in ops.written(node)}
         for r in {id(facts.owner[id(v)]) for v in inputs} & written:
             if r in last_write:
                 preds[i].add(last_write[r])
-            if r == target:
+            if r in targets:
                 preds[i].update(reads.pop(r, []))
                 last_write[r] = i
             else:

@@ -33,6 +33,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache, partial
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -42,14 +43,13 @@ from compiler import collectives
 from compiler.builder import GraphBuilder
 from compiler.errors import VerifyError
 from compiler.ir import Graph, Phase, Role, Value
-from compiler.mesh import Mesh, MeshError
+from compiler.mesh import DEFAULT_BUCKET_BYTES, Mesh, MeshError
 from compiler.models.adapter import TPLayout, tp_layout, tp_sizes
 from compiler.passes.manager import PassContext
 from compiler.passes.precision import Precision
 from compiler.trace import STATE_PREFIXES, AdamW, LossFn, mark_activations, trace_update
 from examples.loss import lm_loss
 
-DEFAULT_BUCKET_BYTES = 25 * 2**20  # DDP's default
 MASTER = "master."
 DP = "dp"
 
@@ -76,11 +76,7 @@ class Bucket:
         return collectives.shard_size(self.numel, self.world)
 
     def offsets(self) -> list[int]:
-        out, at = [], 0
-        for n in self.numels:
-            out.append(at)
-            at += n
-        return out
+        return list(accumulate(self.numels, initial=0))[:-1]
 
     def flatten(self, tensors: Mapping[str, Tensor]) -> Tensor:
         """The padded flat bucket [world · shard] from per-parameter tensors."""
@@ -147,14 +143,7 @@ def shard_pass(graph: Graph, ctx: PassContext, options: ShardOptions | None = No
     """The pass entry: a no-op without options (no mesh); records the layout as `ctx.shard`."""
     if options is None:
         return graph
-    rewrite = _Rewrite(
-        graph,
-        options.mesh,
-        list(options.trainable),
-        options.optimizer,
-        options.bucket_bytes,
-        options.precision.low_dtype if options.mesh.zero >= 1 else None,
-    )
+    rewrite = _Rewrite(graph, options)
     out = rewrite.run()
     ctx.shard = rewrite.layout
     return out
@@ -163,15 +152,9 @@ def shard_pass(graph: Graph, ctx: PassContext, options: ShardOptions | None = No
 class _Rewrite:
     """One walk over the traced step, emitting the sharded step."""
 
-    def __init__(
-        self,
-        graph: Graph,
-        mesh: Mesh,
-        trainable: list[str],
-        optimizer: AdamW,
-        bucket_bytes: int,
-        low: torch.dtype | None,
-    ) -> None:
+    def __init__(self, graph: Graph, options: ShardOptions) -> None:
+        mesh, trainable = options.mesh, options.trainable
+        low = options.precision.low_dtype if mesh.zero >= 1 else None  # ZeRO: low-precision params
         loss, *grads = graph.outputs
         if len(grads) != len(trainable):
             raise VerifyError(
@@ -179,7 +162,7 @@ class _Rewrite:
                 f" gradient per trainable parameter); got {len(grads)} gradients for"
                 f" {len(trainable)} trainable parameters"
             )
-        self.src, self.mesh, self.optimizer, self.low = graph, mesh, optimizer, low
+        self.src, self.mesh, self.optimizer, self.low = graph, mesh, options.optimizer, low
         self.loss = loss
         self.grad_of = dict(zip(trainable, grads, strict=True))
         self.params = {v.name: v for v in graph.inputs if v.role is Role.PARAM}
@@ -187,7 +170,7 @@ class _Rewrite:
         order = sorted(trainable, key=lambda n: ready.get(id(self.grad_of[n]), -1))
         shapes = {n: self.params[n].shape for n in trainable}
         itemsize = max(g.dtype.itemsize for g in grads)
-        self.buckets = buckets(order, shapes, itemsize, bucket_bytes, mesh.dp)
+        self.buckets = buckets(order, shapes, itemsize, options.bucket_bytes, mesh.dp)
         self.ready = [
             max(ready.get(id(self.grad_of[n]), -1) for n in b.names) for b in self.buckets
         ]
@@ -483,10 +466,10 @@ def tensor_parallel(module: nn.Module, loss_fn: LossFn, mesh: Mesh, rank: int) -
         weight = piece(f"{name}.weight", sub.weight)
         if specs[f"{name}.weight"].dim == 0:
             bias = piece(f"{name}.bias", sub.bias)
-            _replace(module, name, _ColumnParallel(weight, bias))
+            module.set_submodule(name, _ColumnParallel(weight, bias))
         else:
             bias = None if sub.bias is None else sub.bias.detach()
-            _replace(module, name, _RowParallel(weight, bias, tp))
+            module.set_submodule(name, _RowParallel(weight, bias, tp))
     for block in module.get_submodule(layout.blocks):
         for region in layout.regions:
             _copy_in(block.get_submodule(region), tp)
@@ -498,17 +481,12 @@ def tensor_parallel(module: nn.Module, loss_fn: LossFn, mesh: Mesh, rank: int) -
     parallel = _VocabParallelEmbedding(
         piece(f"{layout.embedding}.weight", embedding.weight), start, tp
     )
-    _replace(module, layout.embedding, parallel)
+    module.set_submodule(layout.embedding, parallel)
     tied = head.weight is embedding.weight
     head_weight = parallel.weight if tied else piece(f"{layout.head}.weight", head.weight)
-    _replace(module, layout.head, _ColumnParallel(head_weight, None))  # tied: the same Parameter
+    module.set_submodule(layout.head, _ColumnParallel(head_weight, None))  # tied: one Parameter
     _copy_in(module.get_submodule(layout.head), tp)
     return parallel_loss(module, loss_fn)
-
-
-def _replace(module: nn.Module, path: str, new: nn.Module) -> None:
-    parent, _, attr = path.rpartition(".")
-    setattr(module.get_submodule(parent), attr, new)
 
 
 def _copy_in(region: nn.Module, tp: int) -> None:
