@@ -20,6 +20,7 @@ from compiler.passes.noop_views import eliminate_noop_views
 from compiler.trace import trace
 from examples.loss import lm_loss
 from runtime.program import Program
+from tests.test_attention import _check_step
 
 TOL = {"rtol": 1e-5, "atol": 1e-6}
 VOCAB, T = 40, 9
@@ -85,16 +86,6 @@ def _ops(graph: Graph) -> list[str]:
 def _rewrite(graph: Graph) -> Graph:
     """The pass where the pipeline runs it: after noop_views."""
     return attention_pass(eliminate_noop_views(graph, PassContext()), PassContext())
-
-
-def _check_step(model: nn.Module, graph: Graph, batch: tuple[Tensor, Tensor]) -> None:
-    loss, *grads = Program.from_module(graph, model).step(*batch, lr=0.0)
-    model.zero_grad()
-    eager = lm_loss(model(batch[0]), batch[1])
-    eager.backward()
-    torch.testing.assert_close(loss, eager.detach(), **TOL)
-    for (n, p), g in zip(model.named_parameters(), grads, strict=True):
-        torch.testing.assert_close(g, p.grad, **TOL, msg=lambda m, n=n: f"grad {n}: {m}")
 
 
 def _square(graph: Graph, b: int, h: int, t: int) -> list[str]:
