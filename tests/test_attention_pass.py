@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
@@ -20,6 +20,7 @@ from compiler.passes.noop_views import eliminate_noop_views
 from compiler.trace import trace
 from examples.loss import lm_loss
 from runtime.program import Program
+from tests.strategies import examples
 from tests.test_attention import _check_step
 
 TOL = {"rtol": 1e-5, "atol": 1e-6}
@@ -169,7 +170,7 @@ class Core(nn.Module):
         return (torch.softmax(s, dim=-1) @ v).sum(1)
 
 
-@settings(max_examples=6, deadline=None)
+@examples(6)
 @given(
     b=st.integers(1, 2),
     h=st.integers(1, 3),
