@@ -88,12 +88,17 @@ def fit_bytes(plan: Planner, nbytes: int, n_layers: int | None = None) -> Compil
     round by round by what the real plan is over; and (given `n_layers`) per-layer
     checkpointing of as few leading blocks as fit. The program counts saved bytes, not the
     burst of values one backward use recomputes at once, so where that burst sets the peak,
-    checkpointing fits budgets the program's plans miss.
+    checkpointing fits budgets the program's plans miss. Neither search is complete, since
+    the peak is not monotone in the bytes saved (a looser activation budget can peak lower), so
+    when both miss, the sweep's fractions are tried: a budget a swept plan meets is met.
     """
     fits = [_programmed(plan, nbytes)]
     if n_layers:
         fits.append(_checkpointed(plan, nbytes, n_layers, fits[0]))
     found = [step for step in fits if step is not None]
+    if not found:
+        swept = (plan(RecomputePolicy(activation_fraction=f)) for f in FRACTIONS)
+        found = [step for step in swept if _fits(step, nbytes)]
     return min(found, key=_extra_flops) if found else None
 
 

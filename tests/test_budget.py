@@ -8,7 +8,7 @@ from functools import cache, partial
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from compiler.budget import (
@@ -77,6 +77,7 @@ def peak_range() -> tuple[int, int]:
 
 
 @given(st.floats(0.1, 1.0))
+@example(0.3125)  # between the searches' plans: only a swept fraction (0.35) fits it
 @examples(3)
 def test_byte_budgets_hold_for_the_real_plan(frac: float) -> None:
     floor, default = peak_range()
