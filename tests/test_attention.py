@@ -247,17 +247,9 @@ def test_examples_hold_no_scores_and_run_from_the_arena(name: str) -> None:
 
 def test_hugging_face_llama_with_sdpa_matches_eager() -> None:
     transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        use_cache=False,
-        attn_implementation="sdpa",
-    )
+    from tests.test_hf_models import tiny_config
+
+    config = tiny_config("llama", vocab_size=64, use_cache=False, attn_implementation="sdpa")
     torch.manual_seed(0)
 
     class Logits(nn.Module):

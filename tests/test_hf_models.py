@@ -61,11 +61,11 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def tiny_config(family: str) -> Any:
-    """The family's transformers config at test size."""
+def tiny_config(family: str, **overrides: Any) -> Any:
+    """The family's transformers config at test size (`overrides` on top)."""
     cls_name, changes = FAMILIES[family]
     keys = TINY if family != "gpt2" else {"vocab_size": 128}
-    return getattr(transformers, cls_name)(**(keys | changes))
+    return getattr(transformers, cls_name)(**(keys | changes | overrides))
 
 
 def tiny_model(family: str, seed: int = 0) -> ExampleModel:

@@ -24,6 +24,7 @@ from compiler.models.adapter import ATTN_IMPLEMENTATION  # noqa: E402
 from memfit.cli import main  # noqa: E402
 from runtime.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
 from runtime.train import TrainConfig, Trainer  # noqa: E402
+from tests.test_hf_models import tiny_config  # noqa: E402
 
 VOCAB = 128
 TEXT = "the quick brown fox jumps over the lazy dog while memfit plans every byte of a step\n"
@@ -39,15 +40,7 @@ def _run(*args: str) -> str:
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A Llama-family directory as the Hub has them: config, sharded weights, tokenizer."""
     directory = tmp_path_factory.mktemp("tiny-llama")
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
+    config = tiny_config("llama", vocab_size=VOCAB)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config)
     model.save_pretrained(directory, max_shard_size="40KB")  # sharded, with an index
