@@ -131,26 +131,32 @@ def planning_options(func: F) -> F:
     )(func)
 
 
-def mesh_options(func: F) -> F:
-    """--dp, --tp, --zero: the mesh one rank of which is planned."""
-    func = click.option(
-        "--zero",
-        type=click.IntRange(0, 2),
-        default=0,
-        show_default=True,
-        help="ZeRO stage over the dp ranks: 1 shards AdamW states, 2 gradients too.",
-    )(func)
-    func = click.option(
-        "--tp",
-        type=click.IntRange(min=1),
-        default=1,
-        show_default=True,
-        help="Tensor-parallel ranks.",
-    )(func)
-    return click.option(
-        "--dp",
-        type=click.IntRange(min=1),
-        default=1,
-        show_default=True,
-        help="Data-parallel ranks.",
-    )(func)
+def mesh_options(dp_default: int | None = 1) -> Callable[[F], F]:
+    """--dp, --tp, --zero: a mesh of ranks. `dp_default=None` (train): every launched rank
+    that --tp leaves."""
+
+    def declare(func: F) -> F:
+        func = click.option(
+            "--zero",
+            type=click.IntRange(0, 2),
+            default=0,
+            show_default=True,
+            help="ZeRO stage over the dp ranks: 1 shards AdamW states, 2 gradients too.",
+        )(func)
+        func = click.option(
+            "--tp",
+            type=click.IntRange(min=1),
+            default=1,
+            show_default=True,
+            help="Tensor-parallel ranks.",
+        )(func)
+        every = " (default: every launched rank that --tp leaves)" if dp_default is None else ""
+        return click.option(
+            "--dp",
+            type=click.IntRange(min=1),
+            default=dp_default,
+            show_default=dp_default is not None,
+            help=f"Data-parallel ranks{every}.",
+        )(func)
+
+    return declare

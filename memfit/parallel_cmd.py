@@ -30,7 +30,7 @@ F = Callable[..., Any]
 
 @click.command()
 @model_shape_options
-@mesh_options
+@mesh_options()
 @click.option("--precision", type=click.Choice(PRECISIONS), default="bf16", show_default=True)
 @click.option(
     "--device-memory",

@@ -58,7 +58,7 @@ console = Console()
     help="File for json/png/html (default: json to stdout, png/html to plan-MODEL-bB-tT.EXT).",
 )
 @adapter_options
-@mesh_options
+@mesh_options()
 @planning_options
 @click.option(
     "--sweep",

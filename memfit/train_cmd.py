@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from memfit.cli import ARGS
-from memfit.options import lowering_kwargs, lowering_options, planning_options
+from memfit.options import lowering_kwargs, lowering_options, mesh_options, planning_options
 from runtime.train_config import TrainConfig
 
 if TYPE_CHECKING:
@@ -85,25 +85,12 @@ DEFAULT = TrainConfig()
     is_flag=True,
     help="Bit-identical runs whatever the thread count (trains on one thread).",
 )
-@click.option(
-    "--dp",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Data-parallel ranks (default: every launched rank that --tp leaves).",
-)
-@click.option("--tp", type=click.IntRange(min=1), default=DEFAULT.tp, show_default=True)
+@mesh_options(dp_default=None)
 @click.option(
     "--document-mask",
     is_flag=True,
     help="Keep attention inside each packed document (split at the data's EOS); positions"
     " restart per document.",
-)
-@click.option(
-    "--zero",
-    type=click.IntRange(0, 2),
-    default=DEFAULT.zero,
-    show_default=True,
-    help="ZeRO stage over the dp ranks: 1 shards AdamW states, 2 gradients too.",
 )
 @click.option(
     "--nproc-per-node",
