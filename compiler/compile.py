@@ -21,6 +21,7 @@ from compiler.passes.fusion import FusionOptions, fuse
 from compiler.passes.linear_cross_entropy import linear_cross_entropy
 from compiler.passes.manager import Pass, PassContext, PassManager
 from compiler.passes.noop_views import eliminate_noop_views
+from compiler.passes.offload import offload_optimizer
 from compiler.passes.precision import FOUND_INF, LOSS_SCALE, Precision, precision_pass
 from compiler.passes.recompute import RecomputePolicy, recompute_pass
 from compiler.passes.schedule import schedule
@@ -52,6 +53,9 @@ class CompileOptions:
     # a tied weight's gradient halves summed in place (passes/accumulate.py): one weight-sized
     # buffer less, at the price of another fp32 summation order than eager PyTorch's
     accumulate_grads: bool = False
+    # AdamW's states in host memory, each update run by the CPU during the backward
+    # (passes/offload.py)
+    offload_optimizer: bool = False
     dump_after: set[str] = field(default_factory=set)
     dump_dir: Path | None = None
 
@@ -140,9 +144,13 @@ def pass_manager(
     if options.fused_cross_entropy:
         passes.append(("linear_cross_entropy", linear_cross_entropy))
     passes.append(("precision", partial(precision_pass, precision=options.precision)))
-    passes.append(("fused_update", partial(fuse_updates, backend=options.backend)))
+    # the host runs an offloaded update as memfit::update's chunks, whatever the backend
+    fused_on = "eager" if options.offload_optimizer else options.backend
+    passes.append(("fused_update", partial(fuse_updates, backend=fused_on)))
     if options.accumulate_grads:
         passes.append(("accumulate", accumulate_into))
+    if options.offload_optimizer:
+        passes.append(("offload", offload_optimizer))
     if options.recompute is not None:
         passes.append(("recompute", partial(recompute_pass, policy=options.recompute)))
     passes += [
@@ -190,6 +198,8 @@ def trace_model(model: ExampleModel, loss_fn: LossFn, options: CompileOptions) -
     if options.quantize_base is not None:
         quantize_frozen_linears(model.module, options.quantize_base)
     optimizer, shard = options.optimizer, None
+    if options.offload_optimizer:
+        _check_offload(options)
     if options.mesh is not None:  # the shard pass rebuilds the update on each rank's shapes
         if options.optimizer is None or options.return_grads:
             raise MeshError(
@@ -227,6 +237,22 @@ def trace_model(model: ExampleModel, loss_fn: LossFn, options: CompileOptions) -
     return TracedStep(step(True), seq_len, shard, step(False) if accumulate else None)
 
 
+def _check_offload(options: CompileOptions) -> None:
+    """--offload-optimizer moves fp32 AdamW states of a whole single-process step."""
+    if options.optimizer is None or options.return_grads:
+        raise ValueError("--offload-optimizer offloads AdamW's states: compile with an optimizer")
+    if options.optimizer.block:
+        raise ValueError(
+            "--offload-optimizer with --optimizer adamw8bit is not supported: offload moves"
+            " fp32 moments to the host (where their bytes are cheap); use one or the other"
+        )
+    if options.mesh is not None:
+        raise MeshError(
+            "--offload-optimizer with --dp/--tp/--zero is not supported: the shard pass"
+            " updates each rank's shard on the device; use ZeRO to spread the states instead"
+        )
+
+
 def optimize(traced: TracedStep, options: CompileOptions) -> CompiledStep:
     """Run the pass pipeline on a fresh copy of a traced step (so one trace serves many plans).
 
@@ -253,6 +279,7 @@ def _optimize(traced: TracedStep, options: CompileOptions) -> CompiledStep:
             options.backend,
             options.fused_cross_entropy,
             options.accumulate_grads,
+            options.offload_optimizer,
         )
         if key not in traced.prepared:
             before = PassContext()

@@ -25,6 +25,7 @@ class Role(enum.StrEnum):
     PARAM = "param"
     BUFFER = "buffer"
     OPTIMIZER_STATE = "optimizer_state"
+    HOST_STATE = "host_state"  # optimizer state in host memory, updated there (offload)
     GRAD_ACCUM = "grad_accum"  # gradients summed over the micro-steps of one optimizer step
     INPUT = "input"
     GRAD = "grad"
@@ -35,7 +36,18 @@ class Role(enum.StrEnum):
     @property
     def persistent(self) -> bool:
         """Persistent values outlive a step and are never placed in the arena."""
-        return self in (Role.PARAM, Role.BUFFER, Role.OPTIMIZER_STATE, Role.GRAD_ACCUM)
+        return self in (
+            Role.PARAM,
+            Role.BUFFER,
+            Role.OPTIMIZER_STATE,
+            Role.HOST_STATE,
+            Role.GRAD_ACCUM,
+        )
+
+    @property
+    def on_host(self) -> bool:
+        """Held in host memory: no part of the device's peak."""
+        return self is Role.HOST_STATE
 
 
 class Phase(enum.StrEnum):

@@ -35,9 +35,9 @@ def run_node(node: Node, env: Mapping[int, Tensor], device: torch.device) -> lis
     if node.op == "copy_":
         args[0].copy_(args[1])
         return []
-    if kind(node.op) is Kind.WRITE:  # memfit::update: writes its targets, returns nothing
-        resolve(node.op)(*args, **kwargs)
-        return []
+    if kind(node.op) is Kind.WRITE:  # memfit's in-place updates; host_update returns a token
+        result = resolve(node.op)(*args, **kwargs)
+        return [] if result is None else results(result)
     if creation:
         kwargs["device"] = device
     return results(resolve(node.op)(*args, **kwargs))

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from compiler import attention, collectives, custom_ops, update_op
+from compiler import attention, collectives, custom_ops, offload_op, update_op
 
 if TYPE_CHECKING:
     from compiler.ir import Node, Value
@@ -190,6 +190,7 @@ OP_KINDS: dict[str, Kind] = {
         (_COPY, Kind.COPY),
         (_WRITE, Kind.WRITE),
         ([update_op.UPDATE], Kind.WRITE),  # chunked in-place optimizer update
+        (list(offload_op.OPS), Kind.WRITE),  # the update queued on the host, and its wait
         (list(custom_ops.OPS), Kind.MATMUL),  # memfit's fused linear + cross-entropy
         (list(attention.OPS), Kind.MATMUL),  # memfit's attention: O(T) saved, FLOPs of matmuls
         ([op for op in collectives.OPS if op != collectives.WAIT], Kind.COLLECTIVE),
@@ -220,6 +221,8 @@ def resolve(op: str) -> torch._ops.OpOverload:
         return collectives.OPS[op]
     if op == update_op.UPDATE:
         return torch.ops.memfit.update.default
+    if op in offload_op.OPS:
+        return getattr(torch.ops.memfit, op.removeprefix("memfit::")).default
     packet, _, variant = op.partition(".")
     return getattr(getattr(torch.ops.aten, packet), variant or "default")
 
@@ -244,9 +247,12 @@ def kind(op: str) -> Kind:
 
 def written(node: Node) -> list[Value]:
     """The persistent values a WRITE node changes in place (`copy_`: its first argument;
-    `memfit::update`: its list of targets)."""
-    if node.op == update_op.UPDATE:
+    `memfit::update`: its list of targets; `memfit::host_update`: the host states, its targets
+    change at the `memfit::host_update_wait`, which writes its first list)."""
+    if node.op == update_op.UPDATE or node.op == offload_op.HOST_WAIT:
         return list(node.args[0])
+    if node.op == offload_op.HOST_UPDATE:
+        return list(node.args[1])
     return [node.args[0]] if kind(node.op) is Kind.WRITE else []
 
 
@@ -257,6 +263,8 @@ def flops(node: Node) -> int:
         return custom_ops.flops(node)
     if node.op == update_op.UPDATE:
         return update_op.flops(node)
+    if node.op == offload_op.HOST_UPDATE:
+        return offload_op.flops(node)
     if node.op in attention.OPS:
         return attention.flops(node)
     if k is Kind.MATMUL:

@@ -15,8 +15,9 @@ from typing import Any
 
 from rich.table import Table
 
-from compiler.ir import Graph, Role
+from compiler.ir import Graph, Phase, Role
 from compiler.liveness import ALIGN, Lifetime, live_bytes
+from compiler.offload_op import HOST_UPDATE
 
 SCHEMA = "memfit.plan/1"
 
@@ -52,6 +53,8 @@ class MemoryPlan:
     config: dict[str, Any] = field(default_factory=dict)  # what was planned (model, batch, ...)
     # what the recompute pass chose: extra_flops, step_flops, values (names recomputed)
     recompute: dict[str, Any] = field(default_factory=dict)
+    # optimizer-state offload (passes/offload.py): host bytes and how much overlaps the backward
+    offload: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def build(
@@ -98,6 +101,7 @@ class MemoryPlan:
             outside,
             phases,
             workspace,
+            offload=offload_report(graph),
         )
 
     @property
@@ -106,8 +110,15 @@ class MemoryPlan:
 
     @property
     def peak_bytes(self) -> int:
-        """The whole step's footprint: the arena, everything the caller holds, kernel scratch."""
-        return self.arena_bytes + sum(self.outside.values()) + self.workspace
+        """The whole step's device footprint: the arena, everything the caller holds on the
+        device, kernel scratch (offloaded optimizer states are in host memory)."""
+        held = sum(b for r, b in self.outside.items() if not r.on_host)
+        return self.arena_bytes + held + self.workspace
+
+    @property
+    def host_bytes(self) -> int:
+        """Host memory the step holds: offloaded states and the copies their updates work on."""
+        return self.offload.get("host_state_bytes", 0) + self.offload.get("staging_bytes", 0)
 
     @property
     def extra_flops_percent(self) -> float:
@@ -145,6 +156,7 @@ class MemoryPlan:
             "breakdown_at_peak": {str(r): b for r, b in self.breakdown().items()},
             "phases": [list(p) for p in self.phases],
             "recompute": self.recompute,
+            "offload": self.offload,
             "values": [
                 {
                     "name": v.name,
@@ -194,6 +206,7 @@ class MemoryPlan:
             d.get("workspace_bytes", 0),
             d["config"],
             d.get("recompute", {}),
+            d.get("offload", {}),
         )
 
     # --- terminal -----------------------------------------------------------------------------
@@ -206,7 +219,7 @@ class MemoryPlan:
         table.add_column("where")
         table.add_column("bytes", justify="right")
         for role, nbytes in self.breakdown().items():
-            where = "caller" if role in self.outside else "arena"
+            where = "host" if role.on_host else "caller" if role in self.outside else "arena"
             table.add_row(str(role), where, fmt_bytes(nbytes))
         if self.workspace:
             table.add_row("kernel scratch", "its kernel", fmt_bytes(self.workspace))
@@ -222,7 +235,38 @@ class MemoryPlan:
                 f"{len(self.recompute['values'])} values",
                 f"+{self.extra_flops_percent:.2f}% FLOPs",
             )
+        if self.offload:
+            o = self.offload
+            table.add_section()
+            table.add_row("host memory", "states + update copies", fmt_bytes(self.host_bytes))
+            table.add_row(
+                "host updates",
+                f"{o['during_backward']} of {o['updates']} start during the backward",
+                f"{100 * o['during_backward_bytes'] / max(o['update_bytes'], 1):.0f}% of bytes",
+            )
+            if o["states_on_device"]:
+                table.add_row("states left on device", "", fmt_bytes(o["states_on_device"]))
         return table
+
+
+def offload_report(graph: Graph) -> dict[str, int]:
+    """Host bytes of an offloaded step, and how many host updates the schedule issues before
+    the backward's last node (their CPU work overlaps the device's); {} without offload."""
+    updates = [(i, n) for i, n in enumerate(graph.nodes) if n.op == HOST_UPDATE]
+    if not updates:
+        return {}
+    end = max((i for i, n in enumerate(graph.nodes) if n.phase is Phase.BACKWARD), default=-1)
+    size = [sum(t.nbytes for t in n.args[1]) for _, n in updates]  # the states each updates
+    early = [k for k, (i, _) in enumerate(updates) if i < end]
+    return {
+        "host_state_bytes": sum(v.nbytes for v in graph.inputs if v.role.on_host),
+        "staging_bytes": sum(t.nbytes for _, n in updates for t in (*n.args[0], *n.args[2])),
+        "updates": len(updates),
+        "update_bytes": sum(size),
+        "during_backward": len(early),
+        "during_backward_bytes": sum(size[k] for k in early),
+        "states_on_device": sum(v.nbytes for v in graph.inputs if v.role is Role.OPTIMIZER_STATE),
+    }
 
 
 def fmt_bytes(n: float) -> str:

@@ -26,10 +26,10 @@ from torch import Tensor
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from compiler import update_op
+from compiler import offload_op, update_op
 from compiler.ir import Graph, Node, Value
 from compiler.liveness import UPDATES_SELF
-from compiler.meta import bind, results
+from compiler.meta import bind, results, run_node
 from compiler.ops import INTO, OP_KINDS, Kind, kind, out_variant, resolve
 from compiler.plan import MemoryPlan
 from runtime.interpreter import Env, Interpreter, Step
@@ -101,6 +101,8 @@ class Arena(Interpreter):
         op, args, kwargs = node.op, node.args, node.kwargs
         if op == update_op.UPDATE:  # in place: it has no outputs of its own
             return partial(_run_into, op, update_op.update_into, [], args)
+        if op in offload_op.OPS:  # host memory and an empty token: nothing in the arena
+            return partial(run_node, node, device=self.device)
         if kind(op) is Kind.WRITE:
             return partial(_write, _binder(args[0]), _binder(args[1]))
         if kind(op) is Kind.VIEW:

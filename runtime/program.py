@@ -87,12 +87,15 @@ def initial_state(
     graph: Graph, module: nn.Module, device: torch.device | str = "cpu"
 ) -> dict[str, Tensor]:
     """Persistent tensors for `graph` from `module`: copies of weights, zeroed AdamW moments
-    and gradient sums."""
+    and gradient sums; offloaded moments in host memory (pinned, for asynchronous copies)."""
     tensors = dict(module.named_parameters()) | dict(module.named_buffers())
+    pinned = torch.device(device).type == "cuda"
     state: dict[str, Tensor] = {}
     for v in graph.inputs:
         if v.role in (Role.PARAM, Role.BUFFER):
             state[v.name] = tensors[v.name].detach().to(device, copy=True)
         elif v.role in (Role.OPTIMIZER_STATE, Role.GRAD_ACCUM):
             state[v.name] = torch.zeros(v.shape, dtype=v.dtype, device=device)
+        elif v.role.on_host:
+            state[v.name] = torch.zeros(v.shape, dtype=v.dtype, pin_memory=pinned)
     return state
