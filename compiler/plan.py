@@ -17,7 +17,7 @@ from rich.table import Table
 
 from compiler.ir import Graph, Phase, Role
 from compiler.liveness import ALIGN, Lifetime, live_bytes
-from compiler.offload_op import HOST_UPDATE
+from compiler.offload_op import HOST_UPDATE, HOST_WAIT
 
 SCHEMA = "memfit.plan/1"
 
@@ -54,7 +54,7 @@ class MemoryPlan:
     # what the recompute pass chose: extra_flops, step_flops, values (names recomputed)
     recompute: dict[str, Any] = field(default_factory=dict)
     # optimizer-state offload (passes/offload.py): host bytes and how much overlaps the backward
-    offload: dict[str, int] = field(default_factory=dict)
+    offload: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def build(
@@ -249,7 +249,7 @@ class MemoryPlan:
         return table
 
 
-def offload_report(graph: Graph) -> dict[str, int]:
+def offload_report(graph: Graph) -> dict[str, Any]:
     """Host bytes of an offloaded step, and how many host updates the schedule issues before
     the backward's last node (their CPU work overlaps the device's); {} without offload."""
     updates = [(i, n) for i, n in enumerate(graph.nodes) if n.op == HOST_UPDATE]
@@ -266,6 +266,8 @@ def offload_report(graph: Graph) -> dict[str, int]:
         "during_backward": len(early),
         "during_backward_bytes": sum(size[k] for k in early),
         "states_on_device": sum(v.nbytes for v in graph.inputs if v.role is Role.OPTIMIZER_STATE),
+        "update_steps": [i for i, _ in updates],
+        "wait_step": next(i for i, n in enumerate(graph.nodes) if n.op == HOST_WAIT),
     }
 
 

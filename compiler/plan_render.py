@@ -17,6 +17,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.collections import PolyCollection
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from compiler.ir import Phase, Role
@@ -46,6 +47,15 @@ def recompute_summary(plan: MemoryPlan) -> str:
     return f"{count} values recomputed for +{plan.extra_flops_percent:.2f}% of the step's FLOPs"
 
 
+def offload_summary(plan: MemoryPlan) -> str:
+    o = plan.offload
+    share = o["during_backward_bytes"] / max(o["update_bytes"], 1)
+    return (
+        f"optimizer offloaded: {fmt_bytes(plan.host_bytes)} in host memory; {o['during_backward']}"
+        f" of {o['updates']} updates ({100 * share:.0f}% of state bytes) queued during the backward"
+    )
+
+
 def figure(plan: MemoryPlan) -> Figure:
     fig = Figure(figsize=(13, 8.5), dpi=110, layout="constrained")
     phase_ax, time_ax, map_ax = fig.subplots(
@@ -55,17 +65,26 @@ def figure(plan: MemoryPlan) -> Figure:
     fig.suptitle(
         f"{what}\nstep peak {fmt_bytes(plan.peak_bytes)} = arena {fmt_bytes(plan.arena_bytes)}"
         f" ({plan.ratio:.3f} × lower bound {fmt_bytes(plan.lower_bound)})"
-        f" + {fmt_bytes(sum(plan.outside.values()))} parameters, optimizer states, batch"
+        f" + {fmt_bytes(plan.peak_bytes - plan.arena_bytes - plan.workspace)} parameters,"
+        " optimizer states, batch"
         + (f" + {fmt_bytes(plan.workspace)} kernel scratch" if plan.workspace else "")
-        + (f"\n{recompute_summary(plan)}" if plan.recompute else ""),
+        + (f"\n{recompute_summary(plan)}" if plan.recompute else "")
+        + (f"\n{offload_summary(plan)}" if plan.offload else ""),
         fontsize=11,
     )
     for phase, first, last in plan.phases:
         phase_ax.axvspan(first, last + 1, color=PHASE_COLORS[Phase(phase)], lw=0)
     phase_ax.set_yticks([])
-    phase_ax.legend(
-        handles=[Patch(color=c, label=str(p)) for p, c in PHASE_COLORS.items()], **BESIDE
-    )
+    handles = [Patch(color=c, label=str(p)) for p, c in PHASE_COLORS.items()]
+    if plan.offload:
+        for step in plan.offload["update_steps"]:
+            phase_ax.axvline(step + 0.5, color="black", lw=0.7)
+        phase_ax.axvline(plan.offload["wait_step"] + 0.5, color="#C44E52", lw=2)
+        handles += [
+            Line2D([], [], color="black", lw=0.7, label="host update queued"),
+            Line2D([], [], color="#C44E52", lw=2, label="host updates joined"),
+        ]
+    phase_ax.legend(handles=handles, **BESIDE)
 
     series = plan.timeline()
     roles = [r for r in ROLE_COLORS if r in series]
@@ -139,6 +158,8 @@ def write_html(plan: MemoryPlan, path: Path, largest: int = 25) -> Path:
     ]
     if plan.recompute:
         summary.append(("recomputation", recompute_summary(plan)))
+    if plan.offload:
+        summary.append(("optimizer offload", offload_summary(plan)))
     rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v}</td></tr>" for k, v in summary)
     biggest = sorted(plan.values, key=lambda v: -v.size)[:largest]
     cells = "".join(

@@ -40,7 +40,14 @@ def model_shape_options(func: F) -> F:
 
 def adapter_options(func: F) -> F:
     """--lora, --quantize-base: low-rank adapters on a frozen, optionally quantised base;
-    --optimizer: how the trained weights' AdamW states are stored."""
+    --optimizer, --offload-optimizer: how and where the trained weights' AdamW states are
+    stored."""
+    func = click.option(
+        "--offload-optimizer",
+        is_flag=True,
+        help="Keep AdamW's states in host memory: the CPU updates each parameter as soon as"
+        " its gradient is ready, while the device runs the rest of the backward.",
+    )(func)
     func = click.option(
         "--optimizer",
         type=click.Choice(OPTIMIZERS),
@@ -75,7 +82,11 @@ def lowering_options(func: F) -> F:
 
 
 def lowering_kwargs(
-    precision: str, lora: str | None, quantize_base: str | None, optimizer: str = "adamw"
+    precision: str,
+    lora: str | None,
+    quantize_base: str | None,
+    optimizer: str = "adamw",
+    offload_optimizer: bool = False,
 ) -> dict[str, Any]:
     """CompileOptions / TrainConfig fields for the lowering options (LoRA spec parsed, errors
     named)."""
@@ -94,6 +105,7 @@ def lowering_kwargs(
         "lora": config,
         "quantize_base": quantize_base,
         "optimizer": Optimizer(optimizer),
+        "offload_optimizer": offload_optimizer,
     }
 
 

@@ -77,6 +77,7 @@ def plan_command(
     lora: str | None,
     quantize_base: str | None,
     optimizer: str,
+    offload_optimizer: bool,
     dp: int,
     tp: int,
     zero: int,
@@ -110,6 +111,7 @@ def plan_command(
                 "--lora": lora,
                 "--quantize-base": quantize_base,
                 "--optimizer": optimizer if optimizer != "adamw" else None,
+                "--offload-optimizer": offload_optimizer or None,
                 "--sweep": sweep or None,
             },
             memory_budget,
@@ -149,7 +151,7 @@ def plan_command(
         seq_len=seq,
         recompute=RecomputePolicy() if recompute else None,
         backend=fusion_of(backend),
-        **lowering_kwargs(precision, lora, quantize_base, optimizer),
+        **lowering_kwargs(precision, lora, quantize_base, optimizer, offload_optimizer),
     )
     with console.status(f"tracing {model} (batch {batch_size} × {seq})"):
         traced = trace_model(example, lm_loss, options)
@@ -159,6 +161,8 @@ def plan_command(
     config |= {k: v for k, v in (("lora", lora), ("quantize_base", quantize_base)) if v}
     if optimizer != "adamw":
         config["optimizer"] = optimizer
+    if offload_optimizer:
+        config["offload_optimizer"] = True
     n_layers = len(decoder_blocks(example.module) or [1])
     if sweep:
         with console.status("planning the sweep"):

@@ -105,6 +105,7 @@ def train_command(
     lora: str | None,
     quantize_base: str | None,
     optimizer: str,
+    offload_optimizer: bool,
     nproc_per_node: int | None,
     **options: object,
 ) -> None:
@@ -121,7 +122,7 @@ def train_command(
     from compiler.plan import fmt_bytes  # torch and the compiler load when a run starts, not
     from runtime.train import Trainer  # for --help
 
-    lowering = lowering_kwargs(precision, lora, quantize_base, optimizer)
+    lowering = lowering_kwargs(precision, lora, quantize_base, optimizer, offload_optimizer)
     cfg = TrainConfig(model=model, **lowering, **options)  # type: ignore[arg-type]
     if int(os.environ.get("RANK", "0")):  # other ranks train quietly
         console.quiet = True

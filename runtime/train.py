@@ -219,6 +219,7 @@ class Trainer:
             precision=cfg.precision,
             lora=cfg.lora,
             quantize_base=cfg.quantize_base,  # type: ignore[arg-type]
+            offload_optimizer=cfg.offload_optimizer,
             recompute=RecomputePolicy() if cfg.recompute else None,
             backend=fusion_of(self.backend),
         )
@@ -360,12 +361,14 @@ class Trainer:
     @property
     def planned_peak(self) -> int:
         """The plan's peak of one optimizer step; programs share the largest arena, so a
-        validation forward's larger arena counts too."""
+        validation forward's larger arena counts too. On a CPU device the host memory of
+        offloaded optimizer states is the same memory, and counts."""
         if self.compiled.plan is None:
             return 0
         arenas = [s.plan.arena_bytes for s in self._planned_steps() if s.plan is not None]
         train = [s.plan.arena_bytes for s in (self.compiled, self.compiled.micro) if s and s.plan]
-        return self.compiled.peak_bytes + max(arenas) - max(train)
+        host = self.compiled.plan.host_bytes if torch.device(self.cfg.device).type == "cpu" else 0
+        return self.compiled.peak_bytes + max(arenas) - max(train) + host
 
     def _planned_steps(self) -> list[CompiledStep]:
         """The train step, its micro-step, the validation forward: the ones that exist."""

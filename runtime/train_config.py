@@ -53,6 +53,7 @@ class TrainConfig:
     lora: LoraConfig | None = None  # adapters on a frozen base
     quantize_base: str | None = None  # int8 | nf4 frozen base (with lora)
     optimizer: Optimizer = Optimizer.ADAMW  # adamw8bit: int8 block-wise moments
+    offload_optimizer: bool = False  # AdamW states in host memory, updated by the CPU
     document_mask: bool = False  # attention within each packed document (the data's EOS)
     memory_budget: str | None = None  # SIZE or FRACTION, as `memfit plan --memory-budget`
     recompute: bool = True  # False: keep every activation the backward reads
