@@ -73,14 +73,19 @@ def host_update(
 
     with _lock:
         _pending.append((_worker().submit(run), list(zip(targets, copies, strict=True))))
-    return targets[0].new_empty(0)
+    return _token(targets, states)
 
 
 @host_update.register_fake
 def _(
     targets: list[Tensor], states: list[Tensor], inputs: list[Tensor], body: str, chunk: int
 ) -> Tensor:
-    return targets[0].new_empty(0)
+    return _token(targets, states)
+
+
+def _token(targets: list[Tensor], states: list[Tensor]) -> Tensor:
+    """Empty, on the device of the update's first target."""
+    return (targets or states)[0].new_empty(0)
 
 
 @torch.library.custom_op(HOST_WAIT, mutates_args=("params",))
@@ -109,5 +114,5 @@ def _(params: list[Tensor], tokens: list[Tensor]) -> None:
 
 def flops(node: Node) -> int:
     """One per element per step of the body, as `memfit::update` counts (run on the host)."""
-    targets, _, _, body, _ = node.args
-    return targets[0].numel * len(decode(body).steps)
+    targets, states, _, body, _ = node.args
+    return (targets or states)[0].numel * len(decode(body).steps)

@@ -130,6 +130,23 @@ def _homes(n_in: int, steps: list[Step], outputs: list[int], into: list[int]) ->
     return home
 
 
+def permute_targets(body: str, order: list[int]) -> str:
+    """`body` taking its targets in another order: target `order[j]` becomes target j."""
+    code = decode(body)
+    moved = {old: new for new, old in enumerate(order)}
+
+    def ref(obj: Any) -> Any:
+        if isinstance(obj, str) and obj.startswith("$"):
+            return f"${moved.get(int(obj[1:]), int(obj[1:]))}"
+        if isinstance(obj, list | tuple):
+            return type(obj)(ref(x) for x in obj)
+        return obj
+
+    steps = [(op, ref(a), {k: ref(v) for k, v in kw.items()}, dt) for op, a, kw, dt in code.steps]
+    outputs = [moved.get(k, k) for k in (code.outputs[old] for old in order)]
+    return encode(code.n_in, steps, outputs)
+
+
 def _reads(step: Step) -> list[int]:
     return _refs((step[1], tuple(step[2].values())))
 

@@ -19,7 +19,7 @@ from compiler.builder import GraphBuilder
 from compiler.ir import Graph, Node, Phase, Role, Value
 from compiler.offload_op import HOST_UPDATE, HOST_WAIT
 from compiler.passes.manager import PassContext
-from compiler.update_op import UPDATE
+from compiler.update_op import UPDATE, permute_targets
 
 
 def _offloadable(node: Node) -> bool:
@@ -37,14 +37,13 @@ def offload_optimizer(graph: Graph, ctx: PassContext) -> Graph:
             builder.append(node)
             continue
         targets, inputs, body, chunk = node.args
-        on_device = [t for t in targets if t.role is not Role.OPTIMIZER_STATE]
-        states = [t for t in targets if t.role is Role.OPTIMIZER_STATE]
-        if targets != [*on_device, *states]:  # the body names targets in this order
-            raise ValueError(f"{node.source}: an update's optimizer states must come last")
+        order = sorted(range(len(targets)), key=lambda k: targets[k].role is Role.OPTIMIZER_STATE)
+        on_device = [targets[k] for k in order if targets[k].role is not Role.OPTIMIZER_STATE]
+        states = [targets[k] for k in order if targets[k].role is Role.OPTIMIZER_STATE]
         for state in states:
             state.role = Role.HOST_STATE
         with builder.at(node.phase, node.source):
-            args = (on_device, states, inputs, body, chunk)
+            args = (on_device, states, inputs, permute_targets(body, order), chunk)
             tokens += builder.emit(HOST_UPDATE, args, names="host")
         written += on_device
     if not tokens:
