@@ -87,14 +87,22 @@ def memfit_peaks(
     policy: RecomputePolicy | None,
     accumulate: bool = False,
     optimizer: Optimizer = Optimizer.ADAMW,
-) -> tuple[Peaks, Peaks, float, float]:
-    """(planned, measured, arena / lower bound, planning seconds) of memfit's step."""
+    offload: bool = False,
+) -> tuple[Peaks, Peaks, float, float, int]:
+    """(planned, measured, arena / lower bound, planning seconds, planned host bytes) of
+    memfit's step. With offload the CPU is both device and host: measured counts the host's
+    states and update copies too, so it is compared with planned device + host bytes."""
     torch.manual_seed(0)
     example = resolve_model(name)
     if policy is not None and policy.checkpoint_layers:  # every block of this model
         policy = replace(policy, checkpoint_layers=len(example.module.blocks))
     options = CompileOptions(
-        b, t, recompute=policy, accumulate_grads=accumulate, optimizer=optimizer
+        b,
+        t,
+        recompute=policy,
+        accumulate_grads=accumulate,
+        optimizer=optimizer,
+        offload_optimizer=offload,
     )
     compiled = compile_model(example, lm_loss, options)
     graph, plan, timings = compiled.graph, compiled.plan, compiled.context.timings
@@ -106,34 +114,30 @@ def memfit_peaks(
     persistent = held(program.state.values())
     measured = persistent + held([arena.buffer, x, y])
     measured += allocations(lambda: program.step(x, y)).peak_bytes
-    planned = plan.peak_bytes
+    planned = plan.peak_bytes + plan.host_bytes
     planning = timings["schedule"] + timings["buffers"]
-    return (planned, planned - persistent), (measured, measured - persistent), plan.ratio, planning
+    own = (planned, planned - persistent), (measured, measured - persistent)
+    return *own, plan.ratio, planning, plan.host_bytes
 
 
 A8 = Optimizer.ADAMW8BIT
-MEMFIT = {  # label: (recompute policy, tied gradients accumulated in place, optimizer)
-    "memfit, no recompute": (None, False, Optimizer.ADAMW),
-    "memfit default (min-cut)": (RecomputePolicy(), False, Optimizer.ADAMW),
-    "memfit budget 0.5": (RecomputePolicy(activation_fraction=0.5), False, Optimizer.ADAMW),
-    "memfit checkpointing + accumulate": (
-        RecomputePolicy(checkpoint_layers=1),
-        True,
-        Optimizer.ADAMW,
-    ),
-    "memfit default, adamw8bit": (RecomputePolicy(), False, A8),
-    "memfit checkpointing + accumulate, adamw8bit": (
-        RecomputePolicy(checkpoint_layers=1),
-        True,
-        A8,
-    ),
+CHECKPOINTING = RecomputePolicy(checkpoint_layers=1)
+MEMFIT = {  # label: (recompute policy, tied gradients accumulated in place, optimizer, offload)
+    "memfit, no recompute": (None, False, Optimizer.ADAMW, False),
+    "memfit default (min-cut)": (RecomputePolicy(), False, Optimizer.ADAMW, False),
+    "memfit budget 0.5": (RecomputePolicy(activation_fraction=0.5), False, Optimizer.ADAMW, False),
+    "memfit checkpointing + accumulate": (CHECKPOINTING, True, Optimizer.ADAMW, False),
+    "memfit default, adamw8bit": (RecomputePolicy(), False, A8, False),
+    "memfit checkpointing + accumulate, adamw8bit": (CHECKPOINTING, True, A8, False),
+    "memfit default, offload": (RecomputePolicy(), False, Optimizer.ADAMW, True),
+    "memfit checkpointing + accumulate, offload": (CHECKPOINTING, True, Optimizer.ADAMW, True),
 }
 
 
 def main(configs: list[str], torch_compile: bool = True) -> None:
     table = Table(title="peak bytes of one training step (AdamW), CPU, fp32")
     columns = ["side", "batch×seq", "planned", "measured", "/ eager", "step / eager"]
-    columns += ["arena / bound", "plan s"]
+    columns += ["arena / bound", "plan s", "device (planned) / eager"]
     for column in columns:
         table.add_column(column, justify="left" if column == "side" else "right")
     for spec in configs:
@@ -149,9 +153,9 @@ def main(configs: list[str], torch_compile: bool = True) -> None:
             except Exception as e:  # noqa: BLE001 — say why instead of a number
                 row = ["", f"failed: {type(e).__name__}", "", ""]
             table.add_row(f"{name} torch.compile", f"{b}×{t}", *row)
-        for label, (policy, accumulate, optimizer) in MEMFIT.items():
-            planned, measured, ratio, planning = memfit_peaks(
-                name, int(b), int(t), policy, accumulate, optimizer
+        for label, (policy, accumulate, optimizer, offload) in MEMFIT.items():
+            planned, measured, ratio, planning, host = memfit_peaks(
+                name, int(b), int(t), policy, accumulate, optimizer, offload
             )
             table.add_row(
                 f"{name} {label}",
@@ -162,6 +166,7 @@ def main(configs: list[str], torch_compile: bool = True) -> None:
                 f"{measured[1] / eager[1]:.2f}",
                 f"{ratio:.3f}",
                 f"{planning:.2f}",
+                f"{(planned[0] - host) / eager[0]:.2f}",
             )
         print(f"{spec}: done in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     Console(width=140).print(table)
@@ -171,7 +176,11 @@ def main(configs: list[str], torch_compile: bool = True) -> None:
         " batch, gradients, activations, temporaries and kernel scratch (memfit: its arena)."
         " eager/torch.compile: measured (forward, backward, AdamW.step, zero_grad). memfit:"
         " planned and measured; '/ eager' compares measured whole steps, 'step / eager' the"
-        " bytes beyond parameters, buffers and moments (each side's own)."
+        " bytes beyond parameters, buffers and moments (each side's own). offload rows: AdamW"
+        " states in host memory (--offload-optimizer); on the CPU host and device are one"
+        " memory, so planned and measured count the host's states and update copies too, and"
+        " 'device (planned) / eager' is the device's share alone, as CUDA would hold it"
+        " (measured on CUDA by tests/test_offload.py)."
     )
 
 

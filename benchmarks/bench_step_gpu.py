@@ -9,7 +9,9 @@ Every system runs forward, backward and AdamW with bf16 compute and fp32 master 
 - `compile`, `compile-max-autotune`: the same with `torch.compile(module)`, default mode and
   `mode="max-autotune-no-cudagraphs"`;
 - `memfit`: the compiled step (`precision="bf16"`, Triton kernels) on its planned arena;
-- `memfit-graph`: the same step captured once and replayed as a CUDA graph (CUDA only).
+- `memfit-graph`: the same step captured once and replayed as a CUDA graph (CUDA only);
+- `memfit-offload`: the memfit step with AdamW's states in host memory, each update run by the
+  CPU while the device runs the rest of the backward (`--offload-optimizer`).
 
 Each system runs in a fresh process (a compile or a crash cannot disturb the others, and each
 peak starts from an empty allocator), with its own time limit. Reported per system: median step
@@ -38,7 +40,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-SYSTEMS = ("eager", "compile", "compile-max-autotune", "memfit", "memfit-graph")
+SYSTEMS = ("eager", "compile", "compile-max-autotune", "memfit", "memfit-graph", "memfit-offload")
 CLASSES = ("matmul", "attention", "pointwise/row", "optimizer", "gaps")
 DENSE_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.1}
 WORKLOADS = [("gpt2-small", 8, 1024), ("llama-small", 4, 1024)]
@@ -133,7 +135,10 @@ def build_step(
         from runtime.program import Program
         from runtime.triton_backend import TritonArena
 
-        options = CompileOptions(batch, seq, precision="bf16", backend="triton")
+        offload = system == "memfit-offload"
+        options = CompileOptions(
+            batch, seq, precision="bf16", backend="triton", offload_optimizer=offload
+        )
         compiled = compile_model(model, lm_loss, options)
         arena = TritonArena(compiled.graph, compiled.plan, device)
         program = Program.from_module(compiled.graph, model.module, device, backend=arena)

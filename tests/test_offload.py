@@ -30,6 +30,7 @@ from examples import build_example
 from examples.loss import lm_loss
 from memfit.cli import main
 from runtime.arena import Arena
+from runtime.backend import backend_for
 from runtime.eager import run_graph
 from runtime.program import Program
 from tests.strategies import examples
@@ -197,7 +198,8 @@ def test_offloaded_training_resumes_exactly_and_equals_on_device_training(
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_offload_on_cuda_frees_the_states_device_bytes() -> None:
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_offload_on_cuda_frees_the_states_device_bytes(backend: str) -> None:
     """On CUDA the states are pinned host memory: the allocator's peak drops by about their
     bytes, and three steps end where the on-device step ends (the CPU's rounding of the same
     update ops: no fused multiply-add)."""
@@ -206,10 +208,14 @@ def test_offload_on_cuda_frees_the_states_device_bytes() -> None:
     for offload in (False, True):
         torch.manual_seed(0)
         example = build_example("gpt2-tiny")
-        step = compile_model(example, lm_loss, CompileOptions(4, 32, offload_optimizer=offload))
+        options = CompileOptions(4, 32, backend=backend, offload_optimizer=offload)
+        step = compile_model(example, lm_loss, options)
         assert step.plan is not None
         program = Program.from_module(
-            step.graph, example.module, device, backend=Arena(step.graph, step.plan, device)
+            step.graph,
+            example.module,
+            device,
+            backend=backend_for(step, "arena" if backend == "eager" else backend, device),
         )
         gen = torch.Generator().manual_seed(1)
         torch.cuda.reset_peak_memory_stats(device)
