@@ -8,7 +8,8 @@ What changes between steps (the batch, the learning rate and AdamW's step count)
 into fixed input buffers before each replay.
 
 Only for graphs without a dynamic loss scale (fp32, bf16): fp16's overflow check reads a
-device value on the host every step, which a captured graph cannot do.
+device value on the host every step, which a captured graph cannot do. Nor for an offloaded
+optimizer (`--offload-optimizer`): its updates run on the host, outside any device graph.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ class GraphedStep:
             raise ValueError("CUDA graphs need a CUDA device")
         if program.loss_scaler is not None:
             raise ValueError("an fp16 step reads its overflow flag on the host: not capturable")
+        if any(role.on_host for role in program.io.state.values()):
+            raise ValueError("an offloaded optimizer updates on the host: not capturable")
         if program.step_count < 1:
             raise ValueError("run one eager step before capturing (kernels compile on it)")
         self.program = program
