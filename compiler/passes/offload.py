@@ -23,8 +23,7 @@ from compiler.update_op import UPDATE, permute_targets
 
 
 def _offloadable(node: Node) -> bool:
-    targets = node.args[0]
-    return node.op == UPDATE and any(t.role is Role.OPTIMIZER_STATE for t in targets)
+    return node.op == UPDATE and any(t.role is Role.OPTIMIZER_STATE for t in node.args[0])
 
 
 def offload_optimizer(graph: Graph, ctx: PassContext) -> Graph:
