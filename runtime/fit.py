@@ -16,6 +16,7 @@ import torch
 from compiler.budget import Budget, BudgetError, parse_size
 from compiler.compile import CompiledStep
 from compiler.errors import MemfitError
+from compiler.ir import Role
 from compiler.plan import fmt_bytes
 
 Replan = Callable[..., CompiledStep]  # (budget, **CompileOptions changes) → the planned step
@@ -36,10 +37,11 @@ def device_capacity(spec: str | None, device: torch.device | str) -> int | None:
     return None
 
 
-def state_bytes(step: CompiledStep) -> int:
-    """Bytes of what persists across steps: parameters, buffers, AdamW moments, sums."""
+def held_state(step: CompiledStep) -> dict[Role, int]:
+    """Device bytes, by role, of what persists across steps: parameters, buffers, AdamW
+    moments, gradient sums (offloaded moments are in host memory)."""
     assert step.plan is not None
-    return sum(b for role, b in step.plan.outside.items() if role.persistent)
+    return {r: b for r, b in step.plan.outside.items() if r.persistent and not r.on_host}
 
 
 def check_fit(
@@ -56,14 +58,12 @@ def check_fit(
     if peak <= capacity:
         return
     where = f"--device-memory {fmt_bytes(capacity)}"
-    state = state_bytes(step)
+    held = held_state(step)
+    state = sum(held.values())
     if state >= capacity:
-        assert step.plan is not None
-        held = ", ".join(
-            f"{role} {fmt_bytes(b)}" for role, b in step.plan.outside.items() if role.persistent
-        )
+        listed = ", ".join(f"{role} {fmt_bytes(b)}" for role, b in held.items())
         raise FitError(
-            f"{where} is smaller than the model's state alone ({fmt_bytes(state)}: {held}),"
+            f"{where} is smaller than the model's state alone ({fmt_bytes(state)}: {listed}),"
             " before any activation: no budget or batch fits; use a device with more memory,"
             " --lora (with --quantize-base) or a smaller model"
         )

@@ -32,6 +32,7 @@ from memfit.cli import main
 from runtime.arena import Arena
 from runtime.backend import backend_for
 from runtime.eager import run_graph
+from runtime.fit import held_state
 from runtime.program import Program
 from tests.strategies import examples
 from tests.test_fused_update import feeds, same, updates
@@ -229,3 +230,14 @@ def test_offload_on_cuda_frees_the_states_device_bytes(backend: str) -> None:
     assert peaks[True] <= peaks[False] - 0.9 * moments
     for k, t in states[False].items():
         torch.testing.assert_close(states[True][k], t, rtol=1e-5, atol=1e-6)
+
+
+def test_the_fit_check_counts_only_device_state() -> None:
+    """`--device-memory` is checked against what the device holds: offloaded moments are not
+    part of the state that must fit before any activation."""
+    step = compile_model(
+        build_example("gpt2-tiny"), lm_loss, CompileOptions(2, 16, offload_optimizer=True)
+    )
+    assert step.plan is not None
+    assert Role.HOST_STATE in step.plan.outside
+    assert set(held_state(step)) == {Role.PARAM, Role.BUFFER} & set(step.plan.outside)
