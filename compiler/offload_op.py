@@ -94,17 +94,18 @@ def host_update_wait(params: list[Tensor], tokens: list[Tensor]) -> None:
     with _lock:
         done = list(_pending)
         _pending.clear()
-    failed: BaseException | None = None
-    for future, back in done:
-        try:
-            future.result()
-        except BaseException as e:  # wait for the rest before raising: nothing left running
-            failed = failed or e
-            continue
+    failed = [e for future, _ in done if (e := future.exception()) is not None]
+    if failed:  # every update has finished: nothing is left running
+        raise failed[0]
+    queued = {d.data_ptr() for _, back in done for d, _ in back}
+    if queued != {p.data_ptr() for p in params}:  # another program's updates, or lost ones
+        raise RuntimeError(
+            f"memfit::host_update_wait: {len(queued)} queued host updates write other tensors"
+            f" than this step's {len(params)} offloaded parameters"
+        )
+    for _, back in done:
         for device, host in back:
             device.copy_(host, non_blocking=device.is_cuda)
-    if failed is not None:
-        raise failed
 
 
 @host_update_wait.register_fake

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from hypothesis import given
 from hypothesis import strategies as st
 
-from compiler import update_op
+from compiler import offload_op, update_op
 from compiler.compile import CompileOptions, compile_model
 from compiler.ir import Graph, Phase, Role, dump, parse
 from compiler.mesh import Mesh, MeshError
@@ -241,3 +241,21 @@ def test_the_fit_check_counts_only_device_state() -> None:
     assert step.plan is not None
     assert Role.HOST_STATE in step.plan.outside
     assert set(held_state(step)) == {Role.PARAM, Role.BUFFER} & set(step.plan.outside)
+
+
+def test_a_failed_host_update_is_raised_at_the_wait_and_writes_nothing() -> None:
+    """An error on the host thread surfaces at the step's wait, after every queued update has
+    finished, with no parameter written; so does a wait for other parameters than were queued."""
+    add = [("add.Tensor", (f"${k}", "$2"), {}, torch.float32) for k in (0, 1)]
+    body = update_op.encode(3, add, [3, 4])  # param + input, state + input
+    param, state = torch.zeros(4), torch.zeros(4)
+    offload_op.host_update([param], [state], [torch.ones(3)], body, 4)  # 3 ≠ 4 elements
+    with pytest.raises(RuntimeError, match="size"):
+        offload_op.host_update_wait([param], [])
+    assert not param.any()
+    offload_op.host_update([param], [state], [torch.ones(4)], body, 4)
+    with pytest.raises(RuntimeError, match="other tensors"):
+        offload_op.host_update_wait([torch.zeros(4)], [])
+    offload_op.host_update([param], [state], [torch.ones(4)], body, 4)
+    offload_op.host_update_wait([param], [])
+    assert torch.equal(param, torch.ones(4))
