@@ -8,7 +8,9 @@ that fits, and the smallest `--grad-accum` that keeps the tokens per step with t
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,6 +37,30 @@ def device_capacity(spec: str | None, device: torch.device | str) -> int | None:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     return None
+
+
+def host_available(meminfo: Path = Path("/proc/meminfo")) -> int | None:
+    """Bytes the host can still give without swapping (Linux's MemAvailable), None elsewhere."""
+    try:
+        text = meminfo.read_text()
+    except OSError:
+        return None
+    found = re.search(r"^MemAvailable:\s+(\d+) kB", text, re.MULTILINE)
+    return int(found.group(1)) * 1024 if found else None
+
+
+def check_host_fit(step: CompiledStep, available: int | None) -> None:
+    """An offloaded optimizer's pinned host memory must fit the host's available memory (pinned
+    pages cannot be swapped out: a host that runs short kills the run instead)."""
+    assert step.plan is not None
+    need = step.plan.host_bytes
+    if need and available is not None and need > available:
+        raise FitError(
+            f"--offload-optimizer holds {fmt_bytes(need)} of pinned host memory (AdamW states"
+            f" {fmt_bytes(step.plan.offload['host_state_bytes'])} and the updates' copies), and"
+            f" this host has {fmt_bytes(available)} available; nothing was allocated. Drop"
+            " --offload-optimizer, or use --optimizer adamw8bit (1/4 of the state bytes)"
+        )
 
 
 def held_state(step: CompiledStep) -> dict[Role, int]:

@@ -58,7 +58,7 @@ from runtime.checkpoint import (
     write_text_atomic,
 )
 from runtime.distributed import Parallel
-from runtime.fit import check_fit, device_capacity
+from runtime.fit import check_fit, check_host_fit, device_capacity, host_available
 from runtime.program import Program, initial_state
 from runtime.run_settings import check_resume, run_settings
 from runtime.train_config import TrainConfig, TrainingError
@@ -162,6 +162,8 @@ class Trainer:
             trace_model(example, lm_loss, options), options, budget, _layers(example)
         )
         self.compiled_eval = self._compile_eval(example, options) if self.val_dataset else None
+        if self.compiled.plan is not None and torch.device(cfg.device).type == "cuda":
+            check_host_fit(self.compiled, host_available())  # on CPU, host is the device
         if capacity is not None:
             say("checking that the plan fits")
             check_fit(

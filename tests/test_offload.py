@@ -32,7 +32,7 @@ from memfit.cli import main
 from runtime.arena import Arena
 from runtime.backend import backend_for
 from runtime.eager import run_graph
-from runtime.fit import held_state
+from runtime.fit import FitError, check_host_fit, held_state, host_available
 from runtime.program import Program
 from tests.strategies import examples
 from tests.test_fused_update import feeds, same, updates
@@ -259,3 +259,20 @@ def test_a_failed_host_update_is_raised_at_the_wait_and_writes_nothing() -> None
     offload_op.host_update([param], [state], [torch.ones(4)], body, 4)
     offload_op.host_update_wait([param], [])
     assert torch.equal(param, torch.ones(4))
+
+
+def test_pinned_host_memory_must_fit_the_host(tmp_path: Path) -> None:
+    """A CUDA run's offloaded states are pinned host memory: a plan needing more than the
+    host's MemAvailable stops, naming both, before anything is allocated."""
+    step = compile_model(
+        build_example("gpt2-tiny"), lm_loss, CompileOptions(2, 16, offload_optimizer=True)
+    )
+    assert step.plan is not None
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       2048 kB\nMemAvailable:    1024 kB\n")
+    assert host_available(meminfo) == 1024 * 1024
+    assert host_available(tmp_path / "absent") is None
+    check_host_fit(step, None)  # unknown: no check
+    check_host_fit(step, step.plan.host_bytes)
+    with pytest.raises(FitError, match="pinned host memory"):
+        check_host_fit(step, host_available(meminfo))
