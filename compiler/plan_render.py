@@ -66,7 +66,7 @@ def figure(plan: MemoryPlan) -> Figure:
         f"{what}\nstep peak {fmt_bytes(plan.peak_bytes)} = arena {fmt_bytes(plan.arena_bytes)}"
         f" ({plan.ratio:.3f} × lower bound {fmt_bytes(plan.lower_bound)})"
         f" + {fmt_bytes(plan.peak_bytes - plan.arena_bytes - plan.workspace)} parameters,"
-        " optimizer states, batch"
+        + (" batch (optimizer states on the host)" if plan.offload else " optimizer states, batch")
         + (f" + {fmt_bytes(plan.workspace)} kernel scratch" if plan.workspace else "")
         + (f"\n{recompute_summary(plan)}" if plan.recompute else "")
         + (f"\n{offload_summary(plan)}" if plan.offload else ""),

@@ -36,6 +36,7 @@ from runtime.fit import FitError, check_host_fit, held_state, host_available
 from runtime.program import Program
 from tests.strategies import examples
 from tests.test_fused_update import feeds, same, updates
+from tests.test_hf_models import tiny_model
 from tests.test_train import _final_tensors, run_and_resume_from_step_5
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -76,7 +77,8 @@ def test_random_updates_offloaded_bit_for_bit(
 
 def run_three_steps(name: str, options: CompileOptions, backend: str) -> tuple[Program, list]:
     torch.manual_seed(0)
-    example = build_example(name)
+    family = name.removeprefix("hf:")  # a tiny Hugging Face model of that family
+    example = tiny_model(family) if family != name else build_example(name)
     step = compile_model(example, lm_loss, options)
     assert step.plan is not None
     run = run_graph if backend == "eager" else Arena(step.graph, step.plan)
@@ -95,6 +97,7 @@ def run_three_steps(name: str, options: CompileOptions, backend: str) -> tuple[P
         ("gpt2-tiny", "fp32", "arena"),
         ("llama-tiny", "bf16", "arena"),
         ("gpt2-tiny", "fp16", "eager"),
+        ("hf:qwen2", "fp32", "arena"),
     ],
 )
 def test_offloaded_steps_equal_on_device_steps(name: str, precision: str, backend: str) -> None:
@@ -105,6 +108,7 @@ def test_offloaded_steps_equal_on_device_steps(name: str, precision: str, backen
         name, CompileOptions(2, 16, precision=precision, offload_optimizer=True), backend
     )
     assert got == want
+    assert any(role.on_host for role in offloaded.io.state.values())  # it did offload
     assert on_device.state.keys() == offloaded.state.keys()  # checkpoints are the same tensors
     for k, t in on_device.state.items():
         assert torch.equal(t, offloaded.state[k]), k
