@@ -75,8 +75,12 @@ def test_prepare_uses_the_models_tokenizer(model_dir: Path, data_dir: Path) -> N
     assert manifest["tokenizer"]["vocab_size"] == tokenizer.get_vocab_size() <= VOCAB
 
 
-def test_training_starts_from_the_directorys_weights(model_dir: Path, data_dir: Path) -> None:
-    cfg = TrainConfig(model=f"hf:{model_dir}", data=data_dir, steps=1, batch_size=2, seq_len=16)
+def test_training_starts_from_the_directorys_weights(
+    model_dir: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    cfg = TrainConfig(
+        model=f"hf:{model_dir}", data=data_dir, steps=1, batch_size=2, seq_len=16, out=tmp_path
+    )
     state = Trainer(cfg).state
     saved = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     for name, tensor in saved.named_parameters():
